@@ -1,0 +1,111 @@
+import io
+import json
+import os
+import threading
+
+import pytest
+
+from bdserver.errors import IntegrityError, NotFoundError
+from bdserver.oci import mediatypes as mt
+from bdserver.oci.digest import sha256_digest
+from bdserver.oci.layout import OCILayout
+from bdserver.oci.model import Descriptor, Manifest, parse_manifest
+from bdserver.oci.store import ImageStore, open_store
+
+
+def _image(lay: OCILayout, payload: bytes = b"layer-bytes" * 1000) -> tuple[bytes, Descriptor]:
+    cfg = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    cd = lay.put_blob_bytes(cfg)
+    ld = lay.put_blob_bytes(payload)
+    m = Manifest(
+        config=Descriptor(mt.OCI_CONFIG, cd, len(cfg)),
+        layers=[Descriptor(mt.OCI_LAYER_TAR, ld, len(payload))],
+    )
+    return m.to_bytes(), m.descriptor()
+
+
+def test_layout_roundtrip(tmp_path):
+    lay = open_store(f"oci:{tmp_path}/lay")
+    assert isinstance(lay, OCILayout) and isinstance(lay, ImageStore)
+    assert json.loads((tmp_path / "lay" / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    data, want = _image(lay)
+    desc = lay.put_manifest(data, mt.OCI_MANIFEST, tag="v1")
+    assert desc.digest == want.digest
+    assert lay.resolve("v1").digest == desc.digest
+    assert lay.resolve(desc.digest).digest == desc.digest
+    assert mt.ANN_REF_NAME not in lay.resolve("v1").annotations
+    got, gdesc = lay.get_manifest("v1")
+    assert got == data and gdesc.size == len(data)
+    m = parse_manifest(got)
+    with lay.open_blob(m.layers[0].digest, m.layers[0].size) as f:
+        assert f.read() == b"layer-bytes" * 1000
+    assert lay.read_range(m.layers[0].digest, 11 * 999, 100) == b"layer-bytes"
+    assert lay.list_tags() == ["v1"]
+    # retag: the tag moves, index.json keeps one holder
+    data2, _ = _image(lay, b"other")
+    d2 = lay.put_manifest(data2, mt.OCI_MANIFEST, tag="v1")
+    assert lay.resolve("v1").digest == d2.digest
+    assert [x.digest for x in lay.list_manifests()] == [d2.digest]
+    # untagged manifests are listed once
+    lay.put_manifest(data, mt.OCI_MANIFEST)
+    lay.put_manifest(data, mt.OCI_MANIFEST)
+    assert len(lay.list_manifests()) == 2
+    with pytest.raises(NotFoundError):
+        lay.resolve("nope")
+    # reopen
+    assert OCILayout(tmp_path / "lay", create=False).resolve("v1").digest == d2.digest
+
+
+def test_skopeo_reads_our_layout(tmp_path):
+    import shutil
+    import subprocess
+
+    if not shutil.which("skopeo"):
+        pytest.skip("skopeo missing")
+    lay = OCILayout(tmp_path / "lay")
+    data, _ = _image(lay)
+    desc = lay.put_manifest(data, mt.OCI_MANIFEST, tag="v1")
+    out = subprocess.run(
+        ["skopeo", "inspect", "--raw", f"oci:{tmp_path}/lay:v1"], check=True, capture_output=True
+    ).stdout
+    assert sha256_digest(out) == desc.digest
+
+
+def test_put_blob_rejects_wrong_bytes(tmp_path):
+    lay = OCILayout(tmp_path / "lay")
+    with pytest.raises(IntegrityError):
+        lay.put_blob(io.BytesIO(b"abc"), sha256_digest(b"abd"), 3)
+    with pytest.raises(IntegrityError):
+        lay.put_blob(io.BytesIO(b"abcd"), sha256_digest(b"abc"), 3)
+    assert not lay.has_blob(sha256_digest(b"abd"))
+    assert [p for p in (tmp_path / "lay" / "blobs" / "sha256").iterdir()] == []
+
+
+def test_open_blob_detects_corruption_at_eof(tmp_path):
+    lay = OCILayout(tmp_path / "lay")
+    dg = lay.put_blob_bytes(b"x" * 100000)
+    p = lay.blob_path(dg)
+    os.chmod(p, 0o644)
+    with open(p, "r+b") as f:
+        f.seek(500)
+        f.write(b"y")
+    r = lay.open_blob(dg)
+    r.read(1000)
+    with pytest.raises(IntegrityError):
+        while r.read(4096):
+            pass
+
+
+def test_concurrent_tags(tmp_path):
+    lay = OCILayout(tmp_path / "lay")
+    data, _ = _image(lay)
+
+    def tagger(i: int) -> None:
+        OCILayout(tmp_path / "lay").put_manifest(data, mt.OCI_MANIFEST, tag=f"t{i}")
+
+    ts = [threading.Thread(target=tagger, args=(i,)) for i in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert lay.list_tags() == sorted(f"t{i}" for i in range(16))
