@@ -66,8 +66,11 @@ class Backend(ABC):
     def detach(self, attached: Attached) -> None:
         """Remove the device; idempotent; nothing of it is left in the kernel afterwards."""
 
+    def configure(self, **options: Any) -> None:
+        """Daemon-wide settings (e.g. ``run_dir`` for scratch mounts); unknown keys are ignored."""
+
     def close(self) -> None:
-        """Release backend-wide resources (after every device is detached)."""
+        """Release backend-wide resources; devices stop being served (the daemon is exiting)."""
 
 
 def read_errno(exc: BaseException) -> int:
