@@ -1,0 +1,215 @@
+"""`bdserver ...`: thin, one function per command; the work happens in daemon/, runtime/, convert/.
+
+Errors print one line (what failed, what to do) and exit with the error's code; with --json the
+error is a JSON object on stdout instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from bdserver.daemon.client import request
+from bdserver.daemon.config import Config, load_config
+from bdserver.errors import BdError
+
+BACKENDS = ["auto", "ublk", "tcmu", "fuse"]
+
+
+def _cfg(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None))
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj, indent=None, sort_keys=True))
+    elif text:
+        print(text)
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    if message and not getattr(args, "json", False):
+        print(message, file=sys.stderr)
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_attach(args: argparse.Namespace) -> int:
+    r = request(_cfg(args), "attach", {"ref": args.ref, "backend": args.backend}, autostart=True)
+    _note(args, r.get("message", ""))
+    _emit(args, r, f"{r['path']} {r['id']}")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    r = request(_cfg(args), "mount", {"ref": args.ref, "target": os.path.abspath(args.target),
+                                      "backend": args.backend, "lower_only": args.lower_only}, autostart=True)
+    _note(args, r.get("message", ""))
+    _emit(args, r, f"{r['target']} {r['id']} {r['path']}")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    r = request(_cfg(args), "umount", {"target": os.path.abspath(args.target)})
+    _emit(args, r, "")
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    r = request(_cfg(args), "detach", {"key": args.device})
+    _emit(args, r, "")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    devs = request(_cfg(args), "ls")
+    rows = [f"{'ID':<6} {'BACKEND':<7} {'STATUS':<8} {'PATH':<40} {'REF':<40} MOUNTS"]
+    for d in devs:
+        rows.append(f"{d['id']:<6} {d['backend']:<7} {d['status']:<8} {d['path']:<40} {d['ref']:<40} "
+                    f"{','.join(d['mounts']) or '-'}")
+    _emit(args, devs, "\n".join(rows))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    devs = request(_cfg(args), "stats", {"key": args.device} if args.device else {})
+    lines = []
+    for d in devs:
+        s = d.get("stats", {})
+        lat = s.get("latency_ms", {})
+        dev = s.get("device", {}) if isinstance(s.get("device"), dict) else {}
+        extra = " ".join(f"{k}={v}" for k, v in sorted(dev.items()) if isinstance(v, (int, float, str)))
+        lines.append(f"{d['id']} {d['ref']}: reads={s.get('reads', 0)} bytes={s.get('bytes_read', 0)} "
+                     f"errors={s.get('read_errors', 0)} p50={lat.get('p50', 0)}ms p90={lat.get('p90', 0)}ms "
+                     f"p99={lat.get('p99', 0)}ms {extra}".rstrip())
+    _emit(args, devs, "\n".join(lines))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bdserver.daemon.logs import setup_logging
+    from bdserver.daemon.server import serve
+
+    cfg = _cfg(args)
+    os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+    setup_logging(cfg.log_file, cfg.log_level)
+    return serve(cfg)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    request(_cfg(args), "shutdown")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bdserver.runtime.run import run_container
+
+    cmd = [c for c in args.cmd if c != "--"] if args.cmd[:1] == ["--"] else args.cmd
+    return run_container(_cfg(args), args.ref, cmd, backend=args.backend)
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    from bdserver.runtime.hook import hook_main
+
+    return hook_main(_cfg(args), args.stage, sys.stdin, sys.stdout)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bdserver.runtime.adapters import convert
+
+    r = convert(args.source, args.dest)
+    _emit(args, r, r.get("summary", ""))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)
+    try:
+        r = request(cfg, "cache_prune")
+    except BdError:
+        from bdserver.daemon.registry_source import prune_cache
+
+        r = prune_cache(cfg)
+    _emit(args, r, f"pruned {r.get('pruned_bytes', 0)} bytes")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bdserver.runtime.adapters import inspect_image
+
+    r = inspect_image(args.image)
+    _emit(args, r, r.get("summary", json.dumps(r, indent=1, default=str)))
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="daemon config file (default $BDSERVER_CONFIG or /etc/bdserver/config.toml)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output and errors")
+    p = argparse.ArgumentParser(prog="bdserver", description="One lazily fetched EROFS block device per container")
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", default=False, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("convert", cmd_convert, "convert a tar image to a lazy EROFS image (no DEST: push as referrer)")
+    sp.add_argument("source")
+    sp.add_argument("dest", nargs="?")
+    sp = add("attach", cmd_attach, "attach an image as a device; prints the device path and id")
+    sp.add_argument("ref")
+    sp.add_argument("--backend", choices=BACKENDS, default="auto")
+    sp = add("mount", cmd_mount, "mount an image: EROFS lower + overlay upper at TARGET")
+    sp.add_argument("ref")
+    sp.add_argument("target")
+    sp.add_argument("--backend", choices=BACKENDS, default="auto")
+    sp.add_argument("--lower-only", action="store_true", help="just the read-only EROFS mount")
+    sp = add("umount", cmd_umount, "unmount TARGET (and detach the device mount attached)")
+    sp.add_argument("target")
+    sp = add("detach", cmd_detach, "detach a device by id or path")
+    sp.add_argument("device")
+    add("ls", cmd_ls, "list devices and mounts")
+    sp = add("stats", cmd_stats, "read counters, cache hits/misses and latency percentiles")
+    sp.add_argument("device", nargs="?")
+    sp = add("run", cmd_run, "run a container (runc) on a lazily mounted rootfs")
+    sp.add_argument("ref")
+    sp.add_argument("--backend", choices=BACKENDS, default="auto")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...")
+    add("serve", cmd_serve, "run the daemon in the foreground")
+    add("stop", cmd_stop, "ask the daemon to exit (devices stay in state and come back with it)")
+    sp = add("hook", cmd_hook, "OCI runtime hook entry (state JSON on stdin)")
+    sp.add_argument("stage", choices=["prestart", "createRuntime", "poststop", "precreate"])
+    sp = add("cache", cmd_cache, "manage the node chunk cache")
+    sp.add_argument("action", choices=["prune"])
+    sp = add("inspect", cmd_inspect, "describe an EROFS image file or a lazy image reference")
+    sp.add_argument("image")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BdError as exc:
+        if getattr(args, "json", False):
+            kind = getattr(exc, "type_name", type(exc).__name__)
+            print(json.dumps({"ok": False, "error": {"type": kind, "message": str(exc),
+                                                     "hint": exc.hint, "exit_code": exc.exit_code}}))
+        else:
+            print(f"bdserver {args.command}: {exc.user_message()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

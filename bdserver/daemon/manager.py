@@ -1,0 +1,286 @@
+"""Device lifecycle: attach, mount, umount, detach, ls, stats; saved state and recovery after restart.
+
+One device per container: every `mount` attaches its own device (owned by the mount, detached by
+`umount`); `attach` makes a device the caller manages. The table lock is held only for bookkeeping;
+opening a source (which may fetch or convert) runs outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bdserver.backends.base import Attached, Backend, get_backend, pick_backend
+from bdserver.daemon.config import Config
+from bdserver.daemon.metrics import MeteredDevice
+from bdserver.daemon.sources import OpenedDevice, open_source
+from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
+from bdserver.errors import BdError
+from bdserver.runtime import mounts
+
+log = logging.getLogger(__name__)
+
+
+class NoSuchDevice(BdError):
+    exit_code = 2
+    hint = "see `bdserver ls` for attached devices and mounts"
+
+
+class DeviceBusy(BdError):
+    exit_code = 10
+    hint = "unmount it first with `bdserver umount TARGET`"
+
+
+@dataclass
+class _Live:
+    record: DeviceRecord
+    opened: OpenedDevice
+    metered: MeteredDevice
+    backend: Backend
+    attached: Attached
+
+
+class DeviceManager:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.lock = threading.RLock()
+        self.records: dict[str, DeviceRecord] = {}
+        self.live: dict[str, _Live] = {}
+        self.pending: set[str] = set()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _save(self) -> None:
+        save_state(self.cfg.state_file, self.records)
+
+    def _new_id(self) -> str:
+        n = 0
+        while f"bd{n}" in self.records or f"bd{n}" in self.pending:
+            n += 1
+        return f"bd{n}"
+
+    def _backend(self, name: str) -> Backend:
+        b = pick_backend(name or self.cfg.backend)
+        b.configure(run_dir=self.cfg.run_dir)
+        return b
+
+    def find(self, key: str) -> DeviceRecord:
+        """A device by id, by device path, or by a mount target."""
+        with self.lock:
+            if key in self.records:
+                return self.records[key]
+            real = os.path.realpath(key) if key.startswith("/") else key
+            for r in self.records.values():
+                if r.path and (r.path == key or os.path.realpath(r.path) == real):
+                    return r
+                if any(os.path.realpath(m.target) == real for m in r.mounts):
+                    return r
+        raise NoSuchDevice(f"no device {key!r}")
+
+    def _attach_record(self, rec: DeviceRecord, pin: dict[str, Any] | None) -> tuple[_Live, OpenedDevice]:
+        opened = open_source(rec.ref, self.cfg, pin)
+        backend = self._backend(rec.backend)
+        metered = MeteredDevice(opened.device)
+        try:
+            attached = backend.attach(metered, rec.id)
+        except BaseException:
+            if opened.close:
+                opened.close()
+            raise
+        rec.backend = backend.name
+        rec.path = attached.path
+        rec.kind = opened.kind
+        rec.pin = opened.pin
+        live = _Live(rec, opened, metered, backend, attached)
+        return live, opened
+
+    # -- operations ----------------------------------------------------------------------------
+    def attach(self, ref: str, backend: str = "", owned_by_mount: bool = False) -> dict[str, Any]:
+        with self.lock:
+            dev_id = self._new_id()
+            self.pending.add(dev_id)
+        try:
+            rec = DeviceRecord(id=dev_id, ref=ref, backend=backend or self.cfg.backend, created=time.time(),
+                               owned_by_mount=owned_by_mount)
+            live, opened = self._attach_record(rec, None)
+            with self.lock:
+                self.records[dev_id] = rec
+                self.live[dev_id] = live
+                self._save()
+        finally:
+            with self.lock:
+                self.pending.discard(dev_id)
+        log.info("attached %s ref=%s backend=%s path=%s kind=%s", dev_id, ref, rec.backend, rec.path, rec.kind)
+        return {**self._describe(rec), "message": opened.message}
+
+    def mount(self, ref: str, target: str, backend: str = "", lower_only: bool = False) -> dict[str, Any]:
+        target = os.path.abspath(target)
+        if mounts.is_mountpoint(target):
+            raise DeviceBusy(f"{target} is already a mount point", )
+        info = self.attach(ref, backend, owned_by_mount=True)
+        dev_id = info["id"]
+        rec = self.records[dev_id]
+        try:
+            m = self._do_mount(rec, target, lower_only)
+        except BaseException:
+            self.detach(dev_id, force=True)
+            raise
+        with self.lock:
+            rec.mounts.append(m)
+            self._save()
+        log.info("mounted %s at %s lower_only=%s", dev_id, target, lower_only)
+        return {**self._describe(rec), "target": target, "message": info.get("message", "")}
+
+    def _dirs(self, dev_id: str) -> tuple[str, str, str]:
+        lower = os.path.join(self.cfg.run_dir, "mnt", dev_id, "lower")
+        cdir = os.path.join(self.cfg.state_dir, "containers", dev_id)
+        return lower, os.path.join(cdir, "upper"), os.path.join(cdir, "work")
+
+    def _do_mount(self, rec: DeviceRecord, target: str, lower_only: bool) -> MountRecord:
+        if lower_only:
+            mounts.mount_erofs(rec.path, target)
+            return MountRecord(target=target, lower=target, lower_only=True)
+        lower, upper, work = self._dirs(rec.id)
+        mounts.mount_erofs(rec.path, lower)
+        try:
+            mounts.mount_overlay(lower, upper, work, target)
+        except BaseException:
+            mounts.unmount(lower)
+            raise
+        return MountRecord(target=target, lower=lower, upper=upper, work=work)
+
+    def _undo_mount(self, m: MountRecord) -> None:
+        mounts.unmount(m.target)
+        if not m.lower_only:
+            mounts.unmount(m.lower)
+            for d in (m.lower, os.path.dirname(m.lower)):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+            if m.upper:
+                shutil.rmtree(os.path.dirname(m.upper), ignore_errors=True)
+
+    def umount(self, target: str) -> dict[str, Any]:
+        real = os.path.realpath(target)
+        with self.lock:
+            rec = next((r for r in self.records.values()
+                        if any(os.path.realpath(m.target) == real for m in r.mounts)), None)
+        if rec is None:
+            raise NoSuchDevice(f"{target} is not mounted by bdserver")
+        m = next(m for m in rec.mounts if os.path.realpath(m.target) == real)
+        self._undo_mount(m)
+        with self.lock:
+            rec.mounts.remove(m)
+            self._save()
+        detached = False
+        if rec.owned_by_mount and not rec.mounts:
+            self.detach(rec.id)
+            detached = True
+        log.info("unmounted %s (device %s%s)", target, rec.id, ", detached" if detached else "")
+        return {"target": real, "id": rec.id, "detached": detached}
+
+    def detach(self, key: str, force: bool = False) -> dict[str, Any]:
+        rec = self.find(key)
+        if rec.mounts and not force:
+            raise DeviceBusy(f"device {rec.id} is mounted at {', '.join(m.target for m in rec.mounts)}")
+        for m in list(rec.mounts):
+            try:
+                self._undo_mount(m)
+            except BdError as exc:
+                log.warning("detach %s: unmount %s: %s", rec.id, m.target, exc)
+        with self.lock:
+            live = self.live.pop(rec.id, None)
+            self.records.pop(rec.id, None)
+        if live is not None:
+            live.backend.detach(live.attached)
+            if live.opened.close:
+                live.opened.close()
+        with self.lock:
+            self._save()
+        log.info("detached %s", rec.id)
+        return {"id": rec.id, "path": rec.path}
+
+    def _describe(self, rec: DeviceRecord) -> dict[str, Any]:
+        live = self.live.get(rec.id)
+        return {
+            "id": rec.id,
+            "ref": rec.ref,
+            "backend": rec.backend,
+            "path": rec.path,
+            "kind": rec.kind,
+            "size": live.metered.size if live else None,
+            "mounts": [m.target for m in rec.mounts],
+            "status": rec.status if live or rec.status == "error" else "detached",
+            "error": rec.error,
+        }
+
+    def ls(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [self._describe(r) for r in sorted(self.records.values(), key=lambda r: r.created)]
+
+    def stats(self, key: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            recs = [self.find(key)] if key else list(self.records.values())
+            out = []
+            for r in recs:
+                live = self.live.get(r.id)
+                out.append({**self._describe(r), "stats": live.metered.stats() if live else {}})
+            return out
+
+    # -- restart -------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Take back the devices in saved state: reopen the pinned images, re-attach under the same ids
+        and paths, and redo their mounts (stale mounts over a dead FUSE connection are detached first)."""
+        self.records = load_state(self.cfg.state_file)
+        for rec in self.records.values():
+            for m in rec.mounts:
+                for t in ([m.target] if m.lower_only else [m.target, m.lower]):
+                    if mounts.is_mountpoint(t):
+                        log.info("recover %s: detaching stale mount %s", rec.id, t)
+                        try:
+                            mounts.unmount(t, retries=3)
+                        except BdError as exc:
+                            log.warning("recover %s: %s", rec.id, exc)
+        for rec in list(self.records.values()):
+            try:
+                live, _ = self._attach_record(rec, rec.pin or None)
+                self.live[rec.id] = live
+                for m in rec.mounts:
+                    if m.lower_only:
+                        mounts.mount_erofs(rec.path, m.target)
+                    else:
+                        mounts.mount_erofs(rec.path, m.lower)
+                        mounts.mount_overlay(m.lower, m.upper, m.work, m.target)
+                rec.status, rec.error = "attached", ""
+                log.info("recovered %s ref=%s path=%s mounts=%d", rec.id, rec.ref, rec.path, len(rec.mounts))
+            except Exception as exc:  # noqa: BLE001 - one bad device must not stop the others
+                rec.status, rec.error = "error", str(exc)
+                log.error("recover %s failed: %s", rec.id, exc)
+        self._save()
+
+    def shutdown(self) -> None:
+        """Stop serving (devices stay in state, to be re-attached by the next daemon)."""
+        with self.lock:
+            lives = list(self.live.values())
+            self.live.clear()
+        seen: set[int] = set()
+        for live in lives:
+            if live.opened.close:
+                try:
+                    live.opened.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            if id(live.backend) not in seen:
+                seen.add(id(live.backend))
+        for name in ("fuse", "tcmu", "ublk"):
+            b = get_backend(name)
+            if id(b) in seen:
+                try:
+                    b.close()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("backend %s close: %s", name, exc)

@@ -1,0 +1,148 @@
+"""`bdserver serve`: the control socket (root only, mode 0600) in front of the DeviceManager.
+
+Each connection carries one JSON-line request; requests run in their own threads so a slow attach
+(fetch or on-node conversion) does not hold up `ls` or `stats`. One daemon per state dir (flock).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import struct
+import threading
+from typing import Any, Callable
+
+from bdserver.daemon.config import Config
+from bdserver.daemon.manager import DeviceManager
+from bdserver.daemon.protocol import encode, error_reply, read_line
+from bdserver.errors import BdError, DaemonError
+
+log = logging.getLogger(__name__)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        try:
+            line = read_line(sock)
+            if not line:
+                return
+            if uid != 0:
+                raise DaemonError(f"uid {uid} may not control bdserver (root only)")
+            req = json.loads(line)
+            op = req.get("op", "")
+            args = req.get("args") or {}
+            fn = self.server.ops.get(op)
+            if fn is None:
+                raise DaemonError(f"unknown request {op!r}")
+            log.info("request %s from pid %d", op, pid, extra={"fields": {"op": op, "peer_pid": pid}})
+            reply: dict[str, Any] = {"ok": True, "result": fn(**args)}
+        except (BdError, ValueError, TypeError) as exc:
+            if not isinstance(exc, BdError):
+                exc = DaemonError(f"bad request: {exc}")
+            log.info("request failed: %s", exc.user_message())
+            reply = error_reply(exc)
+        except Exception as exc:  # noqa: BLE001 - the daemon survives every request
+            log.exception("request failed with an internal error")
+            reply = error_reply(exc)
+        try:
+            sock.sendall(encode(reply))
+        except OSError:
+            pass
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    ops: dict[str, Callable[..., Any]]
+
+
+def _bind(path: str) -> _Server:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
+    try:
+        srv = _Server(path, _Handler)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    os.chown(path, 0, 0)
+    return srv
+
+
+def serve(cfg: Config) -> int:
+    """Run until SIGTERM/SIGINT or a `shutdown` request. Returns the exit status."""
+    if os.geteuid() != 0:
+        raise DaemonError("bdserver serve must run as root (it mounts and serves block devices)")
+    for d in (cfg.state_dir, cfg.run_dir, cfg.cache_dir):
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    lock = open(os.path.join(cfg.state_dir, "bdserver.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise DaemonError(f"another bdserver daemon already uses {cfg.state_dir}") from exc
+    mgr = DeviceManager(cfg)
+    mgr.recover()
+    srv = _bind(cfg.socket)
+    stop = threading.Event()
+
+    def shutdown() -> dict[str, Any]:
+        stop.set()
+        threading.Thread(target=srv.shutdown, daemon=True).start()
+        return {"stopping": True}
+
+    srv.ops = {
+        "ping": lambda: {"pid": os.getpid(), "state_dir": cfg.state_dir},
+        "attach": mgr.attach,
+        "mount": mgr.mount,
+        "umount": mgr.umount,
+        "detach": mgr.detach,
+        "ls": mgr.ls,
+        "stats": mgr.stats,
+        "shutdown": shutdown,
+        "cache_prune": lambda **kw: _cache_prune(cfg, **kw),
+    }
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with open(cfg.pid_file, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    log.info("serving on %s state=%s devices=%d", cfg.socket, cfg.state_dir, len(mgr.records),
+             extra={"fields": {"socket": cfg.socket, "pid": os.getpid()}})
+    try:
+        srv.serve_forever(poll_interval=0.2)
+    finally:
+        srv.server_close()
+        try:
+            os.unlink(cfg.socket)
+        except OSError:
+            pass
+        mgr.shutdown()
+        try:
+            os.unlink(cfg.pid_file)
+        except OSError:
+            pass
+        log.info("stopped")
+    return 0
+
+
+def _cache_prune(cfg: Config, **_: Any) -> dict[str, Any]:
+    from bdserver.daemon import registry_source
+
+    return registry_source.prune_cache(cfg)
