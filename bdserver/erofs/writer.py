@@ -28,7 +28,7 @@ from bdserver.erofs import structs as S
 from bdserver.erofs.structs import DeviceSlot
 from bdserver.erofs.tree import BlockMap, Inode, Segment, SpooledData
 
-__all__ = ["ImageInfo", "DeviceSlot", "write_image"]
+__all__ = ["ImageInfo", "DeviceSlot", "plan_image", "write_image"]
 
 BS = S.BLOCK_SIZE
 BITS = S.BLKSZBITS
@@ -281,32 +281,37 @@ def _real_fd(f: BinaryIO) -> int | None:
         return None
 
 
-def write_image(
+@dataclass
+class _Layout:
+    order: list[_Plan]
+    shared_keys: list[bytes]
+    shared_ids: dict[bytes, int]
+    meta_blocks: int
+    xattr_blkaddr: int
+    total_blocks: int
+    any_chunked: bool
+    devt_off: int
+
+
+def plan_image(
     root: Inode,
-    out: BinaryIO,
     *,
     build_time: int = 0,
     build_time_nsec: int = 0,
-    uuid: bytes = b"\0" * 16,
-    volume_name: bytes = b"",
     devices: Sequence[DeviceSlot] = (),
     meta_only: bool = False,
 ) -> ImageInfo:
-    """Write `root` as an EROFS image at the current position of the seekable `out`.
+    """What `write_image` would produce, without writing: lets a caller learn the size of a
+    merged metadata image (block addresses in `BlockMap`s do not change it) before it picks
+    the layers' `mapped_blkaddr`s."""
+    lay = _layout(root, build_time, build_time_nsec, devices, meta_only)
+    return ImageInfo(blocks=lay.total_blocks, size=lay.total_blocks * BS, inodes=len(lay.order))
 
-    `devices` become the superblock device table (device ids 1..N; tags must be non-empty so
-    flatdev works on 6.4-6.6 kernels). With `meta_only`, a regular file whose bytes would have to
-    be copied (`SpooledData` with data) is an error: merged metadata must only point at layers.
-    The output is truncated at the image's end; bytes not written read as zeros.
-    """
-    if len(uuid) != 16:
-        raise ValueError("uuid must be 16 bytes")
-    if len(volume_name) > 15:
-        raise ValueError("volume_name must be at most 15 bytes (6.1 kernels need a NUL)")
-    for d in devices:
-        if not d.tag or len(d.tag) > 64:
-            raise ValueError("device tags must be 1..64 bytes")
 
+def _layout(
+    root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool
+) -> _Layout:
+    """Passes 1-3: shapes, inode placement, block allocation. Pure computation."""
     order = _collect(root)
 
     # -- pass 1: per-inode shapes (xattrs, layouts, sizes) --------------------------------
@@ -456,6 +461,41 @@ def write_image(
     if total_blocks > _U32:
         raise FormatError("image exceeds 2^32 blocks")
 
+    return _Layout(order, shared_keys, shared_ids, meta_blocks, xattr_blkaddr, total_blocks, any_chunked,
+                   devt_off)
+
+
+def write_image(
+    root: Inode,
+    out: BinaryIO,
+    *,
+    build_time: int = 0,
+    build_time_nsec: int = 0,
+    uuid: bytes = b"\0" * 16,
+    volume_name: bytes = b"",
+    devices: Sequence[DeviceSlot] = (),
+    meta_only: bool = False,
+) -> ImageInfo:
+    """Write `root` as an EROFS image at the current position of the seekable `out`.
+
+    `devices` become the superblock device table (device ids 1..N; tags must be non-empty so
+    flatdev works on 6.4-6.6 kernels). With `meta_only`, a regular file whose bytes would have to
+    be copied (`SpooledData` with data) is an error: merged metadata must only point at layers.
+    The output is truncated at the image's end; bytes not written read as zeros.
+    """
+    if len(uuid) != 16:
+        raise ValueError("uuid must be 16 bytes")
+    if len(volume_name) > 15:
+        raise ValueError("volume_name must be at most 15 bytes (6.1 kernels need a NUL)")
+    for d in devices:
+        if not d.tag or len(d.tag) > 64:
+            raise ValueError("device tags must be 1..64 bytes")
+
+    lay = _layout(root, build_time, build_time_nsec, devices, meta_only)
+    order, shared_keys, shared_ids = lay.order, lay.shared_keys, lay.shared_ids
+    meta_blocks, xattr_blkaddr, total_blocks = lay.meta_blocks, lay.xattr_blkaddr, lay.total_blocks
+    any_chunked, devt_off = lay.any_chunked, lay.devt_off
+
     # -- pass 4: metadata bytes -----------------------------------------------------------
     meta = bytearray(meta_blocks * BS)
     sink = _Sink(out, out.tell())
@@ -488,7 +528,7 @@ def write_image(
     sink.pwrite(meta, 0)
     del meta
 
-    if shared_bytes:
+    if shared_keys:
         sink.pwrite(b"".join(shared_keys), xattr_blkaddr * BS)
 
     # -- pass 5: data ---------------------------------------------------------------------
