@@ -146,9 +146,12 @@ def _content_of(node: Inode, device: BinaryIO | None, offset: int, length: int) 
     return bytes(out)
 
 
-def assert_mount_matches(root: Inode, mnt: Path, device: BinaryIO | None = None, dir_nlink: bool = True) -> None:
+def assert_mount_matches(
+    root: Inode, mnt: Path, device: BinaryIO | None = None, dir_nlink: bool = True, skip: tuple[bytes, ...] = ()
+) -> None:
     """The mounted tree equals `root`: names, types, modes, owners, mtimes (ns), xattrs,
-    symlinks, device numbers, hardlink identity, contents. `device` backs `BlockMap` files."""
+    symlinks, device numbers, hardlink identity, contents. `device` backs `BlockMap` files;
+    entries under the relative paths in `skip` are not compared."""
     nlinks = _expected_nlinks(root)
     expected_paths = set()
     ino_of: dict[int, int] = {}
@@ -187,7 +190,9 @@ def assert_mount_matches(root: Inode, mnt: Path, device: BinaryIO | None = None,
     top = os.fsencode(str(mnt))
     for dirpath, dirnames, filenames in os.walk(top):
         for n in dirnames + filenames:
-            got_paths.add(os.path.relpath(os.path.join(dirpath, n), top))
+            rel = os.path.relpath(os.path.join(dirpath, n), top)
+            if not any(rel == sk or rel.startswith(sk + b"/") for sk in skip):
+                got_paths.add(rel)
     got_paths.add(b"")
     assert got_paths == expected_paths
 
