@@ -1,0 +1,125 @@
+"""The daemon through the real CLI: socket permissions, lifecycle, restart recovery, error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from bdserver.runtime import mounts
+from tests.node.conftest import REPO, compare_trees
+
+
+def test_socket_is_root_only(daemon, erofs_image) -> None:
+    image, _ = erofs_image
+    daemon.cli("attach", f"file:{image}")  # auto-starts the daemon
+    st = os.stat(daemon.socket)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    code = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
+            "try:\n s.connect(sys.argv[1]); print('connected')\nexcept PermissionError: print('denied')\n")
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code,
+                        str(daemon.socket)], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "denied"
+
+
+def test_attach_ls_stats_detach(daemon, erofs_image, tmp_path: Path) -> None:
+    image, src = erofs_image
+    out = daemon.cli("attach", f"file:{image}", "--backend", "fuse").stdout.split()
+    path, dev_id = out
+    assert os.stat(path).st_size == image.stat().st_size
+    info = daemon.json("attach", f"file:{image}")
+    assert info["id"] != dev_id and info["backend"] == "fuse" and info["size"] == image.stat().st_size
+    devs = daemon.json("ls")
+    assert [d["id"] for d in devs] == [dev_id, info["id"]]
+    assert all(d["status"] == "attached" for d in devs)
+    # read through the device, then stats shows it
+    target = tmp_path / "lower"
+    mounts.mount_erofs(path, str(target))
+    try:
+        compare_trees(src, target)
+    finally:
+        mounts.unmount(str(target))
+    st = daemon.json("stats", dev_id)
+    assert len(st) == 1 and st[0]["stats"]["bytes_read"] > 0 and st[0]["stats"]["reads"] > 0
+    lat = st[0]["stats"]["latency_ms"]
+    assert lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert "p99=" in daemon.cli("stats").stdout
+    assert dev_id in daemon.cli("ls").stdout
+    daemon.cli("detach", dev_id)
+    daemon.cli("detach", info["path"])  # by path works too
+    assert daemon.json("ls") == []
+    state = json.loads((daemon.state_dir / "state.json").read_text())
+    assert state["devices"] == {}
+    assert not os.path.exists(path)
+
+
+def test_mount_overlay_and_umount(daemon, erofs_image, tmp_path: Path) -> None:
+    image, src = erofs_image
+    target = tmp_path / "rootfs"
+    r = daemon.json("mount", f"file:{image}", str(target))
+    assert r["target"] == str(target)
+    compare_trees(src, target)
+    (target / "written").write_text("upper\n")  # the overlay upper is writable
+    (target / "text").write_text("changed\n")
+    kinds = {m.target: m.fstype for m in mounts.list_mounts()}
+    assert kinds[str(target)] == "overlay"
+    lower_only = tmp_path / "lower"
+    daemon.cli("mount", f"file:{image}", str(lower_only), "--lower-only")
+    assert {m.target: m.fstype for m in mounts.list_mounts()}[str(lower_only)] == "erofs"
+    p = daemon.cli("detach", r["id"], check=False)
+    assert p.returncode == 10 and "mounted at" in p.stderr and "umount" in p.stderr
+    daemon.cli("umount", str(target))
+    daemon.cli("umount", str(lower_only))
+    assert not mounts.find_mounts(target=str(target)) and not mounts.find_mounts(target=str(lower_only))
+    assert daemon.json("ls") == []  # devices attached by `mount` go with `umount`
+
+
+def test_restart_reattaches_from_state(daemon, erofs_image, tmp_path: Path) -> None:
+    image, src = erofs_image
+    a = daemon.json("attach", f"file:{image}")
+    target = tmp_path / "rootfs"
+    m = daemon.json("mount", f"file:{image}", str(target))
+    (target / "kept").write_text("survives a restart\n")
+    before = daemon.json("ls")
+    # graceful restart
+    daemon.stop()
+    assert daemon.cli("ls", check=False).returncode == 7
+    daemon.start()
+    after = daemon.json("ls")
+    assert [(d["id"], d["path"], d["mounts"], d["status"]) for d in after] == \
+        [(d["id"], d["path"], d["mounts"], d["status"]) for d in before]
+    assert (target / "kept").read_text() == "survives a restart\n"
+    assert (target / "text").read_text() == "hello bdserver\n"
+    # crash (SIGKILL) and restart: stale FUSE and EROFS mounts are replaced
+    daemon.kill()
+    daemon.start()
+    after = daemon.json("ls")
+    assert {d["id"] for d in after} == {a["id"], m["id"]} and all(d["status"] == "attached" for d in after)
+    assert (target / "kept").read_text() == "survives a restart\n"
+    assert (target / "dir" / "big").read_bytes() == (src / "dir" / "big").read_bytes()
+    daemon.cli("umount", str(target))
+    daemon.cli("detach", a["id"])
+    assert daemon.json("ls") == []
+
+
+def test_errors_are_one_line_with_exit_codes(daemon, tmp_path: Path) -> None:
+    p = daemon.cli("ls", check=False)  # no daemon yet, and ls does not start one
+    assert p.returncode == 7 and p.stderr.count("\n") == 1 and "not running" in p.stderr
+    assert "bdserver serve" in p.stderr
+    p = daemon.cli("attach", f"file:{tmp_path}/missing.erofs", check=False)  # starts the daemon
+    assert p.returncode == 5 and p.stderr.count("\n") == 1 and "missing.erofs" in p.stderr
+    p = daemon.cli("detach", "bd42", check=False)
+    assert p.returncode == 2 and p.stderr.startswith("bdserver detach: no device") and p.stderr.count("\n") == 1
+    p = daemon.cli("detach", "bd42", "--json", check=False)
+    err = json.loads(p.stdout)
+    assert p.returncode == 2 and err["ok"] is False and err["error"]["type"] == "NoSuchDevice"
+    p = daemon.cli("umount", str(tmp_path), check=False)
+    assert p.returncode == 2 and "not mounted by bdserver" in p.stderr
+    p = daemon.cli("attach", "file:/etc/hostname", "--backend", "tcmu", check=False)
+    assert p.returncode == 8 and p.stderr.count("\n") == 1  # KernelError: tcmu is not on this host
+    p = subprocess.run([sys.executable, "-m", "bdserver.cli", "attach"], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 2  # usage error
