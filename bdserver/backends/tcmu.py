@@ -1,0 +1,393 @@
+"""The TCMU backend: a LIO user backstore exported through tcm_loop as /dev/sdX.
+
+Per device (see shared/reference/tcmu-ublk.md, Part A):
+
+1. rtslib-fb creates ``core/user_N/<name>`` with ``dev_config=bdserver/<name>``, the size, 4 KiB
+   blocks and ``nl_reply_supported=-1`` (the kernel never waits for a netlink reply, so we need no
+   netlink at all, and a host where tcmu-runner once ran cannot hang us in ``enable``).
+2. We find its UIO device by name (``tcm-user/N/<name>/bdserver/<name>``), map map0 and start a
+   handler thread serving the ring — BEFORE the LUN exists, because linking the LUN scans the disk
+   synchronously (INQUIRY & co. arrive while the symlink syscall is still running).
+3. A tcm_loop target, TPG (with its nexus) and LUN 0 make the SCSI host; the disk is
+   ``/sys/class/scsi_device/H:0:T:0/device/block/sdX`` where ``H:0:T`` is the TPG's ``address``.
+
+Reads go to a thread pool and complete out of order, so a miss waiting for the network never holds
+a cache hit behind it. SCSI semantics live in `scsi.py`, the ring in `tcmu_ring.py`. Detach tears
+down in the reverse order and leaves nothing in configfs.
+
+Re-adoption by a restarted daemon (``action/block_dev`` + ``reset_ring`` on the surviving UIO
+device) is not implemented: a restarted daemon can only `detach` (clean up) leftovers.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import logging
+import mmap
+import os
+import re
+import select
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bdserver.backends.base import Attached, Backend, Device, checked_read
+from bdserver.backends.scsi import ReadRequest, Reply, ScsiDisk
+from bdserver.backends.tcmu_ring import Command, Ring, RingError
+from bdserver.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+CONFIGFS = Path("/sys/kernel/config")
+TARGET = CONFIGFS / "target"
+SUBTYPE = "bdserver"
+BLOCK_SIZE = 4096
+MAX_SECTORS = 128  # blocks per command: 512 KiB
+MAX_DATA_AREA_MB = 64  # enough for the 128-deep queue at full-size commands
+READ_WORKERS = 16
+MODULES = ("target_core_mod", "target_core_user", "tcm_loop", "uio")
+DISK_WAIT_S = 120.0  # the sd probe under qemu TCG can take a while
+
+
+def _safe_name(dev_id: str) -> str:
+    """A configfs-safe object name (no '/', spaces, ':'), unique per dev_id."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", dev_id)[:40] or "dev"
+    return f"bd-{clean}"
+
+
+def _uio_by_name(name: str) -> Path | None:
+    for entry in Path("/sys/class/uio").glob("uio*"):
+        try:
+            if (entry / "name").read_text().strip() == name:
+                return entry
+        except OSError:
+            continue
+    return None
+
+
+def _wait_for(what: str, probe, timeout: float = DISK_WAIT_S, step: float = 0.05):
+    """Poll ``probe()`` until it returns something truthy (bounded), else raise KernelError."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / step) + 2):
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(step)
+    raise KernelError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class RingServer:
+    """Serves one TCMU ring: a poll thread that parses commands and a pool that runs reads."""
+
+    def __init__(self, uio_node: str, map_size: int, disk: ScsiDisk, device: Device,
+                 name: str = "tcmu", workers: int = READ_WORKERS) -> None:
+        self.disk = disk
+        self.device = device
+        self.fd = os.open(uio_node, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.map = mmap.mmap(self.fd, map_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.ring = Ring(self.map)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-read")
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop = threading.Event()
+        self.commands = 0
+        self.read_errors = 0
+        self.broken: str | None = None
+        self._thread = threading.Thread(target=self._serve, name=f"{name}-ring", daemon=True)
+        self._thread.start()
+
+    # -- the poll thread -----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        poller = select.epoll()
+        poller.register(self.fd, select.EPOLLIN)
+        poller.register(self._wake_r, select.EPOLLIN)
+        try:
+            while not self._stop.is_set():
+                poller.poll(1.0)
+                try:
+                    os.read(self.fd, 4)  # clears readiness; we always rescan the ring anyway
+                except BlockingIOError:
+                    pass
+                if self.broken:
+                    continue
+                try:
+                    cmds = self.ring.take()
+                except RingError as exc:
+                    self.broken = str(exc)
+                    log.error("tcmu ring unusable: %s", exc)
+                    continue
+                immediate = False
+                for cmd in cmds:
+                    immediate |= self._dispatch(cmd)
+                if immediate:
+                    self._kick()
+        except Exception:  # noqa: BLE001 - a dead ring thread must say why
+            log.exception("tcmu ring thread died")
+            self.broken = "ring thread died"
+        finally:
+            poller.close()
+
+    def _dispatch(self, cmd: Command) -> bool:
+        """Start one command; True if it was completed inline (needs a kick)."""
+        self.commands += 1
+        try:
+            answer = self.disk.handle(cmd.cdb)
+        except Exception:  # noqa: BLE001 - a handler bug must not leave a command hanging
+            log.exception("SCSI handler failed on CDB %s", cmd.cdb.hex())
+            answer = Reply.check(0x4, (0x44, 0x00))
+        if isinstance(answer, ReadRequest):
+            if cmd.data_length < answer.length:
+                answer = Reply.check(0x5, (0x24, 0x00))
+            else:
+                self.pool.submit(self._read, cmd, answer)
+                return False
+        self._post(cmd, answer)
+        return True
+
+    # -- completions (any thread) --------------------------------------------------------------
+
+    def _read(self, cmd: Command, req: ReadRequest) -> None:
+        size = self.device.size
+        try:
+            data = checked_read(self.device, req.offset, min(req.length, max(0, size - req.offset)))
+            reply = self.disk.read_reply(req, data)
+        except OSError as exc:
+            self.read_errors += 1
+            log.warning("read lba=%d blocks=%d failed: %s", req.lba, req.blocks, exc)
+            reply = self.disk.read_error_reply(req)
+        except Exception:  # noqa: BLE001
+            self.read_errors += 1
+            log.exception("read lba=%d failed unexpectedly", req.lba)
+            reply = self.disk.read_error_reply(req)
+        try:
+            self._post(cmd, reply)
+            self._kick()
+        except Exception:  # noqa: BLE001
+            log.exception("completing command %d failed", cmd.cmd_id)
+
+    def _post(self, cmd: Command, reply: Reply) -> None:
+        read_len = None
+        if reply.data:
+            placed = self.ring.fill(cmd, reply.data)
+            if placed < cmd.data_length:
+                read_len = placed
+        elif cmd.data_length and reply.status == 0:
+            read_len = None  # no data (e.g. SYNCHRONIZE CACHE): nothing to transfer
+        sense = reply.sense.to_bytes() if reply.sense else None
+        self.ring.complete(cmd.cmd_id, reply.status, sense, read_len)
+
+    def _kick(self) -> None:
+        try:
+            os.write(self.fd, b"\x00\x00\x00\x00")
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.ENODEV, errno.EBADF):
+                raise
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish in-flight reads, stop the thread, unmap and close (before the SO is deleted)."""
+        self.pool.shutdown(wait=True)
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        self._thread.join(timeout=30)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self.ring.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+@dataclass
+class _Live:
+    so: Any
+    target: Any
+    tpg: Any
+    lun: Any
+    server: RingServer
+    disk_path: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TcmuBackend(Backend):
+    """LIO TCMU + tcm_loop: each attached device becomes a read-only SCSI disk /dev/sdX."""
+
+    name = "tcmu"
+
+    def __init__(self) -> None:
+        self._live: dict[str, _Live] = {}
+        self._lock = threading.Lock()
+
+    # -- availability --------------------------------------------------------------------------
+
+    def available(self) -> tuple[bool, str]:
+        if os.geteuid() != 0:
+            return False, "needs root (configfs and /dev/uio*)"
+        try:
+            import rtslib_fb  # noqa: F401
+        except ImportError:
+            return False, "python package rtslib-fb is missing (pip install rtslib-fb)"
+        missing = [m for m in MODULES if not Path("/sys/module", m).is_dir()]
+        if missing:
+            subprocess.run(["modprobe", "-a", *missing], capture_output=True, check=False)
+            missing = [m for m in MODULES if not Path("/sys/module", m).is_dir()]
+            if missing:
+                return False, (f"kernel modules {', '.join(missing)} are not available "
+                               "(this kernel has no TCMU; try --backend ublk or fuse)")
+        if not TARGET.is_dir():
+            if not os.path.ismount(CONFIGFS):
+                subprocess.run(["mount", "-t", "configfs", "configfs", str(CONFIGFS)],
+                               capture_output=True, check=False)
+            if not TARGET.is_dir():
+                return False, f"{TARGET} missing (mount configfs at {CONFIGFS})"
+        os.makedirs("/etc/target", exist_ok=True)  # rtslib-fb keeps its dbroot there
+        return True, "target_core_user and tcm_loop loaded"
+
+    # -- attach --------------------------------------------------------------------------------
+
+    def attach(self, device: Device, dev_id: str) -> Attached:
+        ok, reason = self.available()
+        if not ok:
+            raise KernelError(f"tcmu backend unavailable: {reason}")
+        from rtslib_fb import LUN, TPG, FabricModule, Target, UserBackedStorageObject
+        from rtslib_fb.utils import RTSLibError
+
+        with self._lock:
+            if dev_id in self._live:
+                raise KernelError(f"device {dev_id} is already attached over tcmu")
+        name = _safe_name(dev_id)
+        config = f"{SUBTYPE}/{name}"
+        serial = uuid.uuid4().hex
+        size = -(-device.size // BLOCK_SIZE) * BLOCK_SIZE
+        disk = ScsiDisk(size=device.size, serial=serial, block_size=BLOCK_SIZE,
+                        max_transfer_blocks=MAX_SECTORS, config=config)
+        control = (f"hw_block_size={BLOCK_SIZE},max_data_area_mb={MAX_DATA_AREA_MB},"
+                   "nl_reply_supported=-1")
+        so = target = tpg = lun = server = None
+        try:
+            so = UserBackedStorageObject(name, config=config, size=size, wwn=serial,
+                                         hw_max_sectors=MAX_SECTORS, control=control)
+            hba = Path(so.path).parent.name.split("_", 1)[1]
+            uio_name = f"tcm-user/{hba}/{name}/{config}"
+            uio = _wait_for(f"UIO device {uio_name}", lambda: _uio_by_name(uio_name), timeout=30)
+            node = f"/dev/{uio.name}"
+            _wait_for(node, lambda: os.path.exists(node), timeout=30)
+            map_size = int((uio / "maps/map0/size").read_text().strip(), 0)
+            server = RingServer(node, map_size, disk, device, name=name)
+            target = Target(FabricModule("loopback"))
+            tpg = TPG(target, 1)
+            lun = LUN(tpg, 0, storage_object=so)  # scans the disk through our ring
+            address = (Path(tpg.path) / "address").read_text().strip()
+            path = _wait_for(f"the sd disk of SCSI {address}:0",
+                             lambda: self._disk_of(f"{address}:0"))
+            _wait_for(path, lambda: os.path.exists(path))
+        except (RTSLibError, OSError, RingError, KernelError) as exc:
+            self._teardown(lun, tpg, target, server, so)
+            if isinstance(exc, KernelError):
+                raise
+            raise KernelError(f"tcmu attach of {dev_id} failed: {exc}") from exc
+        except BaseException:
+            self._teardown(lun, tpg, target, server, so)
+            raise
+        extra = {
+            "uio": node, "storage_object": so.path, "target": target.wwn, "scsi_address": f"{address}:0",
+            "serial": serial, "wwid": disk.wwid, "block_size": BLOCK_SIZE,
+        }
+        with self._lock:
+            self._live[dev_id] = _Live(so, target, tpg, lun, server, path, extra)
+        log.info("tcmu: %s attached as %s (%s, %s)", dev_id, path, uio_name, address)
+        return Attached(path=path, backend=self.name, dev_id=dev_id, extra=extra)
+
+    @staticmethod
+    def _disk_of(scsi_address: str) -> str | None:
+        found = glob.glob(f"/sys/class/scsi_device/{scsi_address}/device/block/*")
+        return f"/dev/{os.path.basename(found[0])}" if found else None
+
+    # -- detach --------------------------------------------------------------------------------
+
+    def detach(self, attached: Attached) -> None:
+        with self._lock:
+            live = self._live.pop(attached.dev_id, None)
+        if live is None:
+            self._detach_leftover(attached)
+            return
+        self._teardown(live.lun, live.tpg, live.target, live.server, live.so)
+        log.info("tcmu: %s detached (%s)", attached.dev_id, live.disk_path)
+
+    def stats(self, dev_id: str) -> dict[str, int]:
+        live = self._live.get(dev_id)
+        if live is None:
+            return {}
+        return {"commands": live.server.commands, "read_errors": live.server.read_errors}
+
+    @staticmethod
+    def _teardown(lun, tpg, target, server, so) -> None:
+        """LUN (sd goes away while the ring is still served), nexus, TPG, target, ring, backstore."""
+        errors = []
+
+        def step(what: str, fn) -> None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - keep tearing down, report at the end
+                errors.append(f"{what}: {exc}")
+
+        if lun is not None:
+            step("LUN", lun.delete)
+        if tpg is not None:
+            step("nexus", lambda: (Path(tpg.path) / "nexus").write_text("NULL")
+                 if (Path(tpg.path) / "nexus").read_text().strip() else None)
+            step("TPG", tpg.delete)
+        if target is not None:
+            step("target", target.delete)
+        if server is not None:
+            step("ring", server.stop)
+        if so is not None:
+            step("storage object", so.delete)
+        if errors:
+            raise KernelError("tcmu teardown incomplete: " + "; ".join(errors))
+
+    def _detach_leftover(self, attached: Attached) -> None:
+        """Detach a device this process did not attach (a restarted daemon cleaning up)."""
+        from rtslib_fb import Target, UserBackedStorageObject
+        from rtslib_fb.utils import RTSLibError
+
+        extra = attached.extra or {}
+        target = so = None
+        try:
+            if extra.get("target"):
+                from rtslib_fb import FabricModule
+                target = Target(FabricModule("loopback"), extra["target"], mode="lookup")
+            if extra.get("storage_object"):
+                p = Path(extra["storage_object"])
+                so = UserBackedStorageObject(p.name, index=p.parent.name.split("_", 1)[1])
+        except RTSLibError:
+            pass
+        if target is None and so is None:
+            return  # already gone: detach is idempotent
+        if so is not None:
+            # Fail whatever the dead handler left in the ring so LUN removal cannot hang.
+            for action, value in (("block_dev", "1"), ("reset_ring", "2"), ("block_dev", "0")):
+                try:
+                    (Path(so.path) / "action" / action).write_text(value)
+                except OSError:
+                    pass
+        luns = list(target.tpgs)[0].luns if target is not None and list(target.tpgs) else []
+        tpg = list(target.tpgs)[0] if target is not None and list(target.tpgs) else None
+        for lun in luns:
+            lun.delete()
+        self._teardown(None, tpg, target, None, so)
