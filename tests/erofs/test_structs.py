@@ -55,7 +55,7 @@ def test_xattr_names() -> None:
     with pytest.raises(FormatError):
         S.split_xattr_name("system.posix_acl_accessX")
     # the verified encoding of trusted.overlay.opaque=y (reference §4.1)
-    assert S.xattr_entry_bytes(4, b"overlay.opaque", b"y") == b"\x0e\x04\x01\x00overlay.opaquey\0\0\0"
+    assert S.xattr_entry_bytes(4, b"overlay.opaque", b"y") == b"\x0e\x04\x01\x00overlay.opaquey\0"
 
 
 def test_checksum_matches_mkfs(tmp_path: Path) -> None:
