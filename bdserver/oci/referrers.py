@@ -1,0 +1,151 @@
+"""Referrers: find and attach manifests that point at a subject (OCI distribution-spec v1.1).
+
+Lists through the Referrers API where the registry has one, else through the referrers tag
+schema (tag ``sha256-<hex>`` holding an image index). Attaching ALWAYS maintains the tag schema
+too, because distribution 2.8 (and GHCR, Docker Hub) have no API and because a registry that
+gains the API later must import those tags. Works on any ImageStore (a layout too).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from bdserver.errors import FormatError, NotFoundError, RegistryError
+from bdserver.oci import mediatypes as mt
+from bdserver.oci.digest import parse_digest, sha256_digest
+from bdserver.oci.model import Descriptor, Index, Manifest, parse_manifest
+from bdserver.oci.store import ImageStore
+
+log = logging.getLogger(__name__)
+
+TAG_UPDATE_ATTEMPTS = 5
+
+
+def referrers_tag(subject_digest: str) -> str:
+    """``sha256:<hex>`` -> ``sha256-<hex>`` (the fallback tag; hex fits the 128-char tag limit)."""
+    alg, hexd = parse_digest(subject_digest)
+    return f"{alg}-{hexd}"[:128]
+
+
+def _created(d: Descriptor) -> float:
+    v = d.annotations.get(mt.ANN_CREATED)
+    if not v:
+        return float("-inf")
+    try:
+        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        return float("-inf")
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.timestamp()
+
+
+def newest_first(descs: list[Descriptor]) -> list[Descriptor]:
+    """Order by ``org.opencontainers.image.created`` (newest first; undated last; digest breaks ties)."""
+    return sorted(descs, key=lambda d: (-_created(d), d.digest))
+
+
+def _tag_index(store: ImageStore, tag: str) -> Index | None:
+    try:
+        data, desc = store.get_manifest(tag)
+    except NotFoundError:
+        return None
+    try:
+        parsed = parse_manifest(data, desc.media_type)
+    except FormatError:
+        return None
+    return parsed if isinstance(parsed, Index) else None
+
+
+def list_referrers(store: ImageStore, subject_digest: str, artifact_type: str | None = None, *,
+                   use_api: bool = True) -> list[Descriptor]:
+    """Referrers of ``subject_digest`` (filtered by ``artifact_type``), newest first.
+
+    API first when the store has one (``referrers_api`` returning None means "no API": 404),
+    then the tag schema; a missing or malformed tag means "none".
+    """
+    descs: list[Descriptor] | None = None
+    api = getattr(store, "referrers_api", None)
+    if use_api and api is not None:
+        idx = api(subject_digest, artifact_type)
+        if idx is not None:
+            descs = idx.manifests
+            log.debug("referrers of %s via API: %d", subject_digest, len(descs))
+    if descs is None:
+        idx = _tag_index(store, referrers_tag(subject_digest))
+        descs = idx.manifests if idx is not None else []
+        log.debug("referrers of %s via tag schema: %d", subject_digest, len(descs))
+    if artifact_type:
+        descs = [d for d in descs if d.artifact_type == artifact_type]
+    # de-duplicate (API and tag may both list one manifest)
+    seen: dict[str, Descriptor] = {}
+    for d in descs:
+        seen.setdefault(d.digest, d)
+    return newest_first(list(seen.values()))
+
+
+def referrer_descriptor(data: bytes, media_type: str) -> tuple[Descriptor, Descriptor]:
+    """(descriptor as listed in a referrers index, subject descriptor) for manifest bytes."""
+    parsed = parse_manifest(data, media_type)
+    if parsed.subject is None:
+        raise FormatError("manifest has no subject; it cannot be a referrer")
+    at = parsed.artifact_type
+    if at is None and isinstance(parsed, Manifest):
+        at = parsed.config.media_type
+    desc = Descriptor(media_type=media_type, digest=sha256_digest(data), size=len(data), artifact_type=at,
+                      annotations=dict(parsed.annotations))
+    return desc, parsed.subject
+
+
+def update_referrers_tag(store: ImageStore, subject_digest: str, add: Descriptor | None = None,
+                         remove: str | None = None) -> Descriptor:
+    """Read-modify-write the ``sha256-<hex>`` index, keeping other entries.
+
+    Registries without conditional PUT leave a race between concurrent writers; each writer
+    re-reads after writing and writes again (bounded) until its change is visible.
+    """
+    tag = referrers_tag(subject_digest)
+    last: Descriptor | None = None
+    for attempt in range(TAG_UPDATE_ATTEMPTS):
+        idx = _tag_index(store, tag)
+        existed = idx is not None
+        if idx is None:
+            try:
+                store.get_manifest(tag)
+            except NotFoundError:
+                pass
+            else:
+                raise RegistryError(f"tag {tag} exists but is not an image index; refusing to overwrite it")
+            idx = Index(manifests=[])
+        have = {d.digest for d in idx.manifests}
+        done = (add is None or add.digest in have) and (remove is None or remove not in have)
+        if done and attempt > 0 and last is not None:
+            return last
+        if done and attempt == 0 and existed:
+            return store.resolve(tag)
+        manifests = [d for d in idx.manifests if d.digest != remove and (add is None or d.digest != add.digest)]
+        if add is not None:
+            manifests.append(add)
+        new = Index(manifests=manifests, annotations=idx.annotations, extra=idx.extra)
+        last = store.put_manifest(new.to_bytes(), mt.OCI_INDEX, tag=tag)
+        log.debug("referrers tag %s: %d entries", tag, len(manifests))
+    return last  # type: ignore[return-value]
+
+
+def add_referrer(store: ImageStore, data: bytes, media_type: str, tag: str | None = None) -> Descriptor:
+    """Push a manifest that has a ``subject`` and list it in the subject's referrers tag.
+
+    Blobs must already be in the store. Returns the referrer descriptor (artifactType and
+    annotations filled in, as a referrers index lists it).
+    """
+    desc, subject = referrer_descriptor(data, media_type)
+    store.put_manifest(data, media_type, tag=tag)
+    update_referrers_tag(store, subject.digest, add=desc)
+    log.info("attached %s (%s) to %s", desc.digest, desc.artifact_type, subject.digest)
+    return desc
+
+
+def remove_referrer(store: ImageStore, subject_digest: str, digest: str) -> None:
+    """Drop ``digest`` from the subject's referrers tag (the manifest itself stays)."""
+    update_referrers_tag(store, subject_digest, remove=digest)

@@ -1,0 +1,186 @@
+"""Which lazy images a node may use, and finding the trusted one for a reference.
+
+Anyone who can push to a repository can attach a referrer, so a lazy image is used only if the
+policy accepts it: its digest is pinned in an allow-list, or this node converted it itself
+(a record under the state dir), or the reference pins the lazy manifest's digest. Discovery
+failures raise NoLazyImageError, which callers treat as "fall back" (convert here or pull).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bdserver.errors import BdError, FormatError, NoLazyImageError, NotFoundError
+from bdserver.oci import mediatypes as mt
+from bdserver.oci.digest import is_digest, parse_digest
+from bdserver.oci.layout import atomic_write
+from bdserver.oci.model import Descriptor, Index, Manifest, Platform, parse_manifest
+from bdserver.oci.reference import Reference, parse_reference
+from bdserver.oci.referrers import list_referrers
+from bdserver.oci.store import ImageStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path(os.environ.get("BDSERVER_STATE_DIR", "/var/lib/bdserver"))
+
+
+def _read_digest_list(path: Path) -> set[str]:
+    out: set[str] = set()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return out
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not is_digest(line):
+            raise FormatError(f"{path}:{n}: not a digest: {line!r}")
+        out.add(line)
+    return out
+
+
+@dataclass
+class TrustPolicy:
+    """Accept a lazy image if pinned (allow-list), converted on this node, or pinned by the reference.
+
+    ``state_dir/trust/allowed`` (one digest a line, ``#`` comments) and ``allow_files`` extend
+    ``allowed``; ``state_dir/trust/converted/<hex>.json`` records what this node produced.
+    ``trust_converted_here`` can be switched off for nodes that share a state dir they do not trust.
+    """
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    allowed: set[str] = field(default_factory=set)
+    allow_files: list[Path] = field(default_factory=list)
+    trust_converted_here: bool = True
+    trust_pinned_reference: bool = True
+
+    @property
+    def trust_dir(self) -> Path:
+        return Path(self.state_dir) / "trust"
+
+    def _converted_path(self, lazy_digest: str) -> Path:
+        alg, hexd = parse_digest(lazy_digest)
+        return self.trust_dir / "converted" / f"{alg}-{hexd}.json"
+
+    def allowed_digests(self) -> set[str]:
+        s = set(self.allowed) | _read_digest_list(self.trust_dir / "allowed")
+        for f in self.allow_files:
+            s |= _read_digest_list(Path(f))
+        return s
+
+    def allow(self, lazy_digest: str) -> None:
+        """Add a digest to the node's persistent allow-list file."""
+        parse_digest(lazy_digest)
+        f = self.trust_dir / "allowed"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        cur = f.read_text() if f.exists() else ""
+        if lazy_digest not in _read_digest_list(f):
+            atomic_write(f, (cur + ("" if cur.endswith("\n") or not cur else "\n") + lazy_digest + "\n").encode())
+
+    def record_converted(self, lazy_digest: str, source_digest: str, ref: str | None = None) -> Path:
+        """Remember that this node produced ``lazy_digest`` from ``source_digest`` (the converter calls this)."""
+        parse_digest(source_digest)
+        p = self._converted_path(lazy_digest)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        rec = {"lazy": lazy_digest, "source": source_digest, "ref": ref, "time": int(time.time())}
+        atomic_write(p, json.dumps(rec, sort_keys=True).encode() + b"\n")
+        return p
+
+    def converted_here(self, lazy_digest: str, source_digest: str | None = None) -> bool:
+        try:
+            rec = json.loads(self._converted_path(lazy_digest).read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        return rec.get("lazy") == lazy_digest and (source_digest is None or rec.get("source") == source_digest)
+
+    def decide(self, lazy_digest: str, source_digest: str | None = None,
+               pinned_by_reference: bool = False) -> tuple[bool, str]:
+        """(trusted, why) for one lazy manifest digest."""
+        if lazy_digest in self.allowed_digests():
+            return True, "digest in allow-list"
+        if self.trust_converted_here and self.converted_here(lazy_digest, source_digest):
+            return True, "converted on this node"
+        if self.trust_pinned_reference and pinned_by_reference:
+            return True, "pinned by the reference"
+        return False, "not in the allow-list and not converted on this node"
+
+
+def _source_manifest(store: ImageStore, target: str, platform: Platform | None) -> tuple[Descriptor, list[Descriptor]]:
+    """The platform manifest of ``target`` plus the digests whose referrers to search (manifest, index)."""
+    data, desc = store.get_manifest(target)
+    parsed = parse_manifest(data, desc.media_type)
+    if isinstance(parsed, Index):
+        chosen = parsed.select_platform(platform)
+        _, mdesc = store.get_manifest(chosen.digest)
+        return mdesc, [mdesc, desc]
+    return desc, [desc]
+
+
+def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPolicy, *,
+                        platform: Platform | None = None) -> tuple[Descriptor, Descriptor]:
+    """Find the trusted lazy image for ``ref`` in ``store`` (the repository ``ref`` names).
+
+    Returns ``(source manifest descriptor, lazy manifest descriptor)``. If ``ref`` itself names a
+    lazy manifest, its subject is the source. Candidates come newest first; each must verify
+    (digest, artifactType, subject) and pass ``policy``. Raises NoLazyImageError (non-fatal for
+    callers) with what was found and what to do.
+    """
+    r = parse_reference(ref) if isinstance(ref, str) else ref
+    target = r.target or "latest"
+    try:
+        data, desc = store.get_manifest(target)
+    except NotFoundError as e:
+        raise NoLazyImageError(f"{r}: image not found ({e})") from None
+    parsed = parse_manifest(data, desc.media_type)
+    if isinstance(parsed, Manifest) and parsed.artifact_type == mt.LAZY_ARTIFACT_TYPE:
+        if parsed.subject is None:
+            raise NoLazyImageError(f"{r}: lazy manifest without a subject")
+        ok, why = policy.decide(desc.digest, parsed.subject.digest, pinned_by_reference=r.digest == desc.digest)
+        if not ok:
+            raise NoLazyImageError(f"{r}: lazy image {desc.digest} is not trusted ({why}); "
+                                   f"pin it with `bdserver trust allow {desc.digest}` or convert here")
+        lazy = Descriptor(media_type=desc.media_type, digest=desc.digest, size=desc.size,
+                          artifact_type=mt.LAZY_ARTIFACT_TYPE, annotations=dict(parsed.annotations))
+        return parsed.subject, lazy
+    try:
+        source, search = _source_manifest(store, target, platform)
+    except NotFoundError as e:
+        raise NoLazyImageError(f"{r}: {e}") from None
+    untrusted: list[str] = []
+    broken: list[str] = []
+    for subj in search:
+        for cand in list_referrers(store, subj.digest, mt.LAZY_ARTIFACT_TYPE):
+            try:
+                cdata, cdesc = store.get_manifest(cand.digest)
+                cm = parse_manifest(cdata, cdesc.media_type)
+            except (BdError, ValueError) as e:
+                broken.append(f"{cand.digest} ({e.__class__.__name__})")
+                continue
+            if not isinstance(cm, Manifest) or cm.artifact_type != mt.LAZY_ARTIFACT_TYPE or cm.subject is None \
+                    or cm.subject.digest != subj.digest:
+                broken.append(f"{cand.digest} (does not point at {subj.digest})")
+                continue
+            if subj.digest != source.digest:
+                # a lazy image of the index: only usable if it is the one for this platform
+                broken.append(f"{cand.digest} (attached to the index, not to the {source.digest} manifest)")
+                continue
+            ok, why = policy.decide(cand.digest, source.digest)
+            if ok:
+                log.info("%s: lazy image %s (%s)", r, cand.digest, why)
+                lazy = Descriptor(media_type=cdesc.media_type, digest=cdesc.digest, size=cdesc.size,
+                                  artifact_type=mt.LAZY_ARTIFACT_TYPE, annotations=dict(cm.annotations))
+                return source, lazy
+            untrusted.append(cand.digest)
+            log.warning("%s: ignoring untrusted lazy image %s (%s)", r, cand.digest, why)
+    if untrusted:
+        raise NoLazyImageError(
+            f"{r}: {len(untrusted)} lazy image(s) found for {source.digest} but none is trusted "
+            f"({', '.join(untrusted)}); allow one with `bdserver trust allow DIGEST` or convert on this node")
+    extra = f"; unusable: {', '.join(broken)}" if broken else ""
+    raise NoLazyImageError(f"{r}: no lazy image for {source.digest}; run `bdserver convert {r}`{extra}")
