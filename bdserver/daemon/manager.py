@@ -115,7 +115,7 @@ class DeviceManager:
             with self.lock:
                 self.pending.discard(dev_id)
         log.info("attached %s ref=%s backend=%s path=%s kind=%s", dev_id, ref, rec.backend, rec.path, rec.kind)
-        return {**self._describe(rec), "message": opened.message}
+        return {**self._describe(rec), "message": opened.message, "image_config": opened.image_config}
 
     def mount(self, ref: str, target: str, backend: str = "", lower_only: bool = False) -> dict[str, Any]:
         target = os.path.abspath(target)
@@ -133,7 +133,8 @@ class DeviceManager:
             rec.mounts.append(m)
             self._save()
         log.info("mounted %s at %s lower_only=%s", dev_id, target, lower_only)
-        return {**self._describe(rec), "target": target, "message": info.get("message", "")}
+        return {**self._describe(rec), "target": target, "message": info.get("message", ""),
+                "image_config": info.get("image_config", {})}
 
     def _dirs(self, dev_id: str) -> tuple[str, str, str]:
         lower = os.path.join(self.cfg.run_dir, "mnt", dev_id, "lower")

@@ -28,6 +28,7 @@ class OpenedDevice:
     pin: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     close: Callable[[], None] | None = None
+    image_config: dict[str, Any] = field(default_factory=dict)  # OCI config "config" (Env, Cmd, ...)
 
 
 class FileDevice:
