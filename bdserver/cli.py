@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", cmd_serve, "run the daemon in the foreground")
     add("stop", cmd_stop, "ask the daemon to exit (devices stay in state and come back with it)")
     sp = add("hook", cmd_hook, "OCI runtime hook entry (state JSON on stdin)")
-    sp.add_argument("stage", choices=["prestart", "createRuntime", "poststop", "precreate"])
+    sp.add_argument("stage", nargs="?", default="auto",
+                    choices=["auto", "prestart", "createRuntime", "poststop", "precreate"],
+                    help="auto: from the state's status (creating -> createRuntime, stopped -> poststop)")
     sp = add("cache", cmd_cache, "manage the node chunk cache")
     sp.add_argument("action", choices=["prune"])
     sp = add("inspect", cmd_inspect, "describe an EROFS image file or a lazy image reference")

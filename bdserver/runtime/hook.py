@@ -98,6 +98,10 @@ def _pkg_root() -> str:
 
 def hook_main(cfg: Config, stage: str, stdin: TextIO, stdout: TextIO) -> int:
     data = json.loads(stdin.read() or "{}")
+    if stage == "auto":
+        stage = {"creating": "createRuntime", "stopped": "poststop"}.get(data.get("status", ""), "")
+        if not stage:
+            return 0  # other stages: nothing to do
     if stage in ("createRuntime", "prestart"):
         create_runtime(cfg, data)
     elif stage == "poststop":
