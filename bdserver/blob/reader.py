@@ -239,9 +239,19 @@ def load_index(
         want = COMPRESSION_NONE
     else:
         raise FormatError(f"{name}: media type {media_type!r} carries no embedded chunk index")
+    return index_from_payload(payload, data_end=start, compression=want, digest=digest, name=name)
+
+
+def index_from_payload(
+    payload: bytes, *, data_end: int, compression: int, digest: str | None, name: str = "blob"
+) -> ChunkIndex:
+    """Verify a chunk-index payload against its digest, parse it, check its CompressionType.
+
+    Lets callers that cached the payload (content-addressed by its digest) skip the fetch.
+    """
     if digest is not None:
         verify_digest(payload, digest, f"{name} chunk index")
-    index = ChunkIndex.parse(payload, data_end=start)
-    if index.compression != want:
-        raise FormatError(f"{name}: CompressionType {index.compression} does not fit {media_type}")
+    index = ChunkIndex.parse(payload, data_end=data_end)
+    if index.compression != compression:
+        raise FormatError(f"{name}: CompressionType {index.compression} does not fit the layer's media type")
     return index

@@ -1,0 +1,231 @@
+"""Byte sources behind device segments: in memory, a local file, or a lazily fetched chunked blob.
+
+`LazyBlobSource` is the heart of the read path: cache hit -> pread; miss -> claim the chunk
+(single-flight: a chunk being fetched by another thread is waited for, never fetched twice),
+fetch each run of adjacent claimed chunks with ONE range request, verify, cache, hand out.
+The lock only guards the in-flight table, never I/O, so a slow miss never blocks a hit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import Future
+from typing import Protocol
+
+from bdserver.blob.reader import ChunkedBlob
+from bdserver.cache import ChunkCache
+from bdserver.errors import BdError, FetchError, FormatError, IntegrityError, NoSpaceError
+from bdserver.vdev.stats import Counter
+
+log = logging.getLogger(__name__)
+
+# How long a reader waits for another thread's fetch of the same chunk. The registry client's own
+# timeouts and retries end a fetch long before this; it only bounds a wedged fetcher.
+JOIN_TIMEOUT = 600.0
+MAX_RUN_BYTES = 8 << 20  # split very long runs so one request never carries more than this
+
+
+class Source(Protocol):
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class BytesSource:
+    """Bytes already in memory (the merged metadata image, verified when it was loaded)."""
+
+    def __init__(self, data: bytes, name: str = "bytes") -> None:
+        self._data = data
+        self.size = len(data)
+        self.name = name
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._data[offset : offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+class FileSource:
+    """A local file read with pread (thread-safe, no shared file position)."""
+
+    def __init__(self, path: str) -> None:
+        self.name = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.fstat(self._fd).st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = []
+        while length > 0:
+            b = os.pread(self._fd, length, offset)
+            if not b:
+                raise FetchError(f"{self.name}: unexpected end of file at {offset}")
+            parts.append(b)
+            offset += len(b)
+            length -= len(b)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LazyBlobSource:
+    """The uncompressed image data of one layer blob, fetched chunk by chunk on demand."""
+
+    def __init__(self, blob: ChunkedBlob, digest: str, cache: ChunkCache | None, *, name: str | None = None) -> None:
+        self.blob = blob
+        self.digest = digest
+        self.cache = cache
+        self.name = name or digest
+        self.size = blob.size
+        self._offsets = blob.index.uncompressed_offsets()
+        self._lock = threading.Lock()
+        self._inflight: dict[int, Future[bytes]] = {}
+        self.stats = Counter()
+        if cache is not None:
+            cache.register(digest, self._offsets)
+
+    def close(self) -> None:
+        pass
+
+    # ---- read path ------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        index = self.blob.index
+        first = index.chunk_at(offset)
+        last = index.chunk_at(offset + length - 1)
+        end = offset + length
+        pieces: dict[int, bytes] = {}
+        missing: list[tuple[int, int, int]] = []
+        for i in range(first, last + 1):
+            cstart, cend = self._offsets[i], self._offsets[i + 1]
+            a, b = max(offset, cstart) - cstart, min(end, cend) - cstart
+            data = self.cache.read(self.digest, i, a, b - a) if self.cache is not None else None
+            if data is None:
+                missing.append((i, a, b))
+            else:
+                pieces[i] = data
+        if pieces:
+            self.stats.add(chunk_hits=len(pieces))
+        if missing:
+            self.stats.add(chunk_misses=len(missing))
+            full = self._chunks([i for i, _, _ in missing])
+            for i, a, b in missing:
+                pieces[i] = full[i][a:b]
+        return b"".join(pieces[i] for i in range(first, last + 1))
+
+    def _chunks(self, wanted: list[int]) -> dict[int, bytes]:
+        """Whole verified chunks for `wanted`: claim, fetch (coalesced) what we own, join the rest."""
+        got: dict[int, bytes] = {}
+        pending = list(wanted)
+        for _ in range(3):  # a chunk may be evicted between "present" and our read; retry then
+            mine: list[int] = []
+            joins: dict[int, Future[bytes]] = {}
+            recheck: list[int] = []
+            with self._lock:
+                for i in pending:
+                    f = self._inflight.get(i)
+                    if f is not None:
+                        joins[i] = f
+                    elif self.cache is not None and self.cache.has(self.digest, i):
+                        recheck.append(i)  # finished by another thread since our miss
+                    else:
+                        f = Future()
+                        f.set_running_or_notify_cancel()
+                        self._inflight[i] = f
+                        mine.append(i)
+            if mine:
+                got.update(self._fetch_claimed(mine))
+            if joins:
+                self.stats.add(joined=len(joins))
+            for i, f in joins.items():
+                try:
+                    got[i] = f.result(timeout=JOIN_TIMEOUT)
+                except TimeoutError as e:
+                    raise FetchError(f"{self.name}: chunk {i}: gave up waiting for its fetch") from e
+            pending = []
+            for i in recheck:
+                data = self.cache.read(self.digest, i) if self.cache is not None else None
+                if data is None:
+                    pending.append(i)
+                else:
+                    got[i] = data
+            if not pending:
+                return got
+        raise FetchError(f"{self.name}: chunks {pending} keep disappearing from the cache")
+
+    def _fetch_claimed(self, mine: list[int]) -> dict[int, bytes]:
+        """Fetch chunks this thread claimed; resolve their futures (result or the error) exactly once."""
+        out: dict[int, bytes] = {}
+        left = sorted(mine)
+        try:
+            for run in self._runs(left):
+                chunks = self._fetch_run(run[0], run[-1])
+                data = dict(zip(run, chunks))
+                self._store(data)
+                out.update(data)
+                with self._lock:
+                    for i in run:
+                        self._inflight.pop(i).set_result(data[i])
+                left = [i for i in left if i not in data]
+        except BaseException as e:
+            err = e if isinstance(e, BdError) else FetchError(f"{self.name}: {e}")
+            with self._lock:
+                for i in left:
+                    f = self._inflight.pop(i, None)
+                    if f is not None:
+                        f.set_exception(err)
+            if err is e:
+                raise
+            raise err from e
+        return out
+
+    def _runs(self, idx: list[int]) -> list[list[int]]:
+        runs: list[list[int]] = []
+        run_bytes = 0
+        for i in idx:
+            n = self.blob.chunk_span(i)[1]
+            if runs and runs[-1][-1] == i - 1 and run_bytes + n <= MAX_RUN_BYTES:
+                runs[-1].append(i)
+                run_bytes += n
+            else:
+                runs.append([i])
+                run_bytes = n
+        return runs
+
+    def _fetch_run(self, first: int, last: int) -> list[bytes]:
+        start = self.blob.chunk_span(first)[0]
+        o, n = self.blob.chunk_span(last)
+        try:
+            chunks = self.blob.read_chunks(first, last)
+        except IntegrityError:
+            self.stats.add(fetches=1, integrity_errors=1)
+            log.warning("%s: chunks %d..%d failed verification; not cached, not served", self.name, first, last)
+            raise
+        except FormatError as e:
+            self.stats.add(fetches=1, integrity_errors=1)
+            log.warning("%s: chunks %d..%d do not decode: %s", self.name, first, last, e)
+            raise IntegrityError(f"{self.name}: chunks {first}..{last}: {e}") from e
+        except BdError:
+            self.stats.add(fetches=1, fetch_errors=1)
+            raise
+        self.stats.add(fetches=1, fetched_bytes=o + n - start, fetched_chunks=last - first + 1)
+        return chunks
+
+    def _store(self, data: dict[int, bytes]) -> None:
+        """Cache verified chunks; failing to cache never fails the read (the bytes are good)."""
+        if self.cache is None:
+            return
+        try:
+            self.cache.put_many(self.digest, sorted(data.items()), offsets=self._offsets)
+        except (NoSpaceError, OSError, KeyError) as e:
+            self.stats.add(cache_put_errors=1)
+            log.warning("%s: could not cache %d chunk(s): %s", self.name, len(data), e)

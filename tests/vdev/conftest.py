@@ -1,0 +1,109 @@
+"""A synthetic lazy image served by a fake registry (a dict of blobs behind a fetch function)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+
+from bdserver.blob.chunked import annotations, write_chunked_zstd
+
+BS = 4096
+CS = 16384  # 4 blocks per chunk: many chunks from small images
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class FakeRegistry:
+    """Blobs by digest; counts range requests; hooks to park, fail or corrupt fetches."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    calls: list[tuple[str, int, int]] = field(default_factory=list)
+    hook: Callable[[str, int, int], None] | None = None
+    fail: Exception | None = None
+    corrupt: dict[str, bytes] = field(default_factory=dict)  # digest -> served (altered) bytes
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fetch(self, digest: str, offset: int, length: int) -> bytes:
+        with self.lock:
+            self.calls.append((digest, offset, length))
+        if self.hook is not None:
+            self.hook(digest, offset, length)
+        if self.fail is not None:
+            raise self.fail
+        blob = self.corrupt.get(digest, self.blobs[digest])
+        return blob[offset : offset + length]
+
+    def calls_for(self, digest: str) -> list[tuple[str, int, int]]:
+        with self.lock:
+            return [c for c in self.calls if c[0] == digest]
+
+
+@dataclass
+class LazyImage:
+    manifest: dict
+    registry: FakeRegistry
+    expected: bytes  # the whole device as it must read
+    meta: bytes
+    layers: list[tuple[str, bytes, int]]  # (blob digest, image bytes, start block)
+
+
+def _image(rnd: random.Random, blocks: int, tail: int = 0) -> bytes:
+    out = bytearray()
+    for _ in range(blocks):
+        kind = rnd.randrange(3)
+        out += rnd.randbytes(BS) if kind == 0 else bytes(BS) if kind == 1 else (b"block%d" % rnd.randrange(99)) * (BS // 7) + b"x" * (BS % 7)
+    return bytes(out) + rnd.randbytes(tail)
+
+
+def build_lazy_image(seed: int = 0, layer_blocks=(40, 9, 1), gap_blocks: int = 2) -> LazyImage:
+    """[meta (3 blocks, last partial) | gap | layer 1 | gap | layer 2 | ...], layers chunked at CS."""
+    rnd = random.Random(seed)
+    reg = FakeRegistry()
+    meta = _image(rnd, 2, tail=1000)
+    meta_blocks = -(-len(meta) // BS)
+    expected = bytearray(meta) + bytes(meta_blocks * BS - len(meta))
+    layers_desc = []
+    layers = []
+    next_block = meta_blocks + gap_blocks
+    for k, nb in enumerate(layer_blocks):
+        img = _image(rnd, nb, tail=100 if k == 0 else 0)  # layer 0's image ends mid-block
+        out = io.BytesIO()
+        info = write_chunked_zstd(io.BytesIO(img), out, chunk_size=CS)
+        blob = out.getvalue()
+        reg.blobs[info.digest] = blob
+        blocks = -(-len(img) // BS)
+        ann = annotations(info)
+        ann.update(
+            {
+                "org.erofs.role": "device",
+                "org.bdserver.mapped-blkaddr": str(next_block),
+                "org.bdserver.blocks": str(blocks),
+            }
+        )
+        layers_desc.append({"mediaType": info.media_type, "digest": info.digest, "size": info.size, "annotations": ann})
+        expected += bytes(next_block * BS - len(expected))
+        expected += img + bytes(blocks * BS - len(img))
+        layers.append((info.digest, img, next_block))
+        next_block += blocks + gap_blocks
+    expected += bytes(next_block * BS - gap_blocks * BS - len(expected))
+    md = sha(meta)
+    reg.blobs[md] = meta
+    layers_desc.append(
+        {"mediaType": "application/vnd.erofs", "digest": md, "size": len(meta), "annotations": {"org.bdserver.role": "merged-meta"}}
+    )
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": layers_desc}
+    return LazyImage(manifest, reg, bytes(expected), meta, layers)
+
+
+@pytest.fixture
+def lazy() -> LazyImage:
+    return build_lazy_image()

@@ -1,0 +1,330 @@
+"""VirtualDevice: layout, coalescing, single-flight, hits never wait for misses, failures, restarts."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from bdserver.cache import ChunkCache
+from bdserver.errors import FetchError, FormatError, IntegrityError
+from bdserver.vdev import VirtualDevice, open_lazy_image
+from bdserver.vdev.lazyimage import layout_fetcher
+from tests.vdev.conftest import BS, CS, LazyImage, build_lazy_image, sha
+
+WAIT = 60  # generous bound on Event waits; never asserted on
+
+
+@pytest.fixture
+def cache(tmp_path) -> ChunkCache:
+    c = ChunkCache(str(tmp_path / "cache"))
+    yield c
+    c.close()
+
+
+def layer_chunk_offset(lazy: LazyImage, layer: int, chunk: int) -> int:
+    """Device offset of a layer's chunk."""
+    return lazy.layers[layer][2] * BS + chunk * CS
+
+
+def test_whole_device_and_random_reads_match(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    assert dev.size == len(lazy.expected)
+    assert dev.read(0, dev.size) == lazy.expected
+    rnd = random.Random(1)
+    for _ in range(300):
+        o = rnd.randrange(dev.size)
+        n = rnd.randrange(min(dev.size - o, 3 * CS) + 1)
+        assert dev.read(o, n) == lazy.expected[o : o + n]
+    assert dev.read(dev.size, 0) == b""
+    with pytest.raises(ValueError):
+        dev.read(dev.size - 10, 11)
+    with pytest.raises(ValueError):
+        dev.read(-1, 1)
+    dev.close()
+
+
+def test_works_without_a_cache(lazy: LazyImage) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, None)
+    assert dev.read(0, dev.size) == lazy.expected
+
+
+def test_a_run_of_missing_chunks_is_one_request(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    digest = lazy.layers[0][0]
+    before = len(lazy.registry.calls_for(digest))
+    start = layer_chunk_offset(lazy, 0, 0) + 100
+    n_chunks = 3
+    data = dev.read(start, n_chunks * CS - 200)  # spans 3 chunks, none cached
+    assert data == lazy.expected[start : start + n_chunks * CS - 200]
+    assert len(lazy.registry.calls_for(digest)) - before == 1
+    s = dev.stats()
+    assert s["fetches"] == 1 and s["misses"] == n_chunks
+    # cached now: no request at all
+    assert dev.read(start, 100) == lazy.expected[start : start + 100]
+    assert len(lazy.registry.calls_for(digest)) - before == 1
+    assert dev.stats()["hits"] == 1
+    # a read whose middle chunk is cached fetches the two others separately (not adjacent)
+    dev.read(layer_chunk_offset(lazy, 0, 1), 10)  # cached already (chunk 1)
+    before = len(lazy.registry.calls)
+    o = layer_chunk_offset(lazy, 0, 3)
+    dev.read(o, 3 * CS)
+    assert len(lazy.registry.calls) - before == 1  # chunks 3..5 missing and adjacent: 1 request
+
+
+def test_single_flight(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    digest = lazy.layers[0][0]
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(d: str, off: int, n: int) -> None:
+        if d == digest:
+            entered.set()
+            release.wait(WAIT)
+
+    lazy.registry.hook = hook
+    before = len(lazy.registry.calls_for(digest))
+    off = layer_chunk_offset(lazy, 0, 2) + 5
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            results.append(dev.read(off, 1000))
+        except BaseException as e:  # surfaced by the asserts below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(16)]
+    for t in threads:
+        t.start()
+    assert entered.wait(WAIT)
+    src = dev.segments[1].source
+    for _ in range(2000):  # bounded: let the others find the in-flight fetch (not required to pass)
+        if src.stats.snapshot()["joined"] >= 15:
+            break
+        threading.Event().wait(0.005)
+    release.set()
+    for t in threads:
+        t.join(WAIT)
+    assert not errors
+    assert results == [lazy.expected[off : off + 1000]] * 16
+    assert len(lazy.registry.calls_for(digest)) - before == 1
+
+
+def test_slow_miss_does_not_block_a_hit(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    a = layer_chunk_offset(lazy, 0, 0)
+    b = layer_chunk_offset(lazy, 0, 2)
+    c = layer_chunk_offset(lazy, 1, 0)
+    assert dev.read(b, 100) == lazy.expected[b : b + 100]  # chunk B is cached now
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(d: str, off: int, n: int) -> None:
+        entered.set()
+        release.wait(WAIT)
+
+    lazy.registry.hook = hook
+    done = threading.Event()
+    out: list[bytes] = []
+
+    def slow() -> None:
+        out.append(dev.read(a, 100))
+        done.set()
+
+    t = threading.Thread(target=slow)
+    t.start()
+    assert entered.wait(WAIT)  # the miss on A is parked inside the fetch
+    assert dev.read(b, 100) == lazy.expected[b : b + 100]  # same layer, cached: completes
+    assert dev.read(0, 4096) == lazy.expected[:4096]  # metadata: completes
+    assert not done.is_set()  # ...while the miss is still parked
+    lazy.registry.hook = None
+    assert dev.read(c, 100) == lazy.expected[c : c + 100]  # another layer's miss is not held up either
+    release.set()
+    t.join(WAIT)
+    assert out == [lazy.expected[a : a + 100]]
+
+
+def test_failed_fetch_raises_caches_nothing_and_is_retried(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    digest = lazy.layers[0][0]
+    off = layer_chunk_offset(lazy, 0, 1)
+    lazy.registry.fail = ConnectionResetError("registry went away")
+    with pytest.raises(FetchError):
+        dev.read(off, 3 * CS)
+    assert not any(cache.has(digest, i) for i in range(1, 4))
+    assert dev.stats()["fetch_errors"] == 1 and dev.stats()["read_errors"] == 1
+    lazy.registry.fail = None
+    assert dev.read(off, 3 * CS) == lazy.expected[off : off + 3 * CS]
+    assert all(cache.has(digest, i) for i in range(1, 4))
+
+
+def test_waiters_of_a_failed_fetch_fail_too(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    off = layer_chunk_offset(lazy, 0, 0)
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(d: str, o: int, n: int) -> None:
+        entered.set()
+        release.wait(WAIT)
+        raise TimeoutError("slow registry")
+
+    lazy.registry.hook = hook
+    errs: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            dev.read(off, 10)
+        except BaseException as e:
+            errs.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert entered.wait(WAIT)
+    release.set()
+    for t in threads:
+        t.join(WAIT)
+    assert len(errs) == 4 and all(isinstance(e, FetchError) for e in errs)
+    lazy.registry.hook = None
+    assert dev.read(off, 10) == lazy.expected[off : off + 10]
+
+
+def test_corrupt_chunk_is_integrity_error_and_not_cached(lazy: LazyImage, cache: ChunkCache) -> None:
+    digest = lazy.layers[0][0]
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    blob = bytearray(lazy.registry.blobs[digest])
+    o, n = dev.segments[1].source.blob.chunk_span(1)
+    blob[o + n // 2] ^= 0x40
+    lazy.registry.corrupt[digest] = bytes(blob)
+    off = layer_chunk_offset(lazy, 0, 0)
+    with pytest.raises(IntegrityError):
+        dev.read(off, 3 * CS)  # chunks 0..2 in one request; chunk 1 is bad
+    assert not any(cache.has(digest, i) for i in range(3))
+    assert dev.stats()["integrity_errors"] == 1
+    with pytest.raises(IntegrityError):
+        dev.read(layer_chunk_offset(lazy, 0, 1), 10)  # next read tries the registry again
+    assert dev.read(layer_chunk_offset(lazy, 0, 2), 10) == lazy.expected[layer_chunk_offset(lazy, 0, 2) :][:10]
+    del lazy.registry.corrupt[digest]
+    assert dev.read(off, 3 * CS) == lazy.expected[off : off + 3 * CS]
+
+
+def test_metadata_and_index_are_verified_at_open(cache: ChunkCache) -> None:
+    lazy = build_lazy_image(seed=2)
+    meta_digest = lazy.manifest["layers"][-1]["digest"]
+    lazy.registry.corrupt[meta_digest] = b"X" + lazy.meta[1:]
+    with pytest.raises(IntegrityError):
+        open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    assert cache.get_whole(meta_digest) is None
+    del lazy.registry.corrupt[meta_digest]
+    d0 = lazy.layers[0][0]
+    blob = bytearray(lazy.registry.blobs[d0])
+    blob[-5] ^= 1  # inside the chunk index
+    lazy.registry.corrupt[d0] = bytes(blob)
+    with pytest.raises(IntegrityError):
+        open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+
+
+def test_reattach_after_restart_needs_no_request(tmp_path) -> None:
+    lazy = build_lazy_image(seed=3)
+    root = str(tmp_path / "cache")
+    with ChunkCache(root) as c:
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, c)
+        assert dev.read(0, dev.size) == lazy.expected
+        dev.close()
+    lazy.registry.fail = ConnectionRefusedError("offline")
+    with ChunkCache(root) as c:
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, c)
+        assert dev.read(0, dev.size) == lazy.expected
+        assert dev.stats()["fetches"] == 0
+        dev.close()
+
+
+def test_metadata_is_pinned_while_attached(lazy: LazyImage, cache: ChunkCache) -> None:
+    meta_digest = lazy.manifest["layers"][-1]["digest"]
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    dev.read(0, dev.size)
+    cache.evict(0)
+    assert cache.get_whole(meta_digest) == lazy.meta
+    assert not cache.has(lazy.layers[0][0], 0)  # data chunks are fair game
+    assert dev.read(0, dev.size) == lazy.expected
+    dev.close()
+    cache.evict(0)
+    assert cache.get_whole(meta_digest) is None
+
+
+def test_concurrent_random_readers(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    bad: list[tuple[int, int]] = []
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        for _ in range(150):
+            o = rnd.randrange(dev.size)
+            n = rnd.randrange(min(dev.size - o, 2 * CS) + 1)
+            if dev.read(o, n) != lazy.expected[o : o + n]:
+                bad.append((o, n))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not bad
+    s = dev.stats()
+    total_chunks = sum(-(-len(img) // CS) for _, img, _ in lazy.layers)
+    assert s["fetched_bytes"] <= sum(len(lazy.registry.blobs[d]) for d, _, _ in lazy.layers)
+    assert s["misses"] - s["joined"] <= total_chunks  # no chunk fetched twice (cache never evicted)
+    assert set(s["latency"]) == {"p50_ms", "p90_ms", "p99_ms"}
+
+
+def test_plan_rejects_what_is_not_a_lazy_image(lazy: LazyImage, cache: ChunkCache) -> None:
+    import copy
+
+    def mutate(fn) -> dict:
+        m = copy.deepcopy(lazy.manifest)
+        fn(m["layers"])
+        return m
+
+    bad = [
+        mutate(lambda ls: ls[0]["annotations"].pop("org.bdserver.mapped-blkaddr")),
+        mutate(lambda ls: ls[0]["annotations"].update({"org.bdserver.mapped-blkaddr": "1"})),  # overlaps meta
+        mutate(lambda ls: ls[1]["annotations"].update({"org.bdserver.mapped-blkaddr": ls[0]["annotations"]["org.bdserver.mapped-blkaddr"]})),
+        mutate(lambda ls: ls[0]["annotations"].update({"org.erofs.role": "overlay-lower"})),
+        mutate(lambda ls: ls[0]["annotations"].pop("org.erofs.chunk-index.range")),
+        mutate(lambda ls: ls[0]["annotations"].pop("org.erofs.chunk-index.digest")),
+        mutate(lambda ls: ls[0]["annotations"].update({"org.bdserver.blocks": "1"})),  # data does not fit
+        mutate(lambda ls: ls.reverse()),
+        mutate(lambda ls: ls.clear()),
+    ]
+    for m in bad:
+        with pytest.raises(FormatError):
+            open_lazy_image(m, lazy.registry.fetch, cache)
+
+
+def test_from_files(tmp_path) -> None:
+    a = tmp_path / "meta.img"
+    b = tmp_path / "layer.img"
+    a.write_bytes(b"A" * 5000)
+    b.write_bytes(b"B" * 8192)
+    dev = VirtualDevice.from_files([str(a), (str(b), 4)])
+    assert dev.size == 6 * BS
+    want = b"A" * 5000 + bytes(3 * BS - 5000) + bytes(BS) + b"B" * 8192
+    assert dev.read(0, dev.size) == want[: dev.size]
+    assert len(want) == 6 * BS
+    assert dev.read(4000, 5000) == want[4000:9000]
+    dev.close()
+    dev2 = VirtualDevice.from_files([str(a), str(b)])
+    assert dev2.size == 4 * BS and dev2.read(2 * BS, 10) == b"B" * 10
+    dev2.close()
+
+
+def test_layout_fetcher_serves_an_oci_blob_store(tmp_path, lazy: LazyImage, cache: ChunkCache) -> None:
+    root = tmp_path / "blobs"
+    (root / "sha256").mkdir(parents=True)
+    for d, data in lazy.registry.blobs.items():
+        (root / "sha256" / d.split(":")[1]).write_bytes(data)
+    dev = open_lazy_image(lazy.manifest, layout_fetcher(str(root)), cache)
+    assert dev.read(0, dev.size) == lazy.expected
+    with pytest.raises(FetchError):
+        layout_fetcher(str(root))(sha(b"nope"), 0, 1)
