@@ -119,7 +119,7 @@ def cmd_hook(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from bdserver.runtime.adapters import convert
 
-    r = convert(args.source, args.dest)
+    r = convert(_cfg(args), args.source, args.dest)
     _emit(args, r, r.get("summary", ""))
     return 0
 
@@ -139,7 +139,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bdserver.runtime.adapters import inspect_image
 
-    r = inspect_image(args.image)
+    r = inspect_image(_cfg(args), args.image)
     _emit(args, r, r.get("summary", json.dumps(r, indent=1, default=str)))
     return 0
 
