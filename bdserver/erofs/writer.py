@@ -47,17 +47,19 @@ class ImageInfo:
     inodes: int
 
 
+_FILE_TYPES = {
+    stat.S_IFREG: S.FT_REG,
+    stat.S_IFDIR: S.FT_DIR,
+    stat.S_IFCHR: S.FT_CHRDEV,
+    stat.S_IFBLK: S.FT_BLKDEV,
+    stat.S_IFIFO: S.FT_FIFO,
+    stat.S_IFSOCK: S.FT_SOCK,
+    stat.S_IFLNK: S.FT_SYMLINK,
+}
+
+
 def _file_type(mode: int) -> int:
-    fmt = stat.S_IFMT(mode)
-    return {
-        stat.S_IFREG: S.FT_REG,
-        stat.S_IFDIR: S.FT_DIR,
-        stat.S_IFCHR: S.FT_CHRDEV,
-        stat.S_IFBLK: S.FT_BLKDEV,
-        stat.S_IFIFO: S.FT_FIFO,
-        stat.S_IFSOCK: S.FT_SOCK,
-        stat.S_IFLNK: S.FT_SYMLINK,
-    }.get(fmt, S.FT_UNKNOWN)
+    return _FILE_TYPES.get(stat.S_IFMT(mode), S.FT_UNKNOWN)
 
 
 class _Plan:

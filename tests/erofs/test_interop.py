@@ -224,3 +224,90 @@ def test_mkfs_blobdev_device_ids(srcdir: Path, tmp_path: Path) -> None:
     with ErofsImage.open(flat) as e, mounted(flat, tmp_path / "mnt") as mnt:
         assert e.devices[0].mapped_blkaddr == mblocks
         disk_tree_equals_reader(mnt, e)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [("-Enoinline_data",), ("--chunksize=4096",), ("--chunksize=16384", "-Eforce-chunk-indexes")],
+    ids=["noinline", "chunk-blockmap", "chunk-indexes"],
+)
+def test_merged_meta_over_mkfs_layer(srcdir: Path, tmp_path: Path, opts: tuple[str, ...]) -> None:
+    """to_tree() of an EROFS-native layer made by others -> merged metadata -> flat mount."""
+    layer = tmp_path / "L"
+    _mkfs(layer, srcdir, "--preserve-mtime", *opts)
+    lblocks = layer.stat().st_size // 4096
+
+    def build(m: int) -> Inode:
+        with ErofsImage.open(layer) as e:
+            return e.to_tree(block_offset=m)
+
+    devs = [DeviceSlot(b"layer", lblocks, 0)]
+    m_blocks = plan_image(build(0), devices=devs, meta_only=True).blocks
+    devs = [DeviceSlot(b"layer", lblocks, m_blocks)]
+    m_img = tmp_path / "M"
+    _write(build(m_blocks), m_img, devices=devs, meta_only=True)
+    fsck(m_img, "/dev/null")
+    flat = tmp_path / "flat"
+    _concat(flat, m_img, layer)
+    with ErofsImage.open(layer) as e, mounted(flat, tmp_path / "mnt") as mnt:
+        disk_tree_equals_reader(mnt, e)
+
+
+def test_classic_multi_device_mount(tmp_path: Path) -> None:
+    """Kernels without flatdev (5.16-6.3, e.g. Debian 12's 6.1) mount M with -o device=: unified
+    addresses (device_id 0) resolve through the device table's mapped_blkaddr windows."""
+    spool = Spool(tmp_path / "spool")
+    a_tree = Inode.directory()
+    for i, n in enumerate((1, 4096, 4097, 100_000)):
+        a_tree.children[b"f%d" % n] = reg(spool.dense(os.urandom(n)))  # type: ignore[index]
+    a_img = tmp_path / "A"
+    a_blocks = _write(a_tree, a_img)
+
+    def build(m: int) -> Inode:
+        with ErofsImage.open(a_img) as a:
+            return a.to_tree(block_offset=m)
+
+    m_blocks = plan_image(build(0), devices=[DeviceSlot(b"a", a_blocks, 1)]).blocks
+    m_img = tmp_path / "M"
+    _write(build(m_blocks), m_img, devices=[DeviceSlot(b"/nonexistent", a_blocks, m_blocks)])
+    loops: list[str] = []
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted_ok = False
+    try:
+        for img in (m_img, a_img):
+            loops.append(subprocess.run(["losetup", "--find", "--show", "--read-only", str(img)],
+                                        check=True, capture_output=True, text=True).stdout.strip())  # fmt: skip
+        subprocess.run(["mount", "-t", "erofs", "-o", f"ro,device={loops[1]}", loops[0], str(mnt)], check=True)
+        mounted_ok = True
+        for name, node in a_tree.children.items():  # type: ignore[union-attr]
+            assert (mnt / os.fsdecode(name)).read_bytes() == spooled(node)
+    finally:
+        if mounted_ok:
+            subprocess.run(["umount", str(mnt)], check=False)
+        for lo in loops:
+            subprocess.run(["losetup", "-d", lo], check=False)
+    spool.close()
+
+
+def spooled(node: Inode) -> bytes:
+    from tests.erofs.helpers import spooled_bytes
+
+    return spooled_bytes(node.data)  # type: ignore[arg-type]
+
+
+def test_write_at_nonzero_offset(tmp_path: Path) -> None:
+    """The image starts at the stream's position (e.g. after a header the caller wrote)."""
+    spool = Spool(tmp_path / "spool")
+    root = Inode.directory()
+    root.children[b"f"] = reg(spool.dense(b"hello" * 1000))  # type: ignore[index]
+    p = tmp_path / "img"
+    with open(p, "wb") as out:
+        out.write(b"H" * 8192)
+        info = write_image(root, out)
+        assert out.tell() == 8192 + info.size
+    raw = p.read_bytes()
+    assert raw[:8192] == b"H" * 8192 and len(raw) == 8192 + info.size
+    e = ErofsImage(lambda off, n: raw[8192 + off : 8192 + off + n])
+    assert e.read("/f") == b"hello" * 1000
+    spool.close()
