@@ -53,7 +53,6 @@ ANN_UNCOMPRESSED_DIGEST = "org.erofs.uncompressed-digest"
 class ChunkedBlobInfo:
     """What a descriptor for the written blob needs. Digests are `sha256:<hex>`."""
 
-    media_type: str
     digest: str
     size: int
     uncompressed_digest: str
@@ -62,6 +61,7 @@ class ChunkedBlobInfo:
     index_digest: str  # over the payload (header + entries), not the frame header
     chunk_count: int
     chunk_size: int
+    media_type: str = "application/vnd.erofs+zstd"
 
 
 def skippable_frame(payload: bytes, magic: int = SKIPPABLE_MAGIC) -> bytes:

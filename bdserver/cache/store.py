@@ -85,6 +85,7 @@ class ChunkCache:
         self.root = os.path.abspath(root)
         self.cap = cap_bytes
         self.clock = clock or (lambda: time.time_ns() // 1000)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)  # cached bytes are trusted: keep others out
         for sub in ("chunks", "whole", "pins"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         self._lockfd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)

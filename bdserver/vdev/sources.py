@@ -89,7 +89,10 @@ class LazyBlobSource:
         self._inflight: dict[int, Future[bytes]] = {}
         self.stats = Counter()
         if cache is not None:
-            cache.register(digest, self._offsets)
+            try:
+                cache.register(digest, self._offsets)
+            except (BdError, OSError) as e:  # e.g. a full disk: serve uncached, retry on put
+                log.warning("%s: cannot register in the cache: %s", self.name, e)
 
     def close(self) -> None:
         pass
@@ -108,7 +111,7 @@ class LazyBlobSource:
         for i in range(first, last + 1):
             cstart, cend = self._offsets[i], self._offsets[i + 1]
             a, b = max(offset, cstart) - cstart, min(end, cend) - cstart
-            data = self.cache.read(self.digest, i, a, b - a) if self.cache is not None else None
+            data = self._cached(i, a, b - a)
             if data is None:
                 missing.append((i, a, b))
             else:
@@ -121,6 +124,16 @@ class LazyBlobSource:
             for i, a, b in missing:
                 pieces[i] = full[i][a:b]
         return b"".join(pieces[i] for i in range(first, last + 1))
+
+    def _cached(self, i: int, start: int, length: int | None = None) -> bytes | None:
+        """A cache read; a failing cache disk degrades to a miss, it never fails the read."""
+        if self.cache is None:
+            return None
+        try:
+            return self.cache.read(self.digest, i, start, length)
+        except OSError as e:
+            log.warning("%s: cache read of chunk %d failed: %s", self.name, i, e)
+            return None
 
     def _chunks(self, wanted: list[int]) -> dict[int, bytes]:
         """Whole verified chunks for `wanted`: claim, fetch (coalesced) what we own, join the rest."""
@@ -153,7 +166,7 @@ class LazyBlobSource:
                     raise FetchError(f"{self.name}: chunk {i}: gave up waiting for its fetch") from e
             pending = []
             for i in recheck:
-                data = self.cache.read(self.digest, i) if self.cache is not None else None
+                data = self._cached(i, 0)
                 if data is None:
                     pending.append(i)
                 else:
