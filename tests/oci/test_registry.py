@@ -1,0 +1,317 @@
+"""The registry client against Debian's real docker-registry (distribution 2.8) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import threading
+
+import pytest
+
+from bdserver.errors import AuthError, FetchError, IntegrityError, NotFoundError
+from bdserver.oci import mediatypes as mt
+from bdserver.oci.digest import sha256_digest
+from bdserver.oci.model import parse_manifest
+from bdserver.oci.registry import RegistryClient, RetryPolicy
+from bdserver.oci.store import ImageStore, open_store
+from tests.fixtures.proxy import FaultProxy
+
+from .helpers import FAST_RETRY, client, push_image, rand_bytes, unique
+
+
+def test_push_pull_roundtrip(registry_session):
+    c = client(registry_session.host)
+    repo = c.repository(unique("rt/"))
+    assert isinstance(repo, ImageStore)
+    blob = rand_bytes(300_000, 1)
+    d = sha256_digest(blob)
+    assert repo.put_blob(io.BytesIO(blob), d, len(blob)) is True
+    assert repo.put_blob(io.BytesIO(blob), d, len(blob)) is False  # HEAD says it exists
+    assert repo.has_blob(d) and not repo.has_blob(sha256_digest(b"nope"))
+    desc = push_image(repo, "v1", [blob])
+    assert repo.resolve("v1") == desc
+    data, gdesc = repo.get_manifest("v1")
+    assert sha256_digest(data) == desc.digest and gdesc.media_type == mt.OCI_MANIFEST
+    assert repo.get_manifest(desc.digest)[0] == data
+    assert repo.read_blob(d) == blob
+    with repo.open_blob(d, len(blob)) as f:
+        assert f.read(10) == blob[:10] and f.read() == blob[10:]
+    assert repo.list_tags() == ["v1"]
+    with pytest.raises(NotFoundError):
+        repo.resolve("missing")
+    with pytest.raises(NotFoundError):
+        repo.read_blob(sha256_digest(b"nope"))
+    # the same store through a reference string
+    s = open_store(f"{registry_session.host}/{repo.name}:v1", retry=FAST_RETRY, hosts_dirs=[])
+    assert s.resolve("v1").digest == desc.digest
+
+
+def test_put_blob_refuses_wrong_content(registry_session):
+    repo = client(registry_session.host).repository(unique("bad/"))
+    with pytest.raises(IntegrityError):
+        repo.put_blob(io.BytesIO(b"abc"), sha256_digest(b"abd"), 3)
+    assert not repo.has_blob(sha256_digest(b"abd"))
+
+
+def test_read_range_206_and_clamping(registry_session, ):
+    c = client(registry_session.host)
+    repo = c.repository(unique("rr/"))
+    blob = rand_bytes(1 << 20, 2)
+    d = repo.put_blob_bytes(blob)
+    assert repo.read_range(d, 0, 1) == blob[:1]
+    assert repo.read_range(d, 12345, 65536) == blob[12345 : 12345 + 65536]
+    assert repo.read_range(d, len(blob) - 100, 4096) == blob[-100:]  # clamped, no 416
+    assert repo.read_range(d, len(blob), 10) == b""
+    assert repo.read_range(d, len(blob) + 5, 10) == b""
+    assert repo.read_range(d, 5, 0) == b""
+    with pytest.raises(ValueError):
+        repo.read_range(d, -1, 10)
+
+
+def test_read_range_many_threads_one_client(registry_session):
+    c = client(registry_session.host, max_connections=16)
+    repo = c.repository(unique("mt/"))
+    blob = rand_bytes(2 << 20, 3)
+    d = repo.put_blob_bytes(blob)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(20):
+                off = ((k * 7919 + i * 104729) * 4096) % len(blob)
+                assert repo.read_range(d, off, 65536) == blob[off : off + 65536]
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=120)
+    assert not errors, errors[:3]
+
+
+def test_chunked_upload_and_mount(registry, fault_proxy):
+    p = fault_proxy
+    c = client(p.host, chunk_size=64 * 1024)
+    src = c.repository("src/a")
+    blob = rand_bytes(300_000, 4)
+    d = sha256_digest(blob)
+    assert src.put_blob(io.BytesIO(blob), d, len(blob))
+    assert p.stats.requests(r"/blobs/uploads/", "PATCH") == 5  # 4 x 64 KiB + rest
+    assert src.read_blob(d) == blob
+    p.stats.reset()
+    dst = c.repository("dst/b")
+    assert dst.put_blob(io.BytesIO(blob), d, len(blob), mount_from="src/a") is False
+    assert p.stats.requests(method="PATCH") == 0 and p.stats.requests(method="PUT") == 0
+    assert p.stats.statuses(r"/blobs/uploads/", "POST") == [201]
+    assert dst.read_blob(d) == blob
+    # mount from a repo that lacks it: falls back to an upload
+    other = rand_bytes(1000, 5)
+    od = sha256_digest(other)
+    assert dst.mount_blob(od, "src/a") is False
+    assert dst.put_blob(io.BytesIO(other), od, len(other), mount_from="src/a") is True
+    assert dst.read_blob(od) == other
+
+
+@pytest.mark.parametrize("kind", ["status", "reset", "reset_mid", "truncate", "short", "delay"])
+def test_read_range_survives_faults(registry, fault_proxy, kind):
+    p = fault_proxy
+    repo = client(p.host).repository("f/r")
+    blob = rand_bytes(500_000, 6)
+    d = repo.put_blob_bytes(blob)
+    repo.blob_size(d)
+    p.stats.reset()
+    kw = {"seconds": 0.2} if kind == "delay" else {}
+    p.inject(kind, count=2, match=r"/blobs/sha256", method="GET", **kw)
+    assert repo.read_range(d, 1000, 200_000) == blob[1000:201_000]
+    if kind == "delay":  # a slow answer is not a failure: one request, one fault left
+        assert p.faults_left() == 1 and p.stats.requests(r"/blobs/sha256", "GET") == 1
+    else:
+        assert p.faults_left() == 0 and p.stats.requests(r"/blobs/sha256", "GET") == 3
+        assert repo.client.stats["retries"] >= 2
+
+
+def test_429_retry_after_is_honoured(registry, fault_proxy):
+    p = fault_proxy
+    repo = client(p.host).repository("f/429")
+    blob = rand_bytes(10_000, 7)
+    d = repo.put_blob_bytes(blob)
+    p.inject("status", status=429, retry_after=1, count=1, match=r"/blobs/sha256")
+    assert repo.read_range(d, 0, 100) == blob[:100]
+    assert 429 in p.stats.statuses(r"/blobs/sha256")
+
+
+def test_retries_exhausted_is_fetch_error(registry, fault_proxy):
+    p = fault_proxy
+    repo = client(p.host).repository("f/x")
+    d = repo.put_blob_bytes(rand_bytes(10_000, 8))
+    repo.blob_size(d)
+    p.inject("status", status=503, count=100, match=r"/blobs/sha256")
+    with pytest.raises(FetchError):
+        repo.read_range(d, 0, 100)
+    assert p.faults_left() == 100 - FAST_RETRY.attempts
+    p.clear_faults()
+    p.inject("reset", count=100, match=r"/blobs/sha256")
+    with pytest.raises(FetchError):
+        repo.read_range(d, 0, 100)
+
+
+def test_open_blob_resumes_and_verifies(registry, fault_proxy):
+    p = fault_proxy
+    repo = client(p.host).repository("f/stream")
+    blob = rand_bytes(3 << 20, 9)
+    d = repo.put_blob_bytes(blob)
+    for kind in ("truncate", "reset_mid", "short", "status"):
+        p.stats.reset()
+        p.inject(kind, count=1, match=r"/blobs/sha256", method="GET")
+        assert repo.read_blob(d, len(blob)) == blob, kind
+        assert p.stats.requests(r"/blobs/sha256", "GET") == 2, kind
+    p.inject("corrupt", count=1, match=r"/blobs/sha256", method="GET")
+    with pytest.raises(IntegrityError):
+        repo.read_blob(d, len(blob))
+
+
+def test_manifest_corruption_retried_then_integrity_error(registry, fault_proxy):
+    p = fault_proxy
+    repo = client(p.host).repository("f/man")
+    desc = push_image(repo, "v1", [b"x"])
+    p.inject("corrupt", count=1, match=r"/manifests/", method="GET")
+    assert sha256_digest(repo.get_manifest(desc.digest)[0]) == desc.digest
+    p.inject("corrupt", count=100, match=r"/manifests/", method="GET")
+    with pytest.raises(IntegrityError):
+        repo.get_manifest(desc.digest)
+
+
+def test_upload_survives_faults(registry, fault_proxy):
+    p = fault_proxy
+    c = client(p.host, chunk_size=64 * 1024)
+    repo = c.repository("f/up")
+    blob = rand_bytes(200_000, 10)
+    d = sha256_digest(blob)
+    p.inject("status", status=503, count=1, method="PATCH")
+    p.inject("reset", count=1, method="POST")
+    assert repo.put_blob(io.BytesIO(blob), d, len(blob))
+    assert repo.read_blob(d) == blob
+    small = rand_bytes(1000, 11)
+    p.inject("status", status=500, count=2, method="PUT")
+    assert repo.put_blob_bytes(small) == sha256_digest(small)
+    desc = push_image(repo, None, [small])
+    p.inject("status", status=502, count=2, method="PUT", match="/manifests/")
+    assert repo.put_manifest(repo.get_manifest(desc.digest)[0], mt.OCI_MANIFEST, tag="t").digest == desc.digest
+
+
+def _docker_config(tmp_path, host: str, user: str, pw: str, **extra) -> str:
+    import base64
+
+    cfg = {"auths": {host: {"auth": base64.b64encode(f"{user}:{pw}".encode()).decode()}}, **extra}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    return str(p)
+
+
+def test_basic_auth_with_real_registry_htpasswd(tmp_path):
+    from tests.fixtures.registry import start_registry
+
+    with start_registry(tmp_path / "reg", htpasswd={"alice": "s3cret"}) as reg:
+        cfg = _docker_config(tmp_path, f"http://{reg.host}/v1/", "alice", "s3cret")
+        repo = client(reg.host, docker_config=cfg).repository("auth/basic")
+        blob = rand_bytes(5000, 12)
+        d = repo.put_blob_bytes(blob)
+        desc = push_image(repo, "v1", [blob])
+        assert repo.read_range(d, 10, 10) == blob[10:20]
+        assert repo.resolve("v1").digest == desc.digest
+        bad = _docker_config(tmp_path, reg.host, "alice", "wrong")
+        with pytest.raises(AuthError):
+            client(reg.host, docker_config=bad).repository("auth/basic").resolve("v1")
+        with pytest.raises(AuthError):
+            client(reg.host).repository("auth/basic").resolve("v1")
+
+
+def test_credential_helper(tmp_path, monkeypatch):
+    from tests.fixtures.registry import start_registry
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-bdtest"
+    helper.write_text('#!/bin/sh\nread server\necho "$server" > "$(dirname "$0")/asked"\n'
+                      'echo \'{"ServerURL":"x","Username":"bob","Secret":"hunter2"}\'\n')
+    helper.chmod(helper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    with start_registry(tmp_path / "reg", htpasswd={"bob": "hunter2"}) as reg:
+        cfg = tmp_path / "config.json"
+        cfg.write_text(json.dumps({"credHelpers": {reg.host: "bdtest"}}))
+        repo = client(reg.host, docker_config=str(cfg)).repository("auth/helper")
+        push_image(repo, "v1", [b"abc"])
+        assert (bindir / "asked").read_text().strip() == reg.host
+        cfg.write_text(json.dumps({"credsStore": "bdtest"}))
+        assert client(reg.host, docker_config=str(cfg)).repository("auth/helper").list_tags() == ["v1"]
+
+
+def test_bearer_token_flow_and_redirects_without_auth(registry, fault_proxy, tmp_path, caplog):
+    p = fault_proxy
+    p.require_auth("bearer", {"carol": "pw-carol"})
+    cfg = _docker_config(tmp_path, p.host, "carol", "pw-carol")
+    c = client(p.host, docker_config=cfg)
+    repo = c.repository("tok/en")
+    blob = rand_bytes(100_000, 13)
+    caplog.set_level("DEBUG")
+    d = repo.put_blob_bytes(blob)
+    desc = push_image(repo, "v1", [blob])
+    assert repo.read_range(d, 0, 10) == blob[:10]
+    assert repo.resolve("v1").digest == desc.digest
+    assert 1 <= p.token_requests <= 3  # tokens are cached per scope
+    assert "pw-carol" not in caplog.text and "Basic " not in caplog.text
+    # blob storage redirects: followed, without the registry's Authorization; cached
+    p.redirect_blobs = True
+    p.stats.reset()
+    for off in (0, 1000, 50_000):
+        assert repo.read_range(d, off, 500) == blob[off : off + 500]
+    assert p.storage_requests_with_auth == 0
+    assert p.stats.requests(r"^/v2/.*/blobs/sha256", "GET") == 1
+    assert p.stats.requests(r"^/_storage/", "GET") == 3
+    assert repo.read_blob(d) == blob
+    assert p.storage_requests_with_auth == 0
+    # wrong password -> AuthError, anonymous -> AuthError
+    bad = _docker_config(tmp_path, p.host, "carol", "nope")
+    with pytest.raises(AuthError):
+        client(p.host, docker_config=bad).repository("tok/en").resolve("v1")
+    with pytest.raises(AuthError):
+        client(p.host).repository("tok/en").resolve("v1")
+
+
+def test_anonymous_bearer_token(registry, fault_proxy):
+    fault_proxy.require_auth("bearer", {})
+    repo = client(fault_proxy.host).repository("anon/x")
+    desc = push_image(repo, "v1", [b"hello"])
+    assert repo.resolve("v1").digest == desc.digest
+
+
+def test_hosts_toml_mirror_then_fallback(registry, tmp_path):
+    upstream = registry.host
+    with FaultProxy(registry.url) as mirror:
+        hd = tmp_path / "certs.d" / upstream
+        hd.mkdir(parents=True)
+        (hd / "hosts.toml").write_text(
+            f'server = "http://{upstream}"\n'
+            f'[host."http://{mirror.host}"]\n  capabilities = ["pull", "resolve"]\n'
+            f'  [host."http://{mirror.host}".header]\n    X-Test-Mirror = "yes"\n'
+        )
+        c = client(upstream, hosts_dirs=[str(tmp_path / "certs.d")])
+        assert [e.netloc for e in c.endpoints] == [mirror.host, upstream]
+        repo = c.repository("mir/ror")
+        blob = rand_bytes(50_000, 14)
+        d = repo.put_blob_bytes(blob)  # push goes to the server only
+        assert mirror.stats.requests(method="PUT") == 0 and mirror.stats.requests(method="POST") == 0
+        assert repo.read_range(d, 0, 1000) == blob[:1000]
+        assert mirror.stats.bytes(r"/blobs/sha256", "GET") == 1000
+        mirror.inject("status", status=503, count=100)
+        assert repo.read_range(d, 1000, 1000) == blob[1000:2000]  # mirror down: upstream answers
+
+
+def test_no_redirect_auth_leak_in_repr():
+    from bdserver.oci.auth import Credentials
+
+    assert "hunter2" not in repr(Credentials("u", "hunter2", "tok"))
