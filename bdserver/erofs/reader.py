@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Iterator
@@ -34,6 +35,8 @@ KNOWN_INCOMPAT = (
 )
 
 _MAX_DEPTH = 4096
+_MAX_DIR_BYTES = 256 << 20  # ~10 million entries; bounds memory on hostile sizes
+_MAX_CHUNKS = 1 << 25  # 256 MiB of chunk indexes
 
 
 @dataclass
@@ -121,14 +124,19 @@ class ErofsImage:
     def open(cls, path: str | os.PathLike[str], *, verify_checksum: bool = True) -> "ErofsImage":
         """Open an image file (the fd stays open for the object's life)."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        img = cls(lambda off, n: os.pread(fd, n, off), verify_checksum=verify_checksum)
+        try:
+            img = cls(lambda off, n: os.pread(fd, n, off), verify_checksum=verify_checksum)
+        except BaseException:
+            os.close(fd)
+            raise
         img._fd = fd  # type: ignore[attr-defined]
+        img._finalizer = weakref.finalize(img, os.close, fd)  # type: ignore[attr-defined]
         return img
 
     def close(self) -> None:
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            os.close(fd)
+        fin = getattr(self, "_finalizer", None)
+        if fin is not None:
+            fin()  # closes the fd once
             self._fd = None  # type: ignore[attr-defined]
 
     def __enter__(self) -> "ErofsImage":
@@ -245,8 +253,8 @@ class ErofsImage:
             raise FormatError(f"inode {info.nid}: unsupported chunk format {cfmt:#x}")
         bits = self.blkszbits + (cfmt & S.CHUNK_FORMAT_BLKBITS_MASK)
         n = (info.size + (1 << bits) - 1) >> bits
-        if n > (1 << 32):
-            raise FormatError(f"inode {info.nid}: absurd chunk count")
+        if n > _MAX_CHUNKS:
+            raise FormatError(f"inode {info.nid}: {n} chunks is more than this reader accepts")
         out: list[tuple[int, int | None]] = []
         if cfmt & S.CHUNK_FORMAT_INDEXES:
             start = (info.data_off + 7) & ~7
@@ -352,7 +360,7 @@ class ErofsImage:
         if not info.is_dir:
             raise FormatError(f"inode {nid} is not a directory")
         bs = self.block_size
-        if info.size > (1 << 32):
+        if info.size > _MAX_DIR_BYTES:
             raise FormatError(f"directory {nid} too large ({info.size} bytes)")
         data = self.read_inode(info)
         out: list[tuple[bytes, int, int]] = []
@@ -399,6 +407,8 @@ class ErofsImage:
         for comp in path.split(b"/"):
             if not comp or comp == b".":
                 continue
+            if not cur.is_dir:
+                raise NotADirectoryError(os.fsdecode(path))
             ents = self._dir_cache(cur.nid)
             nid = _bsearch(ents, comp)
             if nid is None:

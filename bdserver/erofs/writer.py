@@ -67,7 +67,7 @@ class _Plan:
 
     __slots__ = (
         "inode", "nid", "pos", "ino", "nlink", "parent", "extended", "layout", "isize",
-        "xattr_items", "xattr_shared", "xattr_isize", "size", "dir_blocks", "tail", "tail_len",
+        "xattr_items", "xattr_shared", "xattr_isize", "size", "dir_blocks", "tail_len",
         "nblocks", "blkaddr", "chunk_bits", "chunks", "meta_len", "entries",
     )  # fmt: skip
 
@@ -81,12 +81,11 @@ class _Plan:
         self.extended = False
         self.layout = S.LAYOUT_FLAT_PLAIN
         self.isize = 32
-        self.xattr_items: list[tuple[int, bytes, bytes]] = []  # (index, suffix, value) inline
-        self.xattr_shared: list[bytes] = []  # keys into the shared table
+        self.xattr_items: list[bytes] = []  # encoded inline entries (header+name+value+pad)
+        self.xattr_shared: list[bytes] = []  # encoded entries that live in the shared area
         self.xattr_isize = 0
         self.size = 0
         self.dir_blocks: list[list[tuple[bytes, "_Plan"]]] | None = None
-        self.tail: bytes | None = None  # symlink inline bytes
         self.tail_len = 0  # bytes stored inline after inode+xattrs
         self.nblocks = 0  # data blocks in the data area (FLAT_* layouts)
         self.blkaddr = 0
@@ -97,6 +96,8 @@ class _Plan:
 
 
 def _check_name(name: bytes) -> None:
+    if not isinstance(name, bytes):
+        raise FormatError(f"file names must be bytes, got {type(name).__name__}")
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name or len(name) > S.NAME_MAX:
         raise FormatError(f"invalid file name for EROFS: {name[:80]!r}")
 
@@ -124,7 +125,7 @@ def _collect(root: Inode) -> list[_Plan]:
             child = children[name]
             cp = plans.get(id(child))
             if child.is_dir:
-                if cp is not None or child.children is None:
+                if cp is not None:
                     raise FormatError(f"directory {name!r} appears twice in the tree (hardlinked directory)")
                 cp = _Plan(child, len(order) + 1)
                 cp.parent = dp
@@ -327,7 +328,7 @@ def _layout(
                 entry = S.xattr_entry_bytes(idx, suffix, bytes(ino.xattrs[name]))
                 items.append(entry)
                 xcount[entry] = xcount.get(entry, 0) + 1
-            p.xattr_items = items  # type: ignore[assignment]
+            p.xattr_items = items
     shared_keys = sorted(k for k, c in xcount.items() if c >= 2 and len(k) > 4)
     shared_ids: dict[bytes, int] = {}
     off = 0
@@ -343,10 +344,10 @@ def _layout(
         mode = ino.mode
         fmt = stat.S_IFMT(mode)
         if p.xattr_items:
-            inline = [e for e in p.xattr_items if e not in shared_ids]  # type: ignore[comparison-overlap]
-            p.xattr_shared = [e for e in p.xattr_items if e in shared_ids]  # type: ignore[misc]
-            p.xattr_items = inline  # type: ignore[assignment]
-            body = 12 + 4 * len(p.xattr_shared) + sum(len(e) for e in inline)  # type: ignore[arg-type]
+            inline = [e for e in p.xattr_items if e not in shared_ids]
+            p.xattr_shared = [e for e in p.xattr_items if e in shared_ids]
+            p.xattr_items = inline
+            body = 12 + 4 * len(p.xattr_shared) + sum(len(e) for e in inline)
             if body > 12 + 4 * 0xFFFE:
                 raise FormatError("too many xattrs on one inode for EROFS")
             p.xattr_isize = body
@@ -354,8 +355,8 @@ def _layout(
             _dir_layout(p)
         elif fmt == stat.S_IFLNK:
             p.size = len(ino.symlink)
-            if not ino.symlink:
-                raise FormatError("empty symlink target")
+            if not ino.symlink or len(ino.symlink) >= 4096 or b"\0" in ino.symlink:
+                raise FormatError(f"symlink target must be 1..4095 bytes without NUL: {ino.symlink[:80]!r}")
         elif fmt == stat.S_IFREG:
             d = ino.data
             if d is None or d.size == 0:
@@ -601,8 +602,8 @@ def _emit_inode(p: _Plan, meta: bytearray, shared_ids: dict[bytes, int]) -> None
             struct.pack_into("<I", meta, o, shared_ids[e])
             o += 4
         for e in p.xattr_items:
-            meta[o : o + len(e)] = e  # type: ignore[arg-type]
-            o += len(e)  # type: ignore[arg-type]
+            meta[o : o + len(e)] = e
+            o += len(e)
     if p.layout == S.LAYOUT_FLAT_INLINE:
         if fmt == stat.S_IFDIR:
             tail = _dir_bytes(p, p.nblocks, 1)

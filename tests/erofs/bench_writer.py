@@ -11,62 +11,14 @@ regular-file bytes and the ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from bdserver.erofs.tree import Inode, SpooledData
 from bdserver.erofs.writer import write_image
-
-
-def tree_from_dir(top: Path, spool_path: Path) -> tuple[Inode, int]:
-    """Build a tree of `top`, copying file bytes into one spool file. Returns (tree, bytes)."""
-    spool = open(spool_path, "w+b")
-    by_ino: dict[tuple[int, int], Inode] = {}
-    total = 0
-
-    def node_for(path: str, st: os.stat_result) -> Inode:
-        nonlocal total
-        key = (st.st_dev, st.st_ino)
-        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in by_ino:
-            return by_ino[key]
-        xattrs = {}
-        for k in os.listxattr(path, follow_symlinks=False):
-            if k.startswith(("user.", "trusted.", "security.", "system.posix_acl")):
-                xattrs[k] = os.getxattr(path, k, follow_symlinks=False)
-        n = Inode(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, mtime=st.st_mtime_ns // 10**9,
-                  mtime_nsec=st.st_mtime_ns % 10**9, xattrs=xattrs, rdev=st.st_rdev)  # fmt: skip
-        if stat.S_ISDIR(st.st_mode):
-            n.children = {}
-        elif stat.S_ISLNK(st.st_mode):
-            n.symlink = os.fsencode(os.readlink(path))
-        elif stat.S_ISREG(st.st_mode) and st.st_size:
-            off = spool.seek(0, os.SEEK_END)
-            with open(path, "rb") as f:
-                shutil.copyfileobj(f, spool, 1 << 20)
-            size = spool.tell() - off
-            n.data = SpooledData.dense(spool, off, size)
-            total += size
-        by_ino[key] = n
-        return n
-
-    root = node_for(str(top), os.lstat(top))
-    stack = [(str(top), root)]
-    while stack:
-        d, node = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                child = node_for(e.path, st)
-                node.children[os.fsencode(e.name)] = child  # type: ignore[index]
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append((e.path, child))
-    spool.flush()
-    return root, total
+from tests.erofs.helpers import tree_from_dir
 
 
 def main() -> None:
