@@ -222,7 +222,10 @@ def open_lazy_image(
             pins.append(cache.pin(meta.digest))
         with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(plans) or 1))) as ex:
             indexes = list(ex.map(lambda p: load_layer_index(p, fetch_range, cache), plans))
-        segs = [Segment(0, blocks_for(len(meta_bytes)), BytesSource(meta_bytes, "merged-meta"), "merged-meta")]
+        meta_blocks = _uint(meta.annotations, ANN_BD_BLOCKS, "merged metadata")
+        if meta_blocks is None:
+            meta_blocks = blocks_for(len(meta_bytes))
+        segs = [Segment(0, meta_blocks, BytesSource(meta_bytes, "merged-meta"), "merged-meta")]
         info_layers = []
         for p, (index, idigest) in zip(plans, indexes):
             if cache is not None:
