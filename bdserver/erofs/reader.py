@@ -275,8 +275,9 @@ class ErofsImage:
             raise FormatError(f"inode {nid}: chunk on device {dev}, image has {len(self.devices)}")
         return self.devices[dev - 1].mapped_blkaddr + blk
 
-    def _map(self, info: EntryInfo) -> tuple[list[tuple[int, int, int | None]], int]:
-        """([(file_offset, length, unified_blkaddr|None)], inline_tail_length)."""
+    def layout_map(self, info: EntryInfo) -> tuple[list[tuple[int, int, int | None]], int]:
+        """([(file_offset, length, unified_blkaddr|None)], inline_tail_length): the extents
+        before the inline tail, and how many bytes at the end of the file are inline."""
         bs = self.block_size
         size = info.size
         if info.layout in (S.LAYOUT_COMPRESSED_FULL, S.LAYOUT_COMPRESSED_COMPACT):
@@ -315,7 +316,7 @@ class ErofsImage:
     def extents(self, info: EntryInfo) -> list[tuple[int, int, int | None]]:
         """Where the file's bytes are: (file_offset, length, unified block address | None=hole).
         FormatError when part of the file is inline in the metadata (not block-addressable)."""
-        ext, tail = self._map(info)
+        ext, tail = self.layout_map(info)
         if tail:
             raise FormatError(f"inode {info.nid}: the last {tail} bytes are inline (build with -E^inline_data)")
         return ext
@@ -329,7 +330,7 @@ class ErofsImage:
         end = min(size, offset + max(0, length))
         if end <= offset:
             return b""
-        ext, tail = self._map(info)
+        ext, tail = self.layout_map(info)
         parts: list[bytes] = []
         bs = self.block_size
         for fo, ln, addr in ext:
@@ -486,7 +487,7 @@ class ErofsImage:
         return root
 
     def _blockmap(self, info: EntryInfo, block_offset: int) -> BlockMap:
-        ext, tail = self._map(info)
+        ext, tail = self.layout_map(info)
         if tail:
             raise FormatError(f"inode {info.nid}: data tail is inline; cannot point at it")
         if info.layout == S.LAYOUT_FLAT_PLAIN:
