@@ -328,3 +328,36 @@ def test_layout_fetcher_serves_an_oci_blob_store(tmp_path, lazy: LazyImage, cach
     assert dev.read(0, dev.size) == lazy.expected
     with pytest.raises(FetchError):
         layout_fetcher(str(root))(sha(b"nope"), 0, 1)
+
+
+def test_standalone_chunk_index_layer(cache: ChunkCache) -> None:
+    """spec §3.4.3: the index as its own layer right after the layer it indexes."""
+    import copy
+
+    lazy = build_lazy_image(seed=5)
+    m = copy.deepcopy(lazy.manifest)
+    d0 = m["layers"][0]
+    blob = lazy.registry.blobs[d0["digest"]]
+    start = int(d0["annotations"]["org.erofs.chunk-index.range"].split(":")[0])
+    data, payload = blob[:start], blob[start + 8 :]
+    dd, pd = sha(data), sha(payload)
+    lazy.registry.blobs[dd] = data
+    lazy.registry.blobs[pd] = payload
+    ann = {k: v for k, v in d0["annotations"].items() if not k.startswith("org.erofs.chunk-index")}
+    m["layers"][0] = dict(d0, digest=dd, size=len(data), annotations=ann)
+    m["layers"].insert(
+        1,
+        {"mediaType": "application/vnd.erofs.chunk-index.v1", "digest": pd, "size": len(payload),
+         "annotations": {"org.erofs.chunk-index.target": dd}},
+    )
+    dev = open_lazy_image(m, lazy.registry.fetch, cache)
+    assert dev.read(0, dev.size) == lazy.expected
+    dev.close()
+    bad = copy.deepcopy(m)
+    bad["layers"][1]["annotations"]["org.erofs.chunk-index.target"] = sha(b"other")
+    with pytest.raises(FormatError):
+        open_lazy_image(bad, lazy.registry.fetch, cache)
+    lazy.registry.corrupt[pd] = payload[:-1] + bytes([payload[-1] ^ 1])
+    cache.drop(pd)
+    with pytest.raises(IntegrityError):
+        open_lazy_image(m, lazy.registry.fetch, cache)
