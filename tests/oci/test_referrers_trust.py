@@ -1,0 +1,166 @@
+"""Referrers (tag schema and API), trust policy and lazy-image discovery on a real registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from bdserver.errors import NoLazyImageError
+from bdserver.oci import mediatypes as mt
+from bdserver.oci.digest import sha256_digest
+from bdserver.oci.layout import OCILayout
+from bdserver.oci.model import Index, Platform, parse_manifest
+from bdserver.oci.referrers import add_referrer, list_referrers, referrers_tag, remove_referrer
+from bdserver.oci.trust import TrustPolicy, discover_lazy_image
+from tests.fixtures.registry import have_skopeo
+
+from .helpers import client, lazy_manifest, push_image, push_index, rand_bytes, unique
+
+
+def test_tag_schema_written_and_found(registry_session):
+    repo = client(registry_session.host).repository(unique("ref/"))
+    src = push_image(repo, "v1", [rand_bytes(1000, 1)])
+    old = add_referrer(repo, lazy_manifest(repo, src, "2026-01-01T00:00:00Z", seed=1), mt.OCI_MANIFEST)
+    new = add_referrer(repo, lazy_manifest(repo, src, "2026-03-01T00:00:00Z", seed=2), mt.OCI_MANIFEST)
+    other = add_referrer(repo, lazy_manifest(repo, src, "2026-02-01T00:00:00Z", seed=3,
+                                             artifact_type="application/vnd.example.sbom"), mt.OCI_MANIFEST)
+    # the fallback tag holds an index with all three, annotations and artifactType copied
+    data, desc = repo.get_manifest(referrers_tag(src.digest))
+    idx = parse_manifest(data)
+    assert isinstance(idx, Index) and {d.digest for d in idx.manifests} == {old.digest, new.digest, other.digest}
+    assert all(d.artifact_type for d in idx.manifests)
+    assert referrers_tag(src.digest) in repo.list_tags()
+    found = list_referrers(repo, src.digest, mt.LAZY_ARTIFACT_TYPE)
+    assert [d.digest for d in found] == [new.digest, old.digest]  # newest first
+    assert found[0].annotations[mt.ANN_CREATED] == "2026-03-01T00:00:00Z"
+    assert len(list_referrers(repo, src.digest)) == 3
+    # adding again keeps one entry; removing keeps the others
+    add_referrer(repo, lazy_manifest(repo, src, "2026-03-01T00:00:00Z", seed=2), mt.OCI_MANIFEST)
+    assert len(list_referrers(repo, src.digest)) == 3
+    remove_referrer(repo, src.digest, old.digest)
+    assert [d.digest for d in list_referrers(repo, src.digest, mt.LAZY_ARTIFACT_TYPE)] == [new.digest]
+    assert list_referrers(repo, sha256_digest(b"no subject")) == []
+
+
+def test_referrers_api_path_through_proxy(registry, fault_proxy):
+    p = fault_proxy
+    p.referrers_api = True
+    repo = client(p.host).repository("api/x")
+    src = push_image(repo, "v1", [b"layer"])
+    lz = add_referrer(repo, lazy_manifest(repo, src), mt.OCI_MANIFEST)
+    add_referrer(repo, lazy_manifest(repo, src, seed=9, artifact_type="application/vnd.example.sig"), mt.OCI_MANIFEST)
+    p.stats.reset()
+    found = list_referrers(repo, src.digest, mt.LAZY_ARTIFACT_TYPE)
+    assert [d.digest for d in found] == [lz.digest]
+    assert p.stats.requests(r"/referrers/", "GET") == 1
+    assert p.stats.requests(r"/manifests/sha256-", "GET") == 0  # the tag was not read by the client
+    p.referrers_api = False
+    p.stats.reset()
+    assert [d.digest for d in list_referrers(repo, src.digest, mt.LAZY_ARTIFACT_TYPE)] == [lz.digest]
+    assert p.stats.statuses(r"/referrers/", "GET") == [404]
+    assert p.stats.requests(r"/manifests/sha256-", "GET") == 1
+
+
+def test_layout_referrers(tmp_path):
+    lay = OCILayout(tmp_path / "lay")
+    src = push_image(lay, "v1", [b"abc"])
+    lz = add_referrer(lay, lazy_manifest(lay, src), mt.OCI_MANIFEST)
+    assert [d.digest for d in list_referrers(lay, src.digest, mt.LAZY_ARTIFACT_TYPE)] == [lz.digest]
+
+
+def test_trust_outcomes(registry_session, tmp_path):
+    c = client(registry_session.host)
+    repo = c.repository(unique("trust/"))
+    ref = f"{registry_session.host}/{repo.name}:v1"
+    src = push_image(repo, "v1", [rand_bytes(2000, 5)])
+    policy = TrustPolicy(state_dir=tmp_path / "state")
+    with pytest.raises(NoLazyImageError, match="no lazy image"):
+        discover_lazy_image(repo, ref, policy)
+    older = add_referrer(repo, lazy_manifest(repo, src, "2026-01-01T00:00:00Z", seed=1), mt.OCI_MANIFEST)
+    newer = add_referrer(repo, lazy_manifest(repo, src, "2026-05-01T00:00:00Z", seed=2), mt.OCI_MANIFEST)
+    with pytest.raises(NoLazyImageError, match="none is trusted"):
+        discover_lazy_image(repo, ref, policy)
+    # converted here: the record must match the source too
+    policy.record_converted(older.digest, sha256_digest(b"another source"))
+    with pytest.raises(NoLazyImageError):
+        discover_lazy_image(repo, ref, policy)
+    policy.record_converted(older.digest, src.digest)
+    s, lz = discover_lazy_image(repo, ref, policy)
+    assert (s.digest, lz.digest) == (src.digest, older.digest)
+    # allow-list (file), newest trusted wins
+    policy.allow(newer.digest)
+    assert discover_lazy_image(repo, ref, policy)[1].digest == newer.digest
+    assert newer.digest in (tmp_path / "state" / "trust" / "allowed").read_text()
+    # a fresh policy object sees the persisted state; switching "converted here" off keeps the allow-list
+    p2 = TrustPolicy(state_dir=tmp_path / "state", trust_converted_here=False)
+    assert discover_lazy_image(repo, ref, p2)[1].digest == newer.digest
+    p3 = TrustPolicy(state_dir=tmp_path / "empty", allowed={older.digest})
+    assert discover_lazy_image(repo, ref, p3)[1].digest == older.digest
+    # a reference that pins the lazy manifest itself
+    s, lz = discover_lazy_image(repo, f"{registry_session.host}/{repo.name}@{older.digest}",
+                                TrustPolicy(state_dir=tmp_path / "none"))
+    assert (s.digest, lz.digest) == (src.digest, older.digest)
+    # a referrer that lies about its subject or type is skipped
+    with pytest.raises(NoLazyImageError, match="not found"):
+        discover_lazy_image(repo, f"{registry_session.host}/{repo.name}:nope", policy)
+
+
+def test_discovery_through_multiplatform_index(registry_session, tmp_path):
+    repo = client(registry_session.host).repository(unique("multi/"))
+    amd = push_image(repo, None, [b"amd"], arch="amd64")
+    arm = push_image(repo, None, [b"arm"], arch="arm64")
+    push_index(repo, "v1", {"amd64": amd, "arm64": arm})
+    lz_amd = add_referrer(repo, lazy_manifest(repo, amd, seed=1), mt.OCI_MANIFEST)
+    lz_arm = add_referrer(repo, lazy_manifest(repo, arm, seed=2), mt.OCI_MANIFEST)
+    policy = TrustPolicy(state_dir=tmp_path, allowed={lz_amd.digest, lz_arm.digest})
+    ref = f"{registry_session.host}/{repo.name}:v1"
+    s, lz = discover_lazy_image(repo, ref, policy, platform=Platform("linux", "arm64"))
+    assert (s.digest, lz.digest) == (arm.digest, lz_arm.digest)
+    s, lz = discover_lazy_image(repo, ref, policy, platform=Platform("linux", "amd64"))
+    assert (s.digest, lz.digest) == (amd.digest, lz_amd.digest)
+
+
+@pytest.mark.skipif(not have_skopeo(), reason="skopeo missing")
+def test_skopeo_copy_keeps_lazy_image_discoverable(registry_session, tmp_path):
+    """skopeo --preserve-digests copies the source and the lazy manifest byte-for-byte; with the
+    referrers index copied too (skopeo 1.9 cannot: `copy --all --preserve-digests` of an index whose
+    entries carry artifactType fails with "Manifest list must be converted"), discovery finds it;
+    a reference pinning the lazy digest works without the index."""
+    host = registry_session.host
+    c = client(host)
+    a = c.repository(unique("sk/a"))
+    b_name = unique("sk/b")
+    src = push_image(a, "v1", [rand_bytes(3000, 7)])
+    lz = add_referrer(a, lazy_manifest(a, src), mt.OCI_MANIFEST)
+    tag = referrers_tag(src.digest)
+
+    def copy(src_ref: str, dst_ref: str, *extra: str) -> None:
+        subprocess.run(["skopeo", "copy", "-q", "--preserve-digests", "--src-tls-verify=false",
+                        "--dest-tls-verify=false", *extra, src_ref, dst_ref], check=True, capture_output=True,
+                       timeout=120)
+
+    copy(f"docker://{host}/{a.name}:v1", f"docker://{host}/{b_name}:v1")
+    copy(f"docker://{host}/{a.name}@{lz.digest}", f"docker://{host}/{b_name}:lazy-copy")
+    b = c.repository(b_name)
+    assert b.resolve("v1").digest == src.digest
+    assert b.resolve("lazy-copy").digest == lz.digest  # digest preserved, subject intact
+    policy = TrustPolicy(state_dir=tmp_path, allowed={lz.digest})
+    with pytest.raises(NoLazyImageError, match="no lazy image"):
+        discover_lazy_image(b, f"{host}/{b_name}:v1", policy)
+    s, found = discover_lazy_image(b, f"{host}/{b_name}@{lz.digest}", TrustPolicy(state_dir=tmp_path / "x"))
+    assert (s.digest, found.digest) == (src.digest, lz.digest)
+    index_bytes, idesc = a.get_manifest(tag)
+    assert b.put_manifest(index_bytes, idesc.media_type, tag=tag).digest == idesc.digest
+    s, found = discover_lazy_image(b, f"{host}/{b_name}:v1", policy)
+    assert (s.digest, found.digest) == (src.digest, lz.digest)
+    # and into an OCI layout on disk with skopeo, read back through our layout store
+    copy(f"docker://{host}/{a.name}:v1", f"oci:{tmp_path}/lay:v1")
+    copy(f"docker://{host}/{a.name}@{lz.digest}", f"oci:{tmp_path}/lay:lazy")
+    lay = OCILayout(tmp_path / "lay", create=False)
+    lay.put_manifest(index_bytes, idesc.media_type, tag=tag)
+    s, found = discover_lazy_image(lay, f"oci:{tmp_path}/lay:v1", policy)
+    assert found.digest == lz.digest
+    idx = json.loads((tmp_path / "lay" / "index.json").read_text())
+    assert {m["annotations"]["org.opencontainers.image.ref.name"] for m in idx["manifests"]} == {"v1", "lazy", tag}
