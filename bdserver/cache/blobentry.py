@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import shutil
 import struct
 import threading
 from contextlib import contextmanager
@@ -122,17 +123,20 @@ class BlobEntry:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._sfd = os.open(os.path.join(path, "state"), os.O_RDWR)
+        fds: list[int] = []
         try:
+            # A shared lock on `users` for as long as we are open: prune leaves entries in use alone.
+            self._ufd = os.open(os.path.join(path, "users"), os.O_RDWR | os.O_CREAT, 0o600)
+            fds.append(self._ufd)
+            fcntl.flock(self._ufd, fcntl.LOCK_SH)
+            self._sfd = os.open(os.path.join(path, "state"), os.O_RDWR)
+            fds.append(self._sfd)
             self._dfd = os.open(os.path.join(path, "data"), os.O_RDWR)
-        except BaseException:
-            os.close(self._sfd)
-            raise
-        try:
+            fds.append(self._dfd)
             self._map(os.fstat(self._sfd).st_size)
         except BaseException:
-            os.close(self._sfd)
-            os.close(self._dfd)
+            for fd in fds:
+                os.close(fd)
             raise
 
     def _map(self, fsize: int) -> None:
@@ -175,7 +179,8 @@ class BlobEntry:
             self._release_views()
             os.close(self._sfd)
             os.close(self._dfd)
-            self._sfd = self._dfd = -1
+            os.close(self._ufd)
+            self._sfd = self._dfd = self._ufd = -1
 
     # ---- geometry ---------------------------------------------------------------------
 
@@ -304,11 +309,39 @@ class BlobEntry:
         finally:
             os.close(wfd)
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the entry's lock (used to drop it without racing a put in another process)."""
-        with self._mutating():
-            yield
+
+def remove_entry(path: str, *, only_unused: bool) -> bool:
+    """Delete an entry's files; False (and nothing done) if `only_unused` and someone has it open.
+
+    Holds the state lock while deleting so no put is between its check and its mark; puts that
+    come later see the state unlinked (StaleEntry) and reopen.
+    """
+    if not os.path.isdir(path):
+        return True
+    ufd = -1
+    if only_unused:
+        ufd = os.open(os.path.join(path, "users"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(ufd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(ufd)
+            return False
+    try:
+        try:
+            sfd = os.open(os.path.join(path, "state"), os.O_RDWR)
+        except FileNotFoundError:
+            sfd = -1
+        try:
+            if sfd >= 0:
+                fcntl.flock(sfd, fcntl.LOCK_EX)
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            if sfd >= 0:
+                os.close(sfd)
+    finally:
+        if ufd >= 0:
+            os.close(ufd)
+    return True
 
 
 def _runs(sorted_idx: list[int]) -> list[tuple[int, int]]:

@@ -19,14 +19,13 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-from bdserver.cache.blobentry import BlobEntry, StaleEntry, create_entry, validate_offsets
+from bdserver.cache.blobentry import BlobEntry, StaleEntry, create_entry, remove_entry, validate_offsets
 from bdserver.cache.fsutil import allocated_bytes, fsync_dir, no_space_as_error
 from bdserver.cache.pins import Pin, PinSet, load_pins, make_record
 from bdserver.errors import FormatError, IntegrityError, NoSpaceError
@@ -419,28 +418,14 @@ class ChunkCache:
             except FileNotFoundError:
                 pass
 
-    def _drop_locked(self, digest: str) -> None:
-        """Delete an entry's files under its own lock so no put is mid-mark (caller holds global)."""
-        path = self._entry_dir(digest)
-        if not os.path.isdir(path):
-            return
-        try:
-            e = BlobEntry(path)
-        except (FileNotFoundError, FormatError, OSError):
-            shutil.rmtree(path, ignore_errors=True)
-            return
-        try:
-            with e.locked():
-                shutil.rmtree(path, ignore_errors=True)
-        except StaleEntry:
-            pass
-        finally:
-            e.close()
+    def _drop_locked(self, digest: str, *, only_unused: bool = False) -> bool:
+        """Delete an entry's files (caller holds the global lock and has forgotten its own handle)."""
+        return remove_entry(self._entry_dir(digest), only_unused=only_unused)
 
     def prune(self, keep: Callable[[str], bool] | None = None) -> PruneResult:
-        """Housekeeping: drop blobs `keep` rejects (unless pinned) and empty entries, free the
-        bytes of absent chunks (crash leftovers), remove stale tmp files and dead pins, then
-        evict down to the low watermark."""
+        """Housekeeping: drop blobs `keep` rejects and empty entries, unless pinned or open in
+        another process/instance (a device still uses it); free the bytes of absent chunks
+        (crash leftovers); remove old tmp files and dead pins; evict down to the low watermark."""
         before = self.usage()
         pins = self.pins()
         dropped = 0
@@ -453,8 +438,8 @@ class ChunkCache:
                 if gone:
                     if e is not None:
                         self._forget(digest, e)
-                    self._drop_locked(digest)
-                    dropped += 1
+                    if self._drop_locked(digest, only_unused=True):  # devices elsewhere keep theirs
+                        dropped += 1
                 elif e is not None:
                     try:
                         e.punch_absent()
