@@ -100,7 +100,7 @@ class _Builder:
     def __init__(self, spool: BinaryIO) -> None:
         self.root = Inode.directory(0o755)
         self.spool = spool
-        self.implicit: dict[int, Inode] = {}
+        self.implicit: dict[int, Inode] = {id(self.root): self.root}  # until "./" is seen
 
     def _forget(self, inode: Inode | None) -> None:
         if inode is not None and inode.is_dir:
