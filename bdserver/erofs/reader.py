@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
 from bdserver.erofs.tree import BlockMap, Inode
+from bdserver.erofs.util import gc_paused
 
 __all__ = ["ErofsImage", "EntryInfo", "KNOWN_INCOMPAT"]
 
@@ -375,17 +376,16 @@ class ErofsImage:
             if nameoff0 < 12 or nameoff0 % 12 or nameoff0 > maxsize:
                 raise FormatError(f"directory {nid}: invalid first nameoff {nameoff0}")
             n = nameoff0 // 12
-            ents = [struct.unpack_from("<QHBB", blk, 12 * i) for i in range(n)]
+            ents = list(struct.iter_unpack("<QHBB", blk[:nameoff0]))
             for i, (cnid, noff, ftype, _) in enumerate(ents):
                 if i + 1 < n:
                     nend = ents[i + 1][1]
                 else:
-                    nend = noff
-                    while nend < maxsize and blk[nend] != 0:
-                        nend += 1
+                    z = blk.find(b"\0", noff, maxsize)
+                    nend = maxsize if z < 0 else z
                 if not nameoff0 <= noff < nend <= maxsize or nend - noff > S.NAME_MAX:
                     raise FormatError(f"directory {nid}: bogus dirent name offsets")
-                name = bytes(blk[noff:nend])
+                name = blk[noff:nend]
                 if prev is not None and name <= prev:
                     raise FormatError(f"directory {nid}: entries not in strictly increasing order")
                 prev = name
@@ -453,6 +453,10 @@ class ErofsImage:
         inline data or the image's block size is not 4 KiB."""
         if self.block_size != S.BLOCK_SIZE:
             raise FormatError("only 4 KiB-block images can be turned into block maps")
+        with gc_paused():
+            return self._to_tree(block_offset)
+
+    def _to_tree(self, block_offset: int) -> Inode:
         by_nid: dict[int, Inode] = {}
 
         def make(info: EntryInfo) -> Inode:

@@ -27,6 +27,7 @@ from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
 from bdserver.erofs.structs import DeviceSlot
 from bdserver.erofs.tree import BlockMap, Inode, Segment, SpooledData
+from bdserver.erofs.util import gc_paused
 
 __all__ = ["ImageInfo", "DeviceSlot", "plan_image", "write_image"]
 
@@ -307,7 +308,8 @@ def plan_image(
     """What `write_image` would produce, without writing: lets a caller learn the size of a
     merged metadata image (block addresses in `BlockMap`s do not change it) before it picks
     the layers' `mapped_blkaddr`s."""
-    lay = _layout(root, build_time, build_time_nsec, devices, meta_only)
+    with gc_paused():
+        lay = _layout(root, build_time, build_time_nsec, devices, meta_only)
     return ImageInfo(blocks=lay.total_blocks, size=lay.total_blocks * BS, inodes=len(lay.order))
 
 
@@ -494,6 +496,20 @@ def write_image(
         if not d.tag or len(d.tag) > 64:
             raise ValueError("device tags must be 1..64 bytes")
 
+    with gc_paused():
+        return _write(root, out, build_time, build_time_nsec, uuid, volume_name, devices, meta_only)
+
+
+def _write(
+    root: Inode,
+    out: BinaryIO,
+    build_time: int,
+    build_time_nsec: int,
+    uuid: bytes,
+    volume_name: bytes,
+    devices: Sequence[DeviceSlot],
+    meta_only: bool,
+) -> ImageInfo:
     lay = _layout(root, build_time, build_time_nsec, devices, meta_only)
     order, shared_keys, shared_ids = lay.order, lay.shared_keys, lay.shared_ids
     meta_blocks, xattr_blkaddr, total_blocks = lay.meta_blocks, lay.xattr_blkaddr, lay.total_blocks
