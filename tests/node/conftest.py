@@ -126,6 +126,16 @@ class Daemon:
 
     base: Path
     env: dict[str, str] = field(default_factory=dict)
+    extra_config: str = ""
+
+    def write_config(self, extra: str = "") -> None:
+        """(Re)write the daemon's config; ``extra`` is TOML appended (e.g. a [trust] table)."""
+        self.extra_config = extra or self.extra_config
+        b = self.base
+        (b / "config.toml").write_text(
+            f'state_dir = "{b / "state"}"\nrun_dir = "{b / "run"}"\ncache_dir = "{b / "cache"}"\n'
+            'backend = "fuse"\nlog_level = "DEBUG"\n' + self.extra_config
+        )
 
     @property
     def state_dir(self) -> Path:
@@ -197,14 +207,11 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     base = tmp_path / "d"
     base.mkdir()
     cfg = base / "config.toml"
-    cfg.write_text(
-        f'state_dir = "{base / "state"}"\nrun_dir = "{base / "run"}"\ncache_dir = "{base / "cache"}"\n'
-        'backend = "fuse"\nlog_level = "DEBUG"\n'
-    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
     env["BDSERVER_CONFIG"] = str(cfg)
     env["PYTHONPATH"] = str(REPO)
     d = Daemon(base, env)
+    d.write_config()
     try:
         yield d
     finally:

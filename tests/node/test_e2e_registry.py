@@ -1,0 +1,225 @@
+"""End to end through Debian's docker-registry (and a byte-counting proxy): convert, mount lazily, share
+chunks across images, restart with a warm cache, read little, run a container, convert on the node."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.node.conftest import BDSERVER, REPO
+from tests.node.reference import assert_same_tree, extract_layers
+
+pytestmark = pytest.mark.slow
+
+try:
+    from tests.fixtures.layers import build_oci_layout, debian_layers, debian_oci_layout
+    from tests.fixtures.proxy import FaultProxy
+    from tests.fixtures.registry import start_registry
+except ImportError as exc:  # pragma: no cover - fixtures of other packages not there yet
+    pytest.skip(f"registry/layer fixtures unavailable: {exc}", allow_module_level=True)
+
+if shutil.which("docker-registry") is None and not os.path.exists("/usr/bin/docker-registry"):
+    pytest.skip("docker-registry is not installed", allow_module_level=True)
+
+
+def _tar_layer(path: Path, files: dict[str, bytes], whiteouts: tuple[str, ...] = ()) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name in sorted(set(os.path.dirname(n) for n in list(files) + list(whiteouts)) - {""}):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            tf.addfile(ti)
+        for name, body in sorted(files.items()):
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime, ti.uid, ti.gid = len(body), 0o644, 1_700_000_000, 1000, 1000
+            tf.addfile(ti, io.BytesIO(body))
+        for name in whiteouts:
+            d, n = os.path.split(name)
+            ti = tarfile.TarInfo(os.path.join(d, ".wh." + n))
+            ti.mtime = 1_700_000_000
+            tf.addfile(ti, io.BytesIO(b""))
+    return path
+
+
+@dataclass
+class World:
+    base: Path
+    registry: object
+    host: str
+    deb_layers: list[Path]
+    lazy: dict[str, dict]  # repo -> convert result (lazy, source digests)
+    shared: dict[str, list[Path]]  # repo -> layers of the images sharing debian's base layer
+    plain_layers: list[Path]  # the image pushed without a lazy image
+
+    def trust_toml(self) -> str:
+        allowed = ", ".join(f'"{r["lazy"]}"' for r in self.lazy.values())
+        return f"[trust]\nallowed = [{allowed}]\n"
+
+
+def _convert(base: Path, ref: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
+    env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
+               PYTHONPATH=str(REPO))
+    p = subprocess.run(BDSERVER + ["convert", ref, "--json"], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("e2e")
+    reg = start_registry(base / "registry")
+    try:
+        deb_layers = debian_layers()
+        reg.push_layout(debian_oci_layout(), "latest", "deb", "v1")
+        lazy = {"deb": _convert(base, f"{reg.host}/deb:v1")}
+        shared = {}
+        for name in ("one", "two", "three"):
+            top = _tar_layer(base / f"top-{name}.tar", {f"srv/{name}/id": name.encode() * 100,
+                                                         "etc/image-name": name.encode() + b"\n"})
+            layers = [deb_layers[0], top]
+            build_oci_layout(layers, base / f"layout-{name}")
+            reg.push_layout(base / f"layout-{name}", "latest", name, "v1")
+            lazy[name] = _convert(base, f"{reg.host}/{name}:v1")
+            shared[name] = layers
+        plain = [_tar_layer(base / "plain1.tar", {"a/file": b"x" * 70_000, "a/gone": b"bye", "b/keep": b"k"}),
+                 _tar_layer(base / "plain2.tar", {"a/new": b"new\n"}, whiteouts=("a/gone",))]
+        build_oci_layout(plain, base / "layout-plain")
+        reg.push_layout(base / "layout-plain", "latest", "plain", "v1")
+        yield World(base, reg, reg.host, deb_layers, lazy, shared, plain)
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="module")
+def deb_reference(world: World) -> Path:
+    return extract_layers(world.deb_layers, world.base / "deb-reference")
+
+
+@pytest.fixture
+def proxy(world: World) -> Iterator[FaultProxy]:
+    p = FaultProxy(world.registry.url)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def _blob_sizes(daemon, ref: str) -> dict[str, int]:
+    info = json.loads(daemon.cli("inspect", ref, "--json").stdout)
+    return {d["digest"]: d["size"] for d in info["layers"]}
+
+
+def _read_all(root: Path, sub: str = "") -> int:
+    n = 0
+    for dirpath, _, files in os.walk(root / sub):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if os.path.isfile(p) and not os.path.islink(p):
+                with open(p, "rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        n += len(chunk)
+    return n
+
+
+def test_mount_equals_reference_tree(world: World, daemon, deb_reference: Path, tmp_path: Path) -> None:
+    daemon.write_config(world.trust_toml())
+    target = tmp_path / "deb"
+    r = daemon.json("mount", f"{world.host}/deb:v1", str(target), "--lower-only")
+    assert r["kind"] == "lazy" and r["backend"] == "fuse"
+    n = assert_same_tree(deb_reference, target)
+    assert n > 1000
+    st = daemon.json("stats", r["id"])[0]["stats"]
+    assert st["device"]["misses"] > 0 and st["read_errors"] == 0
+    daemon.cli("umount", str(target))
+
+
+def test_shared_base_layer_is_fetched_once(world: World, daemon, proxy: FaultProxy, tmp_path: Path) -> None:
+    daemon.write_config(world.trust_toml())
+    sizes = _blob_sizes(daemon, f"{world.host}/one:v1")
+    targets = {}
+    for name in ("one", "two", "three"):  # three containers at once
+        targets[name] = tmp_path / name
+        daemon.cli("mount", f"{proxy.host}/{name}:v1", str(targets[name]))
+    lazy_layers = {n: _blob_sizes(daemon, f"{world.host}/{n}:v1") for n in ("one", "two", "three")}
+    common = set.intersection(*(set(v) for v in lazy_layers.values()))
+    base_blobs = [d for d in common if sizes[d] > 1_000_000]
+    assert len(base_blobs) == 1, "the EROFS layer of the shared base must be the same blob in all three"
+    base = base_blobs[0]
+    # Image one reads every file of the base; the other two then read the same files and must be
+    # served entirely from the node cache (readahead may stray differently, so read everything).
+    assert _read_all(targets["one"]) > 10_000_000
+    first = proxy.stats.bytes(f"/blobs/{base}")
+    assert 0 < first <= sizes[base]
+    for name in ("two", "three"):
+        _read_all(targets[name])
+        assert (targets[name] / "etc" / "image-name").read_text() == f"{name}\n"
+    assert proxy.stats.bytes(f"/blobs/{base}") == first, "base chunks were fetched again for another image"
+    print(f"\nshared base: {first} bytes fetched once for 3 images (blob {sizes[base]} bytes)")
+    for name, t in targets.items():
+        daemon.cli("umount", str(t))
+
+
+def test_restart_with_warm_cache_fetches_nothing(world: World, daemon, proxy: FaultProxy, tmp_path: Path) -> None:
+    daemon.write_config(world.trust_toml())
+    target = tmp_path / "rootfs"
+    daemon.cli("mount", f"{proxy.host}/deb:v1", str(target))
+    n = _read_all(target, "etc") + _read_all(target, "usr/lib/x86_64-linux-gnu")
+    assert n > 0 and proxy.stats.bytes("/blobs/") > 0
+    daemon.kill()  # crash; the cache on disk stays
+    proxy.stats.reset()
+    daemon.start()
+    assert [d["status"] for d in daemon.json("ls")] == ["attached"]
+    assert _read_all(target, "etc") + _read_all(target, "usr/lib/x86_64-linux-gnu") == n
+    assert proxy.stats.requests() == 0, f"restart fetched: {proxy.stats.entries[:5]}"
+    daemon.stop()
+    proxy.stats.reset()
+    daemon.start()
+    assert _read_all(target, "etc") == _read_all(target, "etc") and proxy.stats.requests() == 0
+    daemon.cli("umount", str(target))
+
+
+def test_small_read_fetches_little(world: World, daemon, proxy: FaultProxy, tmp_path: Path) -> None:
+    daemon.write_config(world.trust_toml())
+    total = sum(_blob_sizes(daemon, f"{world.host}/deb:v1").values())
+    target = tmp_path / "deb"
+    daemon.cli("mount", f"{proxy.host}/deb:v1", str(target), "--lower-only")
+    assert (target / "etc" / "hostname").read_text() == "bdserver-test\n"
+    assert (target / "etc" / "debian_version").read_text().strip()
+    fetched = proxy.stats.bytes("/blobs/")
+    print(f"\nsmall read: {fetched} of {total} blob bytes fetched ({100 * fetched / total:.2f} %)")
+    assert 0 < fetched < 0.05 * total
+    daemon.cli("umount", str(target))
+
+
+def test_run_command_in_image(world: World, daemon) -> None:
+    daemon.write_config(world.trust_toml())
+    p = daemon.cli("run", f"{world.host}/deb:v1", "--", "/bin/sh", "-c",
+                   "cat /etc/hostname; python3 -c 'print(6*7)'; test -d /usr/share/doc || echo no-doc")
+    assert p.stdout.split("\n")[:3] == ["bdserver-test", "42", "no-doc"]
+    assert daemon.json("ls") == []
+
+
+def test_attach_without_lazy_image_converts_on_node(world: World, daemon, tmp_path: Path) -> None:
+    daemon.write_config(world.trust_toml())
+    r = daemon.json("attach", f"{world.host}/plain:v1")
+    assert r["kind"] == "converted-on-node" and "converted on the node" in r["message"]
+    p = daemon.cli("attach", f"{world.host}/plain:v1")  # the human form says so on stderr
+    assert "on-node conversion" in p.stderr or "converted on the node" in p.stderr
+    target = tmp_path / "plain"
+    daemon.cli("mount", f"{world.host}/plain:v1", str(target), "--lower-only")
+    ref = extract_layers(world.plain_layers, tmp_path / "plain-ref")
+    assert_same_tree(ref, target)
+    assert not (target / "a" / "gone").exists() and (target / "a" / "new").read_text() == "new\n"
+    # still ONE device per container
+    assert len([d for d in daemon.json("ls") if d["mounts"]]) == 1
+    daemon.cli("umount", str(target))
