@@ -106,6 +106,9 @@ def update_referrers_tag(store: ImageStore, subject_digest: str, add: Descriptor
     re-reads after writing and writes again (bounded) until its change is visible.
     """
     tag = referrers_tag(subject_digest)
+    writer = getattr(store, "for_writing", None)
+    if writer is not None:
+        store = writer()  # read what the upstream holds, not a mirror's copy
     last: Descriptor | None = None
     for attempt in range(TAG_UPDATE_ATTEMPTS):
         idx = _tag_index(store, tag)

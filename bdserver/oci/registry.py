@@ -122,6 +122,10 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
+_SHARED: dict[tuple, "RegistryClient"] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 class RegistryClient:
     """Connections, auth and retries for one registry host (and its mirrors).
 
@@ -155,7 +159,20 @@ class RegistryClient:
         self._auth: dict[str, Authorizer] = {}
         self._lock = threading.Lock()
         self._redirects: dict[str, tuple[httpx.URL, float]] = {}
-        self.stats = {"requests": 0, "retries": 0, "bytes": 0}
+        self.stats = {"requests": 0, "retries": 0, "bytes": 0}  # approximate under threads
+
+    @classmethod
+    def shared(cls, host: str, **kw: Any) -> "RegistryClient":
+        """One client per (host, options) per process: connection pools and tokens are reused.
+
+        The daemon's read path should use this so that every device on a registry shares a pool.
+        """
+        key = (host, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        with _SHARED_LOCK:
+            c = _SHARED.get(key)
+            if c is None:
+                c = _SHARED[key] = cls(host, **kw)
+            return c
 
     @classmethod
     def for_reference(cls, ref: Reference | str, **kw: Any) -> "RegistryClient":
@@ -256,7 +273,7 @@ class RegistryClient:
                     last = NotFoundError(f"{ep}: {method} {path}: not found")
                     continue
                 return resp, val
-            except (NotFoundError, FetchError, AuthError, RegistryError) as e:
+            except (RegistryError, IntegrityError) as e:
                 if final:
                     raise
                 log.info("registry %s: %s; trying the next host", ep, e)
@@ -382,11 +399,27 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 class RegistryRepository:
     """One repository of a registry, as an ImageStore plus ranged reads and referrers."""
 
-    def __init__(self, client: RegistryClient, name: str):
+    def __init__(self, client: RegistryClient, name: str, *, writer: bool = False):
         self.client = client
         self.name = name
+        self.writer = writer  # True: every request goes to push-capable hosts (no mirrors)
         self._sizes: dict[str, int] = {}
         self.last_oci_subject: str | None = None  # OCI-Subject header of the last manifest PUT
+
+    def for_writing(self) -> "RegistryRepository":
+        """The same repository seen through push-capable hosts only.
+
+        Read-modify-write (the referrers tag) and existence checks before a push must read what
+        the upstream holds, not what a mirror cached.
+        """
+        if self.writer:
+            return self
+        r = RegistryRepository(self.client, self.name, writer=True)
+        r._sizes = self._sizes
+        return r
+
+    def _cap(self, capability: str) -> str:
+        return "push" if self.writer else capability
 
     def __repr__(self) -> str:
         return f"RegistryRepository({self.client.host}/{self.name})"
@@ -404,7 +437,7 @@ class RegistryRepository:
 
     def resolve(self, ref: str) -> Descriptor:
         resp, _ = self.client.request(
-            "resolve" if not is_digest(ref) else "pull", "HEAD", f"/{self.name}/manifests/{quote(ref, safe=':')}",
+            self._cap("resolve" if not is_digest(ref) else "pull"), "HEAD", f"/{self.name}/manifests/{quote(ref, safe=':')}",
             scopes=self._pull_scope(), headers={"Accept": mt.MANIFEST_ACCEPT}, exhausted=RegistryError,
         )
         digest = resp.headers.get("docker-content-digest")
@@ -441,7 +474,7 @@ class RegistryRepository:
             return data, Descriptor(media_type=mtype, digest=digest, size=len(data))
 
         _, val = self.client.request(
-            "resolve" if want is None else "pull", "GET", f"/{self.name}/manifests/{quote(ref, safe=':')}",
+            self._cap("resolve" if want is None else "pull"), "GET", f"/{self.name}/manifests/{quote(ref, safe=':')}",
             scopes=self._pull_scope(), headers={"Accept": mt.MANIFEST_ACCEPT}, consume=consume,
             exhausted=RegistryError,
         )
@@ -475,7 +508,7 @@ class RegistryRepository:
         tags: list[str] = []
         params: list[tuple[str, str]] = [("n", "1000")]
         for _ in range(MAX_PAGES):
-            resp, _ = self.client.request("resolve", "GET", f"/{self.name}/tags/list", scopes=self._pull_scope(),
+            resp, _ = self.client.request(self._cap("resolve"), "GET", f"/{self.name}/tags/list", scopes=self._pull_scope(),
                                           params=params, exhausted=RegistryError)
             try:
                 tags += resp.json().get("tags") or []
@@ -495,7 +528,7 @@ class RegistryRepository:
         return f"/{self.name}/blobs/{digest}"
 
     def has_blob(self, digest: str) -> bool:
-        resp, _ = self.client.request("pull", "HEAD", self._blob_path(digest), scopes=self._pull_scope(),
+        resp, _ = self.client.request(self._cap("pull"), "HEAD", self._blob_path(digest), scopes=self._pull_scope(),
                                       expect=(200, 404), exhausted=RegistryError)
         if resp.status_code == 200 and resp.headers.get("content-length"):
             self._sizes[digest] = int(resp.headers["content-length"])
@@ -509,11 +542,28 @@ class RegistryRepository:
         s = self._sizes.get(digest)
         if s is not None:
             return s
-        resp, _ = self.client.request("pull", "HEAD", self._blob_path(digest), scopes=self._pull_scope(),
-                                      redirect_key=None, exhausted=RegistryError)
-        cl = resp.headers.get("content-length")
+        try:
+            resp, _ = self.client.request(self._cap("pull"), "HEAD", self._blob_path(digest),
+                                          scopes=self._pull_scope(), exhausted=RegistryError)
+            cl = resp.headers.get("content-length")
+        except NotFoundError:
+            raise
+        except (AuthError, RegistryError) as e:
+            # signed storage URLs often refuse HEAD: learn the size from a 1-byte ranged GET
+            log.debug("HEAD of %s failed (%s); sizing with a ranged GET", digest, e)
+            cl = None
         if cl is None:
-            raise RegistryError(f"{self.client.host}/{self.name}: no size for blob {digest}")
+            resp, _ = self.client.request(self._cap("pull"), "GET", self._blob_path(digest), scopes=self._pull_scope(),
+                                          headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"},
+                                          expect=(200, 206), consume=lambda r: None,
+                                          redirect_key=f"{self.name}@{digest}", exhausted=FetchError)
+            m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+            if m and m.group(3) != "*":
+                cl = m.group(3)
+            elif resp.status_code == 200:
+                cl = resp.headers.get("content-length")
+        if cl is None:
+            raise RegistryError(f"{self.client.host}/{self.name}: cannot learn the size of blob {digest}")
         self._sizes[digest] = int(cl)
         return int(cl)
 
@@ -555,7 +605,7 @@ class RegistryRepository:
             return bytes(out)
 
         _, data = self.client.request(
-            "pull", "GET", self._blob_path(digest), scopes=self._pull_scope(),
+            self._cap("pull"), "GET", self._blob_path(digest), scopes=self._pull_scope(),
             headers={"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"},
             expect=(200, 206), consume=consume, redirect_key=f"{self.name}@{digest}", exhausted=FetchError,
         )
@@ -598,7 +648,7 @@ class RegistryRepository:
         upload restarts from the beginning when ``fileobj`` is seekable (bounded attempts).
         """
         parse_digest(digest)
-        if self.has_blob(digest):
+        if self.for_writing().has_blob(digest):
             return False
         if mount_from and mount_from != self.name and self.mount_blob(digest, mount_from):
             return False
@@ -672,7 +722,7 @@ class RegistryRepository:
         )
         if resp.status_code == 404:
             # a retried PUT after the first one was committed: fine if the blob is there now
-            if not self.has_blob(digest):
+            if not self.for_writing().has_blob(digest):
                 raise FetchError(f"upload session of {digest} vanished ({_error_text(resp)})")
 
     # -- referrers -----------------------------------------------------------------------------
@@ -684,7 +734,7 @@ class RegistryRepository:
         out: list[Descriptor] = []
         url: httpx.URL | None = None
         for _ in range(MAX_PAGES):
-            resp, _ = self.client.request("pull", "GET", f"/{self.name}/referrers/{digest}", url=url,
+            resp, _ = self.client.request(self._cap("pull"), "GET", f"/{self.name}/referrers/{digest}", url=url,
                                           scopes=self._pull_scope(), params=params if url is None else (),
                                           headers={"Accept": mt.OCI_INDEX}, expect=(200, 400, 404, 405),
                                           exhausted=RegistryError)
@@ -741,7 +791,7 @@ class _BlobStream(io.RawIOBase):
         if self.pos:
             headers["Range"] = f"bytes={self.pos}-"
         client = self.repo.client
-        eps = client.endpoints_for("pull")
+        eps = client.endpoints_for(self.repo._cap("pull"))
         # A streaming GET must outlive request(); do it by hand with the same retry rules.
         last = ""
         for attempt in range(client.retry.attempts):

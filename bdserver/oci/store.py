@@ -36,17 +36,18 @@ class ImageStore(Protocol):
     def list_tags(self) -> list[str]: ...
 
 
-def open_store(ref: str | Reference, **registry_kw) -> ImageStore:
+def open_store(ref: str | Reference, *, create: bool = True, **registry_kw) -> ImageStore:
     """The store a reference names: an OCILayout for ``oci:`` paths, else a registry repository.
 
-    ``registry_kw`` go to RegistryClient (e.g. ``docker_config=``, ``hosts_dirs=``); the layout is
-    created if it does not exist (a destination), which is harmless for a source (read fails later).
+    ``registry_kw`` go to RegistryClient (e.g. ``docker_config=``, ``hosts_dirs=``). A missing
+    layout is created when ``create`` (destinations); sources should pass ``create=False`` so a
+    typo gives NotFoundError instead of an empty directory.
     """
     r = parse_reference(ref) if isinstance(ref, str) else ref
     if r.is_layout:
         from bdserver.oci.layout import OCILayout
 
-        return OCILayout(r.layout_path)  # type: ignore[arg-type]
+        return OCILayout(r.layout_path, create=create)  # type: ignore[arg-type]
     from bdserver.oci.registry import RegistryClient
 
     return RegistryClient.for_reference(r, **registry_kw).repository(r.repository)

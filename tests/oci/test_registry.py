@@ -309,6 +309,18 @@ def test_hosts_toml_mirror_then_fallback(registry, tmp_path):
         assert mirror.stats.bytes(r"/blobs/sha256", "GET") == 1000
         mirror.inject("status", status=503, count=100)
         assert repo.read_range(d, 1000, 1000) == blob[1000:2000]  # mirror down: upstream answers
+        mirror.clear_faults()
+        # writes (and the reads of a read-modify-write) never go through the mirror
+        from bdserver.oci.referrers import add_referrer, list_referrers
+
+        from .helpers import lazy_manifest
+
+        src = push_image(repo, "v1", [blob])
+        mirror.stats.reset()
+        lz = add_referrer(repo, lazy_manifest(repo, src), mt.OCI_MANIFEST)
+        assert mirror.stats.requests() == 0
+        assert [x.digest for x in list_referrers(repo, src.digest)] == [lz.digest]
+        assert mirror.stats.requests(r"/manifests/sha256-", "GET") == 1
 
 
 def test_no_redirect_auth_leak_in_repr():
