@@ -184,7 +184,10 @@ class ErofsImage:
         else:
             r = S.InodeCompact.unpack(head)  # type: ignore[assignment]
             isize = 32
-            size, mtime, nsec, nlink = r.size, self.sb.build_time, self.sb.build_time_nsec, r.nlink
+            # Kernels >= 6.15 read the old i_reserved as seconds after the superblock's epoch
+            # (build_time); older producers write 0 there, so both readings agree.
+            size, nlink = r.size, r.nlink
+            mtime, nsec = self.sb.build_time + r.mtime, self.sb.build_time_nsec
         mode = r.mode
         ftype = stat.S_IFMT(mode)
         if ftype not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
