@@ -1,1 +1,10 @@
-"""erofs"""
+"""EROFS on-disk format: structures, a deterministic image writer and a reader. Knows no OCI.
+
+* `tree`     the in-memory tree contract (`Inode`, `SpooledData`, `BlockMap`, `whiteout`).
+* `structs`  one dataclass per on-disk struct (`Superblock`, `InodeCompact`, `InodeExtended`,
+             `Dirent`, `XattrIbodyHeader`, `XattrEntry`, `ChunkIndex`, `DeviceSlot`), CRC32C.
+* `writer`   `write_image(root, out, ...) -> ImageInfo`, `plan_image(root, ...)` (dry run).
+* `reader`   `ErofsImage(read_at)` / `ErofsImage.open(path)`: walk, lookup, read, xattrs,
+             extents, `to_tree(block_offset)`.
+* `inspect`  `summarize()`, `verify()`, `format_summary()`; `python -m bdserver.erofs.inspect`.
+"""

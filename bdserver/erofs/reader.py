@@ -154,6 +154,8 @@ class ErofsImage:
         if n == 0:
             return b""
         data = self._read_at(off, n)
+        if type(data) is not bytes:
+            data = bytes(data)
         if len(data) != n:
             raise FormatError(f"EROFS image truncated: wanted {n} bytes at {off}, got {len(data)}")
         return data

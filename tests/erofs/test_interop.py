@@ -311,3 +311,38 @@ def test_write_at_nonzero_offset(tmp_path: Path) -> None:
     e = ErofsImage(lambda off, n: raw[8192 + off : 8192 + off + n])
     assert e.read("/f") == b"hello" * 1000
     spool.close()
+
+
+def test_many_devices_flatdev(tmp_path: Path) -> None:
+    """40 layers: the device table spills past block 0 and the root inode follows it."""
+    spool = Spool(tmp_path / "spool")
+    layers = []
+    for i in range(40):
+        t = Inode.directory()
+        t.children[b"f"] = reg(spool.dense(b"layer %d\n" % i * (i * 50 + 1)))  # type: ignore[index]
+        p = tmp_path / f"L{i}"
+        layers.append((p, _write(t, p), t))
+
+    def build(m: int) -> tuple[Inode, list[DeviceSlot]]:
+        root = Inode.directory()
+        devs, off = [], m
+        for i, (p, blocks, _) in enumerate(layers):
+            with ErofsImage.open(p) as e:
+                root.children[b"l%02d" % i] = e.to_tree(block_offset=off)  # type: ignore[index]
+            devs.append(DeviceSlot(_tag(i), blocks, off))
+            off += blocks
+        return root, devs
+
+    m_blocks = plan_image(*build(0)[:1], devices=build(0)[1]).blocks
+    root, devs = build(m_blocks)
+    m_img = tmp_path / "M"
+    _write(root, m_img, devices=devs, meta_only=True)
+    with ErofsImage.open(m_img) as m:
+        assert len(m.devices) == 40 and m.root_nid == (1152 + 40 * 128) // 32
+    fsck(m_img, *["/dev/null"] * 40)
+    flat = tmp_path / "flat"
+    _concat(flat, m_img, *[p for p, _, _ in layers])
+    with mounted(flat, tmp_path / "mnt") as mnt:
+        for i, (_, _, t) in enumerate(layers):
+            assert (mnt / f"l{i:02d}" / "f").read_bytes() == spooled(t.children[b"f"])  # type: ignore[index]
+    spool.close()
