@@ -567,14 +567,17 @@ class RegistryRepository:
         self._sizes[digest] = int(cl)
         return int(cl)
 
-    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+    def read_range(self, digest: str, offset: int, length: int, size: int | None = None) -> bytes:
         """Bytes ``[offset, offset+length)`` of a blob, clamped to its size (b"" past the end).
 
         Unverified (a range cannot be checked against the blob digest; the chunk index checks
         chunks). Retries resets, 5xx, 429 and short bodies; FetchError when retries run out.
+        ``size`` (from the descriptor) saves the one HEAD per blob otherwise needed to clamp.
         """
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
+        if size is not None:
+            self._sizes.setdefault(digest, size)
         size = self.blob_size(digest)
         if length == 0 or offset >= size:
             return b""

@@ -36,12 +36,13 @@ class ImageStore(Protocol):
     def list_tags(self) -> list[str]: ...
 
 
-def open_store(ref: str | Reference, *, create: bool = True, **registry_kw) -> ImageStore:
+def open_store(ref: str | Reference, *, create: bool = True, shared: bool = True, **registry_kw) -> ImageStore:
     """The store a reference names: an OCILayout for ``oci:`` paths, else a registry repository.
 
     ``registry_kw`` go to RegistryClient (e.g. ``docker_config=``, ``hosts_dirs=``). A missing
     layout is created when ``create`` (destinations); sources should pass ``create=False`` so a
-    typo gives NotFoundError instead of an empty directory.
+    typo gives NotFoundError instead of an empty directory. ``shared`` reuses one RegistryClient
+    per (host, options) in the process (connection pool, tokens).
     """
     r = parse_reference(ref) if isinstance(ref, str) else ref
     if r.is_layout:
@@ -50,4 +51,6 @@ def open_store(ref: str | Reference, *, create: bool = True, **registry_kw) -> I
         return OCILayout(r.layout_path, create=create)  # type: ignore[arg-type]
     from bdserver.oci.registry import RegistryClient
 
+    if shared:  # one pool and token cache per registry (and options) in this process
+        return RegistryClient.shared(r.host, **registry_kw).repository(r.repository)
     return RegistryClient.for_reference(r, **registry_kw).repository(r.repository)

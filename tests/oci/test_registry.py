@@ -263,6 +263,11 @@ def test_bearer_token_flow_and_redirects_without_auth(registry, fault_proxy, tmp
     assert repo.read_range(d, 0, 10) == blob[:10]
     assert repo.resolve("v1").digest == desc.digest
     assert 1 <= p.token_requests <= 3  # tokens are cached per scope
+    # a token the registry no longer accepts: one 401, a new token, success
+    p.revoke_tokens()
+    before = p.token_requests
+    assert repo.read_range(d, 10, 10, size=len(blob)) == blob[10:20]
+    assert p.token_requests == before + 1
     assert "pw-carol" not in caplog.text and "Basic " not in caplog.text
     # blob storage redirects: followed, without the registry's Authorization; cached
     p.redirect_blobs = True
