@@ -294,3 +294,35 @@ print(info.size, before, after)
         info = e.lookup("/big")
         assert info.extents() == [(0, 2 << 30, 1)]
         assert e.read("/big", (2 << 30) - 4, 4) == e.read("/big", (1 << 20) - 4, 4)
+
+
+def test_deterministic_across_processes(tmp_path: Path) -> None:
+    """Same tree in two interpreters with different hash seeds -> same bytes."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = """
+import sys, hashlib, io
+from pathlib import Path
+from tests.erofs.helpers import Spool
+from tests.erofs.test_roundtrip import edge_tree, BUILD_TIME, BUILD_NSEC
+from bdserver.erofs.writer import write_image
+spool = Spool(Path(sys.argv[1]))
+buf = io.BytesIO()
+write_image(edge_tree(spool), buf, build_time=BUILD_TIME, build_time_nsec=BUILD_NSEC)
+print(hashlib.sha256(buf.getvalue()).hexdigest())
+"""
+    cwd = Path(__file__).resolve().parents[2]
+    digests = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        r = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"spool{seed}")], env=env, cwd=cwd,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+        digests.add(r.stdout.strip())
+    spool = Spool(tmp_path / "spool3")
+    p = tmp_path / "img"
+    _write(edge_tree(spool), p)
+    digests.add(hashlib.sha256(p.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    spool.close()
