@@ -38,6 +38,7 @@ KNOWN_INCOMPAT = (
 _MAX_DEPTH = 4096
 _MAX_DIR_BYTES = 256 << 20  # ~10 million entries; bounds memory on hostile sizes
 _MAX_CHUNKS = 1 << 25  # 256 MiB of chunk indexes
+_MAX_OFFSET = 1 << 56  # no device is this large; bigger offsets come from corrupt fields
 
 
 @dataclass
@@ -149,8 +150,8 @@ class ErofsImage:
     # -- raw access -----------------------------------------------------------------------
 
     def _read(self, off: int, n: int) -> bytes:
-        if off < 0 or n < 0:
-            raise FormatError(f"negative read at {off}")
+        if off < 0 or n < 0 or off + n > _MAX_OFFSET:
+            raise FormatError(f"EROFS structure out of range: {n} bytes at {off}")
         if n == 0:
             return b""
         data = self._read_at(off, n)

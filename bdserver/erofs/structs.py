@@ -8,6 +8,7 @@ every field; only the facts a writer and a reader need are repeated here.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -290,15 +291,11 @@ def xattr_isize(icount: int) -> int:
 
 def encode_rdev(rdev: int) -> int:
     """Linux "new" dev_t encoding stored in i_u of device inodes."""
-    import os
-
     major, minor = os.major(rdev), os.minor(rdev)
     return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
 
 
 def decode_rdev(u: int) -> int:
-    import os
-
     major = (u & 0xFFF00) >> 8
     minor = (u & 0xFF) | ((u >> 12) & 0xFFF00)
     return os.makedev(major, minor)

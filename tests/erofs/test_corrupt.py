@@ -113,12 +113,18 @@ def test_directory_cycle(tmp_path: Path) -> None:
         _open(raw).to_tree()
 
 
-def test_dirent_to_garbage(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nid", [10**12, 2**63, 2**64 - 1])
+def test_dirent_to_garbage(tmp_path: Path, nid: int) -> None:
     raw = _image(tmp_path)
     img = _open(raw)
-    _patch_dirent(raw, img, "/a/b", b"file", 10**12)
+    _patch_dirent(raw, img, "/a/b", b"file", nid)
     with pytest.raises(FormatError):
         _read_everything(_open(raw))
+    # and through a real file descriptor (pread with a huge offset)
+    p = tmp_path / "img"
+    p.write_bytes(raw)
+    with ErofsImage.open(p) as e, pytest.raises(FormatError):
+        _read_everything(e)
 
 
 def test_random_corruption_only_raises_formaterror(tmp_path: Path) -> None:
