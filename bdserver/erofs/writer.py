@@ -221,6 +221,7 @@ class _Sink:
         self.out = out
         self.base = base
         self.fd: int | None = None
+        self.use_cfr = True
         try:
             out.flush()
             self.fd = out.fileno()
@@ -241,12 +242,14 @@ class _Sink:
 
     def copy(self, src: BinaryIO, src_off: int, off: int, n: int) -> None:
         src_fd = _real_fd(src)
-        if src_fd is not None and self.fd is not None:
+        if src_fd is not None and self.fd is not None and self.use_cfr:
             try:
                 self._copy_fd(src_fd, src_off, off + self.base, n)
                 return
             except OSError:
-                pass  # e.g. EXDEV on old kernels: fall back to buffered copy
+                # EXDEV (different filesystems, 5.19+), EINVAL, ENOSYS: copy through a buffer,
+                # and stop trying for this image.
+                self.use_cfr = False
         while n > 0:
             want = min(n, _COPY_BUF)
             if src_fd is not None:
