@@ -5,13 +5,15 @@
 
 `words[i] = gen << 1 | present`. The rules that make this crash- and race-safe:
 
-* put: write the bytes, fdatasync the data file, THEN set the present bit. A crash at any point
-  leaves the chunk absent (its bytes, torn or not, are never served) or present with durable bytes.
-* evict: bump gen and clear present, msync the state, THEN punch the hole. A power cut can lose the
-  hole but never leave "present" over a hole.
+* put: remember the word w0, write the bytes, fdatasync the data file, THEN (under the lock) set
+  the present bit only if the word is still w0. A crash at any point leaves the chunk absent (its
+  bytes, torn or not, are never served) or present with durable bytes.
+* evict: (under the lock) clear present, msync the state, punch the hole, THEN bump gen. A power
+  cut can lose the hole but never leave "present" over a hole; a put that read w0 before the bump
+  may have had its bytes punched, and its mark fails because the word changed.
 * read (lock-free, any process): w1 = words[i]; pread; w2 = words[i]; the bytes count only if
-  present and w1 == w2. An eviction between the two loads bumps gen, so zeros from a freshly
-  punched hole are never returned even if the chunk was re-put meanwhile (seqlock).
+  present and w1 == w2. Any eviction in between changes the word, and a re-put after it carries
+  the bumped gen, so zeros from a freshly punched hole are never returned (seqlock).
 
 Mutations take an in-process lock plus flock(state) for other processes. The state file is mmapped
 MAP_SHARED, so every process sees the same words without system calls.
@@ -235,79 +237,74 @@ class BlobEntry:
     def put_many(self, items: Iterable[tuple[int, bytes]], now: int) -> int:
         """Store chunks durably, then mark them present. Returns the bytes newly marked present.
 
-        A shared lock on `wlock` keeps `punch_absent` from zeroing bytes between our write and
-        our mark; the word seen before writing must be unchanged when marking, otherwise an
-        eviction ran in between (and may have punched our bytes), so the chunk stays absent.
+        The word seen before writing must be unchanged when marking: every hole punch bumps the
+        generation of the chunks it covers AFTER punching (under the state lock), so a put whose
+        bytes may have been punched finds a changed word and leaves the chunk absent.
         """
         if self._sfd < 0:
             raise StaleEntry(self.path)
-        wfd = os.open(os.path.join(self.path, "wlock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(wfd, fcntl.LOCK_SH)
-            todo = []
-            for i, data in items:
-                off, clen = self.span(i)
-                if len(data) != clen:
-                    raise ValueError(f"chunk {i} is {clen} bytes, got {len(data)}")
-                w0 = self._words[i]
-                if not w0 & 1:
-                    todo.append((i, off, data, w0))
-            if not todo:
-                return 0
-            with no_space_as_error(f"caching {len(todo)} chunk(s)"):
-                for _, off, data, _ in todo:
-                    view = memoryview(data)
-                    pos = off
-                    while view:
-                        n = os.pwrite(self._dfd, view, pos)
-                        view = view[n:]
-                        pos += n
-                os.fdatasync(self._dfd)
-            written = 0
-            with self._mutating():
-                self._before_mark_present()
-                for i, _, data, w0 in todo:
-                    if self._words[i] == w0:
-                        self._words[i] = (w0 | 1) & 0xFFFFFFFF
-                        self._lastuse[i] = max(self._lastuse[i], now)
-                        written += len(data)
-            return written
-        finally:
-            os.close(wfd)
+        todo = []
+        for i, data in items:
+            off, clen = self.span(i)
+            if len(data) != clen:
+                raise ValueError(f"chunk {i} is {clen} bytes, got {len(data)}")
+            w0 = self._words[i]
+            if not w0 & 1:
+                todo.append((i, off, data, w0))
+        if not todo:
+            return 0
+        with no_space_as_error(f"caching {len(todo)} chunk(s)"):
+            for _, off, data, _ in todo:
+                view = memoryview(data)
+                pos = off
+                while view:
+                    n = os.pwrite(self._dfd, view, pos)
+                    view = view[n:]
+                    pos += n
+            os.fdatasync(self._dfd)
+        written = 0
+        with self._mutating():
+            self._before_mark_present()
+            for i, _, data, w0 in todo:
+                if self._words[i] == w0:
+                    self._words[i] = (w0 | 1) & 0xFFFFFFFF
+                    self._lastuse[i] = max(self._lastuse[i], now)
+                    written += len(data)
+        return written
 
     def _before_mark_present(self) -> None:
         """Hook for crash tests (the data is durable, presence not yet set)."""
 
+    def _punch(self, idx: list[int]) -> None:
+        """Punch the chunks' bytes, then bump their generation (caller holds the state lock).
+
+        Order matters for puts racing us (see put_many): the bump comes after the punch.
+        """
+        for a, b in _runs(idx):
+            if not punch_hole(self._dfd, self.offsets[a], self.offsets[b + 1] - self.offsets[a]):
+                break  # no hole punching here: space comes back when the entry is dropped
+        for i in idx:
+            self._words[i] = (((self._words[i] >> 1) + 1) << 1) & 0xFFFFFFFF
+
     def evict(self, indices: Iterable[int]) -> int:
-        """Clear presence (bumping gen), flush the state, then free the bytes. Returns bytes freed."""
+        """Clear presence, flush the state, punch the bytes, bump generations. Returns bytes freed."""
         freed = []
         with self._mutating():
-            for i in indices:
+            for i in sorted(set(indices)):
                 w = self._words[i]
                 if w & 1:
-                    self._words[i] = (((w >> 1) + 1) << 1) & 0xFFFFFFFF
+                    self._words[i] = w & ~1 & 0xFFFFFFFF  # readers racing us see the word change
                     freed.append(i)
             if not freed:
                 return 0
-            self._mm.flush()
-            runs = _runs(sorted(freed))
-            for a, b in runs:
-                if not punch_hole(self._dfd, self.offsets[a], self.offsets[b + 1] - self.offsets[a]):
-                    break  # no hole punching here: space comes back when the entry is dropped
+            self._mm.flush()  # "absent" is on disk before the hole: a power cut cannot undo it
+            self._punch(freed)
         return sum(self.span(i)[1] for i in freed)
 
     def punch_absent(self) -> None:
         """Free bytes of chunks that are not present (left behind by crashes or failed puts)."""
-        wfd = os.open(os.path.join(self.path, "wlock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(wfd, fcntl.LOCK_EX)  # no put is between its write and its mark
-            with self._mutating():
-                absent = [i for i in range(self.n) if not self._words[i] & 1]
-                for a, b in _runs(absent):
-                    if not punch_hole(self._dfd, self.offsets[a], self.offsets[b + 1] - self.offsets[a]):
-                        return
-        finally:
-            os.close(wfd)
+        with self._mutating():
+            self._punch([i for i in range(self.n) if not self._words[i] & 1])
 
 
 def remove_entry(path: str, *, only_unused: bool) -> bool:

@@ -1,7 +1,7 @@
 """The node's chunk cache: persistent, shared by every device and process, bounded, crash-safe.
 
     <root>/lock                           global lock: entry creation, eviction, prune
-    <root>/chunks/<algo>/<hex>/{data,state,wlock}   per layer blob (see blobentry.py)
+    <root>/chunks/<algo>/<hex>/{data,state,users}   per layer blob (see blobentry.py)
     <root>/whole/<algo>/<hex>             whole small blobs (the merged metadata layer)
     <root>/pins/*.json                    pins (see pins.py)
 
