@@ -2,7 +2,8 @@
 
 Anyone who can push to a repository can attach a referrer, so a lazy image is used only if the
 policy accepts it: its digest is pinned in an allow-list, or this node converted it itself
-(a record under the state dir), or the reference pins the lazy manifest's digest. Discovery
+(a record under the state dir), or the reference pins the lazy manifest's digest, or a
+configured key signed it for this source (signing.py). Discovery
 failures raise NoLazyImageError, which callers treat as "fall back" (convert here or pull).
 """
 
@@ -59,6 +60,29 @@ class TrustPolicy:
     allow_files: list[Path] = field(default_factory=list)
     trust_converted_here: bool = True
     trust_pinned_reference: bool = True
+    public_keys: list[Path] = field(default_factory=list)  # PEM; plus state_dir/trust/keys/*.pem
+
+    def keys(self) -> list[Path]:
+        """Public keys whose signatures (see signing.py) make a lazy image trusted."""
+        d = self.trust_dir / "keys"
+        found = sorted(d.glob("*.pem")) if d.is_dir() else []
+        return [Path(k) for k in self.public_keys] + found
+
+    def decide_with_signatures(self, store: ImageStore, lazy_digest: str, source_digest: str,
+                               pinned_by_reference: bool = False) -> tuple[bool, str]:
+        """decide(), then (if that says no and keys are configured) a signature check in ``store``."""
+        ok, why = self.decide(lazy_digest, source_digest, pinned_by_reference)
+        if ok:
+            return ok, why
+        keys = self.keys()
+        if keys:
+            from bdserver.oci.signing import signed_by
+
+            key = signed_by(store, lazy_digest, source_digest, keys)
+            if key:
+                return True, f"signed by {key}"
+            why += f", and not signed by any of {len(keys)} trusted key(s)"
+        return False, why
 
     @property
     def trust_dir(self) -> Path:
@@ -141,7 +165,8 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
     if isinstance(parsed, Manifest) and parsed.artifact_type == mt.LAZY_ARTIFACT_TYPE:
         if parsed.subject is None:
             raise NoLazyImageError(f"{r}: lazy manifest without a subject")
-        ok, why = policy.decide(desc.digest, parsed.subject.digest, pinned_by_reference=r.digest == desc.digest)
+        ok, why = policy.decide_with_signatures(store, desc.digest, parsed.subject.digest,
+                                                pinned_by_reference=r.digest == desc.digest)
         if not ok:
             raise NoLazyImageError(f"{r}: lazy image {desc.digest} is not trusted ({why}); "
                                    f"pin it with `bdserver trust allow {desc.digest}` or convert here")
@@ -170,7 +195,7 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
                 # a lazy image of the index: only usable if it is the one for this platform
                 broken.append(f"{cand.digest} (attached to the index, not to the {source.digest} manifest)")
                 continue
-            ok, why = policy.decide(cand.digest, source.digest)
+            ok, why = policy.decide_with_signatures(store, cand.digest, source.digest)
             if ok:
                 log.info("%s: lazy image %s (%s)", r, cand.digest, why)
                 lazy = Descriptor(media_type=cdesc.media_type, digest=cdesc.digest, size=cdesc.size,

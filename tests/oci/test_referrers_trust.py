@@ -164,3 +164,39 @@ def test_skopeo_copy_keeps_lazy_image_discoverable(registry_session, tmp_path):
     assert found.digest == lz.digest
     idx = json.loads((tmp_path / "lay" / "index.json").read_text())
     assert {m["annotations"]["org.opencontainers.image.ref.name"] for m in idx["manifests"]} == {"v1", "lazy", tag}
+
+
+def _keypair(d, name):
+    key, pub = d / f"{name}.key", d / f"{name}.pem"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "ec", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True)
+    return key, pub
+
+
+def test_signed_lazy_image_is_trusted(registry_session, tmp_path):
+    from bdserver.oci.signing import sign_lazy_image
+
+    host = registry_session.host
+    repo = client(host).repository(unique("sig/"))
+    ref = f"{host}/{repo.name}:v1"
+    src = push_image(repo, "v1", [rand_bytes(100, 3)])
+    other_src = push_image(repo, "v2", [rand_bytes(100, 4)])
+    lz = add_referrer(repo, lazy_manifest(repo, src), mt.OCI_MANIFEST)
+    good_key, good_pub = _keypair(tmp_path, "good")
+    bad_key, _ = _keypair(tmp_path, "bad")
+    policy = TrustPolicy(state_dir=tmp_path / "state", public_keys=[good_pub])
+    with pytest.raises(NoLazyImageError, match="none is trusted"):
+        discover_lazy_image(repo, ref, policy)
+    sign_lazy_image(repo, lz, src.digest, bad_key)  # wrong key
+    sign_lazy_image(repo, lz, other_src.digest, good_key)  # right key, other source: no replay
+    with pytest.raises(NoLazyImageError, match="none is trusted"):
+        discover_lazy_image(repo, ref, policy)
+    sign_lazy_image(repo, lz, src.digest, good_key)
+    s, found = discover_lazy_image(repo, ref, policy)
+    assert (s.digest, found.digest) == (src.digest, lz.digest)
+    # keys dropped into the state dir work too
+    kd = tmp_path / "state2" / "trust" / "keys"
+    kd.mkdir(parents=True)
+    (kd / "ci.pem").write_bytes(good_pub.read_bytes())
+    assert discover_lazy_image(repo, ref, TrustPolicy(state_dir=tmp_path / "state2"))[1].digest == lz.digest
