@@ -7,7 +7,6 @@ reach the decompressor, let alone a caller; the decompressed length must match t
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from typing import Callable, Mapping
 
