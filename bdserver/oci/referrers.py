@@ -9,6 +9,9 @@ gains the API later must import those tags. Works on any ImageStore (a layout to
 from __future__ import annotations
 
 import logging
+import random
+import threading
+import time
 from datetime import datetime, timezone
 
 from bdserver.errors import FormatError, NotFoundError, RegistryError
@@ -20,6 +23,18 @@ from bdserver.oci.store import ImageStore
 log = logging.getLogger(__name__)
 
 TAG_UPDATE_ATTEMPTS = 5
+_TAG_LOCKS: dict[tuple, threading.Lock] = {}
+_TAG_LOCKS_GUARD = threading.Lock()
+
+
+def _tag_lock(store: ImageStore, tag: str) -> threading.Lock:
+    """One lock per (repository, tag) in this process: threads never race each other's RMW."""
+    name = getattr(store, "name", None)
+    host = getattr(getattr(store, "client", None), "host", None)
+    path = getattr(store, "path", None)
+    key = (host, name, str(path) if path is not None else None, tag) if (name or path) else (id(store), tag)
+    with _TAG_LOCKS_GUARD:
+        return _TAG_LOCKS.setdefault(key, threading.Lock())
 
 
 def referrers_tag(subject_digest: str) -> str:
@@ -109,6 +124,11 @@ def update_referrers_tag(store: ImageStore, subject_digest: str, add: Descriptor
     writer = getattr(store, "for_writing", None)
     if writer is not None:
         store = writer()  # read what the upstream holds, not a mirror's copy
+    with _tag_lock(store, tag):
+        return _update_tag(store, tag, add, remove)
+
+
+def _update_tag(store: ImageStore, tag: str, add: Descriptor | None, remove: str | None) -> Descriptor:
     last: Descriptor | None = None
     for attempt in range(TAG_UPDATE_ATTEMPTS):
         idx = _tag_index(store, tag)
@@ -124,7 +144,15 @@ def update_referrers_tag(store: ImageStore, subject_digest: str, add: Descriptor
         have = {d.digest for d in idx.manifests}
         done = (add is None or add.digest in have) and (remove is None or remove not in have)
         if done and attempt > 0 and last is not None:
-            return last
+            # confirm once more after a short random pause: another node may have read the
+            # index before our write and be about to overwrite it (no conditional PUT in 2.8)
+            time.sleep(random.uniform(0.02, 0.1))
+            again = _tag_index(store, tag)
+            have = {d.digest for d in again.manifests} if again is not None else set()
+            if (add is None or add.digest in have) and (remove is None or remove not in have):
+                return last
+            log.info("referrers tag %s lost our update to a concurrent writer; writing again", tag)
+            continue
         if done and attempt == 0 and existed:
             return store.resolve(tag)
         manifests = [d for d in idx.manifests if d.digest != remove and (add is None or d.digest != add.digest)]

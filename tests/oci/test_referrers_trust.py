@@ -200,3 +200,29 @@ def test_signed_lazy_image_is_trusted(registry_session, tmp_path):
     kd.mkdir(parents=True)
     (kd / "ci.pem").write_bytes(good_pub.read_bytes())
     assert discover_lazy_image(repo, ref, TrustPolicy(state_dir=tmp_path / "state2"))[1].digest == lz.digest
+
+
+def test_concurrent_add_referrer_keeps_every_entry(registry_session):
+    import threading
+
+    host = registry_session.host
+    repo_name = unique("race/")
+    repo = client(host).repository(repo_name)
+    src = push_image(repo, "v1", [b"base"])
+    bodies = [lazy_manifest(repo, src, f"2026-01-0{i + 1}T00:00:00Z", seed=100 + i) for i in range(6)]
+    errors: list[BaseException] = []
+
+    def add(body: bytes) -> None:
+        try:
+            add_referrer(client(host).repository(repo_name), body, mt.OCI_MANIFEST)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=add, args=(b,)) for b in bodies]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+    assert not errors
+    found = list_referrers(repo, src.digest, mt.LAZY_ARTIFACT_TYPE)
+    assert {d.digest for d in found} == {sha256_digest(b) for b in bodies}
