@@ -150,12 +150,16 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
                         platform: Platform | None = None) -> tuple[Descriptor, Descriptor]:
     """Find the trusted lazy image for ``ref`` in ``store`` (the repository ``ref`` names).
 
+    ``store`` may also be a RegistryClient (then ``ref``'s repository on it is used).
+
     Returns ``(source manifest descriptor, lazy manifest descriptor)``. If ``ref`` itself names a
     lazy manifest, its subject is the source. Candidates come newest first; each must verify
     (digest, artifactType, subject) and pass ``policy``. Raises NoLazyImageError (non-fatal for
     callers) with what was found and what to do.
     """
     r = parse_reference(ref) if isinstance(ref, str) else ref
+    if hasattr(store, "repository") and not hasattr(store, "get_manifest"):
+        store = store.repository(r.repository)  # type: ignore[attr-defined]
     target = r.target or "latest"
     try:
         data, desc = store.get_manifest(target)

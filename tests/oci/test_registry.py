@@ -332,3 +332,26 @@ def test_no_redirect_auth_leak_in_repr():
     from bdserver.oci.auth import Credentials
 
     assert "hunter2" not in repr(Credentials("u", "hunter2", "tok"))
+
+
+def test_docker_schema2_and_manifest_list_on_registry(registry_session):
+    from bdserver.oci.model import Descriptor, Index, Manifest, Platform, select_platform
+
+    repo = client(registry_session.host).repository(unique("docker/"))
+    cfg = b'{"architecture":"arm64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    layer = rand_bytes(3000, 20)
+    repo.put_blob_bytes(cfg)
+    repo.put_blob_bytes(layer)
+    m = Manifest(config=Descriptor.for_bytes(cfg, mt.DOCKER_CONFIG),
+                 layers=[Descriptor.for_bytes(layer, mt.DOCKER_LAYER_TAR_GZIP)], media_type=mt.DOCKER_MANIFEST)
+    md = repo.put_manifest(m.to_bytes(), mt.DOCKER_MANIFEST)
+    lst = Index(manifests=[Descriptor(mt.DOCKER_MANIFEST, md.digest, md.size, platform=Platform("linux", "arm64", "v8"))],
+                media_type=mt.DOCKER_MANIFEST_LIST)
+    repo.put_manifest(lst.to_bytes(), mt.DOCKER_MANIFEST_LIST, tag="multi")
+    data, desc = repo.get_manifest("multi")
+    assert desc.media_type == mt.DOCKER_MANIFEST_LIST
+    idx = parse_manifest(data, desc.media_type)
+    pick = select_platform(idx.manifests, Platform("linux", "arm64"))
+    mdata, mdesc = repo.get_manifest(pick.digest)
+    assert mdesc.media_type == mt.DOCKER_MANIFEST and parse_manifest(mdata).layers[0].digest == sha256_digest(layer)
+    assert repo.resolve("multi").media_type == mt.DOCKER_MANIFEST_LIST
