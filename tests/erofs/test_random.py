@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import stat
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from bdserver.erofs.reader import ErofsImage
 from bdserver.erofs.tree import Inode
-from bdserver.erofs.writer import write_image
+from bdserver.erofs.writer import DeviceSlot, plan_image, write_image
 from tests.erofs.helpers import Spool, assert_mount_matches, assert_reader_matches, fsck, mounted, reg, symlink
 
 
@@ -54,6 +55,14 @@ def random_tree(rng: random.Random, spool: Spool, n: int) -> Inode:
                          rdev=os.makedev(rng.randrange(4096), rng.randrange(1 << 20)), **t)  # fmt: skip
             if stat.S_ISFIFO(node.mode) or stat.S_ISSOCK(node.mode):
                 node.rdev = 0
+        elif kind < 0.45:
+            size = rng.choice([5000, 100_000, 3 << 20, (1 << 32) + 7])
+            pieces, pos = [], rng.randrange(0, 20_000)
+            while pos < size and len(pieces) < 6:
+                ln = min(size - pos, rng.choice([1, 511, 4096, 10_000, 300_000]))
+                pieces.append((pos, rng.randbytes(ln)))
+                pos += ln + rng.choice([1, 4096, 65536, 1 << 20, 1 << 30])
+            node = reg(spool.sparse(size, pieces), **t)  # type: ignore[arg-type]
         else:
             size = rng.choice([0, 1, 100, 4095, 4096, 4097, 9000, 70_000])
             node = reg(spool.dense(rng.randbytes(size)), mode=rng.choice([0o644, 0o755, 0o4755]), xattrs=xattrs, **t)
@@ -80,5 +89,34 @@ def test_random_tree_roundtrip(tmp_path: Path, seed: int) -> None:
     with ErofsImage.open(img) as e:
         assert_reader_matches(root, e)
     with mounted(img, tmp_path / "mnt") as mnt:
+        assert_mount_matches(root, mnt)
+    spool.close()
+
+
+@pytest.mark.parametrize("seed", range(100, 100 + int(os.environ.get("EROFS_RANDOM_SEEDS", "4"))))
+def test_random_tree_as_merged_metadata(tmp_path: Path, seed: int) -> None:
+    """Layer image -> to_tree() -> metadata-only image with a device table -> [M | layer]."""
+    rng = random.Random(seed)
+    spool = Spool(tmp_path / "spool")
+    root = random_tree(rng, spool, 300)
+    layer = tmp_path / "layer"
+    with open(layer, "wb") as out:
+        lblocks = write_image(root, out, build_time=1_000_000).blocks
+
+    def meta(m: int) -> Inode:
+        with ErofsImage.open(layer) as e:
+            return e.to_tree(block_offset=m)
+
+    devs = [DeviceSlot(b"layer", lblocks, 0)]
+    m = plan_image(meta(0), build_time=1_000_000, devices=devs, meta_only=True).blocks
+    devs = [DeviceSlot(b"layer", lblocks, m)]
+    flat = tmp_path / "flat"
+    with open(flat, "wb") as out:
+        assert write_image(meta(m), out, build_time=1_000_000, devices=devs, meta_only=True).blocks == m
+        with open(layer, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+    with ErofsImage.open(flat) as e:
+        assert_reader_matches(root, e)
+    with mounted(flat, tmp_path / "mnt") as mnt:
         assert_mount_matches(root, mnt)
     spool.close()
