@@ -1,0 +1,171 @@
+"""Helpers for the TCMU lab tests: test devices (counting, faulty, blocking), trees, mounts."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from bdserver.errors import FetchError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def in_tcmu_lab() -> tuple[bool, str]:
+    """True inside the lab VM: TCMU and tcm_loop load and configfs is there (we load them)."""
+    if os.geteuid() != 0:
+        return False, "not root"
+    subprocess.run([str(REPO / "kernel-setup" / "lab-modules")], capture_output=True, check=False)
+    for mod in ("target_core_user", "tcm_loop", "uio"):
+        if not os.path.isdir(f"/sys/module/{mod}"):
+            return False, f"kernel module {mod} is not available (run inside vagrant/lab)"
+    if not os.path.isdir("/sys/kernel/config/target/core"):
+        return False, "configfs target tree missing"
+    return True, ""
+
+
+class ProbeDevice:
+    """Wraps a device: counts reads, can fail a byte range (FetchError) or park reads in a range."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.reads: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self.fail_range: tuple[int, int] | None = None
+        self.park_range: tuple[int, int] | None = None
+        self.parked = threading.Event()  # set when a read entered the park range
+        self.release = threading.Event()
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            self.reads.append((offset, length))
+        if self._hits(self.fail_range, offset, length):
+            raise FetchError(f"injected fault at [{offset}, {offset + length})")
+        if self._hits(self.park_range, offset, length):
+            self.parked.set()
+            self.release.wait(25)  # below the kernel's 30 s cmd_time_out
+        return self.inner.read(offset, length)
+
+    @staticmethod
+    def _hits(rng: tuple[int, int] | None, offset: int, length: int) -> bool:
+        return rng is not None and offset < rng[1] and rng[0] < offset + length
+
+    def read_count(self) -> int:
+        with self._lock:
+            return len(self.reads)
+
+
+def make_tree(root: Path, seed: int = 1) -> Path:
+    """A varied tree: sizes around block boundaries, a multi-MiB file, dirs, symlinks, a hardlink."""
+    rng = random.Random(seed)
+    (root / "d" / "sub").mkdir(parents=True)
+    sizes = {"empty": 0, "one": 1, "block": 4096, "block1": 4097, "mid": 300_000, "d/big": 3_000_000,
+             "d/sub/tail": 70_001}
+    for name, size in sizes.items():
+        (root / name).write_bytes(rng.randbytes(size))
+    for i in range(40):
+        (root / "d" / f"small{i:02d}").write_bytes(rng.randbytes(rng.randrange(1, 9000)))
+    (root / "text").write_text(f"hello bdserver {seed}\n")
+    os.symlink("text", root / "link")
+    os.symlink("/nonexistent/target", root / "d" / "dangling")
+    os.link(root / "mid", root / "d" / "hard")
+    os.chmod(root / "one", 0o640)
+    os.chmod(root / "d" / "sub", 0o711)
+    return root
+
+
+def mkfs_erofs(image: Path, src: Path) -> Path:
+    subprocess.run(["mkfs.erofs", "--quiet", "-T0", str(image), str(src)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return image
+
+
+def tree_listing(root: Path) -> dict[str, tuple]:
+    """name -> (type, mode, uid, gid, size, content or link target, hardlink group leader)."""
+    out: dict[str, tuple] = {}
+    first_by_inode: dict[int, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in sorted(dirnames + filenames):
+            p = Path(dirpath) / n
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if p.is_symlink():
+                out[rel] = ("l", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("d", st.st_mode, st.st_uid, st.st_gid)
+            else:
+                leader = first_by_inode.setdefault(st.st_ino, rel)
+                out[rel] = ("f", st.st_mode, st.st_uid, st.st_gid, st.st_size, p.read_bytes(), st.st_nlink,
+                            leader)
+    return out
+
+
+def compare_trees(a: Path, b: Path) -> None:
+    la, lb = tree_listing(a), tree_listing(b)
+    assert sorted(la) == sorted(lb)
+    for k in la:
+        assert la[k][:7] == lb[k][:7], k
+        # the same hardlink groups (leader names may differ by walk order, sizes do not)
+        assert (la[k][-1] == k) == (lb[k][-1] == k) or la[k][0] != "f", k
+
+
+@contextmanager
+def mounted(dev: str, where: Path) -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "erofs", "-o", "ro", dev, str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def dd(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """dd with stdout captured (no ``of=`` means stdout; the guest has no /dev/stdout link)."""
+    return subprocess.run(["dd", *args, "status=none"], capture_output=True, timeout=timeout)
+
+
+def settle(dev: str) -> None:
+    """Wait (bounded) until the block layer has no request of ``dev`` in flight (e.g. readahead)."""
+    path = Path(f"/sys/block/{os.path.basename(dev)}/inflight")
+    for _ in range(600):
+        if path.read_text().split() == ["0", "0"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{dev} still has requests in flight")
+
+
+def drop_caches() -> None:
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def kernel_log() -> str:
+    return subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+
+
+def configfs_residue(name_part: str = "") -> list[str]:
+    """Our configfs objects left: user backstores and loopback targets."""
+    core = Path("/sys/kernel/config/target/core")
+    loop = Path("/sys/kernel/config/target/loopback")
+    left = [str(p) for p in core.glob("user_*/*") if p.is_dir() and name_part in p.name]
+    if loop.is_dir():
+        left += [str(p) for p in loop.glob("naa.*")]
+    return left
+
+
+def uio_names() -> list[str]:
+    out = []
+    for p in Path("/sys/class/uio").glob("uio*"):
+        try:
+            out.append((p / "name").read_text().strip())
+        except OSError:
+            pass
+    return out
