@@ -173,7 +173,7 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
                                                 pinned_by_reference=r.digest == desc.digest)
         if not ok:
             raise NoLazyImageError(f"{r}: lazy image {desc.digest} is not trusted ({why}); "
-                                   f"pin it with `bdserver trust allow {desc.digest}` or convert here")
+                                   f"add it to {policy.trust_dir / 'allowed'} or convert on this node")
         lazy = Descriptor(media_type=desc.media_type, digest=desc.digest, size=desc.size,
                           artifact_type=mt.LAZY_ARTIFACT_TYPE, annotations=dict(parsed.annotations))
         return parsed.subject, lazy
@@ -210,6 +210,6 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
     if untrusted:
         raise NoLazyImageError(
             f"{r}: {len(untrusted)} lazy image(s) found for {source.digest} but none is trusted "
-            f"({', '.join(untrusted)}); allow one with `bdserver trust allow DIGEST` or convert on this node")
+            f"({', '.join(untrusted)}); add one to {policy.trust_dir / 'allowed'} or convert on this node")
     extra = f"; unusable: {', '.join(broken)}" if broken else ""
     raise NoLazyImageError(f"{r}: no lazy image for {source.digest}; run `bdserver convert {r}`{extra}")
