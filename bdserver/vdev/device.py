@@ -57,6 +57,7 @@ class VirtualDevice:
         size: int | None = None,
         on_close: Iterable[Callable[[], None]] = (),
         info: dict[str, Any] | None = None,
+        cache: Any = None,
     ) -> None:
         segs = sorted(segments, key=lambda s: s.start_block)
         prev_end = 0
@@ -79,6 +80,7 @@ class VirtualDevice:
         self._size = size
         self._on_close = list(on_close)
         self.info = dict(info or {})
+        self.cache = cache  # only for stats(): the node-wide cache figures
         self._lat = LatencyWindow()
         self._lock = threading.Lock()
         self._reads = 0
@@ -164,8 +166,8 @@ class VirtualDevice:
     def stats(self) -> dict[str, Any]:
         """Device-wide figures plus per-layer fetch figures (JSON-ready)."""
         layers = []
-        totals = {"chunk_hits": 0, "chunk_misses": 0, "fetches": 0, "fetched_bytes": 0, "joined": 0,
-                  "fetch_errors": 0, "integrity_errors": 0}
+        totals = {"chunk_hits": 0, "chunk_misses": 0, "fetches": 0, "fetched_bytes": 0, "fetched_chunks": 0,
+                  "joined": 0, "fetch_errors": 0, "integrity_errors": 0, "cache_put_errors": 0}
         for s in self.segments:
             if isinstance(s.source, LazyBlobSource):
                 snap = s.source.stats.snapshot()
@@ -183,8 +185,24 @@ class VirtualDevice:
         d["hits"] = totals["chunk_hits"]
         d["misses"] = totals["chunk_misses"]
         d["latency"] = self._lat.percentiles()
+        lat = LatencyWindow(1 << 16)
+        for s in self.segments:
+            if isinstance(s.source, LazyBlobSource):
+                for x in s.source.fetch_latency.samples():
+                    lat.add(x)
+        d["fetch_latency"] = lat.percentiles()
         d["layers"] = layers
+        if self.cache is not None:
+            d["cache"] = self.cache.stats()
         return d
+
+    def prefetch(self, offset: int = 0, length: int | None = None) -> None:
+        """Bring a range into the cache (e.g. a warm list, or everything for offline use)."""
+        if length is None:
+            length = self._size - offset
+        step = 4 << 20
+        for o in range(offset, offset + length, step):
+            self.read(o, min(step, offset + length - o))
 
     def close(self) -> None:
         """Release sources and pins; idempotent."""

@@ -239,7 +239,7 @@ def open_lazy_image(
                 {"digest": d.digest, "mapped_blkaddr": p.start_block, "blocks": blocks, "chunks": len(index)}
             )
         info = {"merged_meta": meta.digest, "meta_blocks": segs[0].blocks, "layers": info_layers}
-        return VirtualDevice(segs, on_close=[pin.release for pin in pins], info=info)
+        return VirtualDevice(segs, on_close=[pin.release for pin in pins], info=info, cache=cache)
     except BaseException:
         for pin in pins:
             pin.release()

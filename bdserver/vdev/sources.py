@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import Future
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from bdserver.blob.reader import ChunkedBlob
 from bdserver.cache import ChunkCache
 from bdserver.errors import BdError, FetchError, FormatError, IntegrityError, NoSpaceError
-from bdserver.vdev.stats import Counter
+from bdserver.vdev.stats import Counter, LatencyWindow
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 # timeouts and retries end a fetch long before this; it only bounds a wedged fetcher.
 JOIN_TIMEOUT = 600.0
 MAX_RUN_BYTES = 8 << 20  # split very long runs so one request never carries more than this
+# Extra runs of one read are fetched here. Pool threads never wait on other fetches: no deadlock.
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bdserver-fetch")
 
 
 class Source(Protocol):
@@ -88,6 +91,7 @@ class LazyBlobSource:
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[bytes]] = {}
         self.stats = Counter()
+        self.fetch_latency = LatencyWindow(2048)
         if cache is not None:
             try:
                 cache.register(digest, self._offsets)
@@ -176,30 +180,50 @@ class LazyBlobSource:
         raise FetchError(f"{self.name}: chunks {pending} keep disappearing from the cache")
 
     def _fetch_claimed(self, mine: list[int]) -> dict[int, bytes]:
-        """Fetch chunks this thread claimed; resolve their futures (result or the error) exactly once."""
+        """Fetch the chunks this thread claimed, one request per run of adjacent chunks; runs
+        beyond the first go to a small shared pool so they travel concurrently (spec §3.4.4)."""
+        runs = self._runs(sorted(mine))
+        if len(runs) == 1:
+            return self._fetch_and_resolve(runs[0])
+        futs = [_POOL.submit(self._fetch_and_resolve, r) for r in runs[1:]]
         out: dict[int, bytes] = {}
-        left = sorted(mine)
+        errors: list[BaseException] = []
         try:
-            for run in self._runs(left):
-                chunks = self._fetch_run(run[0], run[-1])
-                data = dict(zip(run, chunks))
-                self._store(data)
-                out.update(data)
-                with self._lock:
-                    for i in run:
-                        self._inflight.pop(i).set_result(data[i])
-                left = [i for i in left if i not in data]
+            out.update(self._fetch_and_resolve(runs[0]))
+        except BaseException as e:
+            errors.append(e)
+        for f in futs:
+            try:
+                out.update(f.result())
+            except BaseException as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        return out
+
+    def _fetch_and_resolve(self, run: list[int]) -> dict[int, bytes]:
+        """Fetch one run; resolve its in-flight futures exactly once, with the data or the error."""
+        data: dict[int, bytes] = {}
+        try:
+            t0 = time.perf_counter()
+            chunks = self._fetch_run(run[0], run[-1])
+            self.fetch_latency.add(time.perf_counter() - t0)
+            data = dict(zip(run, chunks))
+            self._store(data)
         except BaseException as e:
             err = e if isinstance(e, BdError) else FetchError(f"{self.name}: {e}")
             with self._lock:
-                for i in left:
+                for i in run:
                     f = self._inflight.pop(i, None)
                     if f is not None:
                         f.set_exception(err)
             if err is e:
                 raise
             raise err from e
-        return out
+        with self._lock:
+            for i in run:
+                self._inflight.pop(i).set_result(data[i])
+        return data
 
     def _runs(self, idx: list[int]) -> list[list[int]]:
         runs: list[list[int]] = []

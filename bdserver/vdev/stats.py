@@ -52,6 +52,10 @@ class LatencyWindow:
             self._d.append(seconds)
             self.count += 1
 
+    def samples(self) -> list[float]:
+        with self._lock:
+            return list(self._d)
+
     def percentiles(self, ps: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:
         with self._lock:
             xs = sorted(self._d)
