@@ -355,3 +355,32 @@ def test_docker_schema2_and_manifest_list_on_registry(registry_session):
     mdata, mdesc = repo.get_manifest(pick.digest)
     assert mdesc.media_type == mt.DOCKER_MANIFEST and parse_manifest(mdata).layers[0].digest == sha256_digest(layer)
     assert repo.resolve("multi").media_type == mt.DOCKER_MANIFEST_LIST
+
+
+def test_real_registry_token_auth(tmp_path):
+    """distribution 2.8 with `auth: token` and a loopback JWT issuer: the whole Bearer flow for real."""
+    from tests.fixtures.registry import start_token_registry
+
+    reg, ts = start_token_registry(tmp_path / "tok", users={"dave": "pw-dave"})
+    try:
+        cfg = _docker_config(tmp_path, reg.host, "dave", "pw-dave")
+        c = client(reg.host, docker_config=cfg)
+        repo = c.repository("tok/real")
+        blob = rand_bytes(70_000, 21)
+        d = repo.put_blob_bytes(blob)
+        desc = push_image(repo, "v1", [blob])
+        assert repo.resolve("v1").digest == desc.digest
+        assert repo.read_range(d, 5, 5) == blob[5:10]
+        assert repo.read_blob(d) == blob
+        other = c.repository("tok/other")
+        assert other.mount_blob(d, "tok/real") is True  # token carries pull on the source repo too
+        assert other.read_range(d, 0, 3) == blob[:3]
+        assert ts.requests <= 6  # one token per scope set, reused
+        with pytest.raises(AuthError):
+            client(reg.host, docker_config=_docker_config(tmp_path, reg.host, "dave", "nope")) \
+                .repository("tok/real").resolve("v1")
+        with pytest.raises(AuthError):
+            client(reg.host).repository("tok/real").resolve("v1")
+    finally:
+        reg.stop()
+        ts.stop()
