@@ -220,6 +220,18 @@ class _Builder:
 
     def _spool(self, inp: TarInput, e: TarEntry) -> SpooledData | None:
         what = f"data of {e.path!r}"
+        if inp.direct is not None:  # plain tar in a file: point at its bytes, copy nothing
+            base = inp.direct_base + inp.pos
+            segs = []
+            if e.sparse is None:
+                segs = [Segment(0, e.stored, base)] if e.stored else []
+            else:
+                o = base
+                for off, n in e.sparse:
+                    segs.append(Segment(off, n, o))
+                    o += n
+            inp.skip(e.padded, what)
+            return SpooledData(inp.direct, e.size, segs) if e.size else None
         pos = self.spool.tell()
         if e.sparse is None:
             inp.copy_to(self.spool, e.stored, what)
@@ -253,12 +265,14 @@ class _Builder:
 def read_layer(stream: BinaryIO, *, spool: BinaryIO | None = None, tmpdir: str | None = None) -> LayerTree:
     """Parse a layer (tar, tar+gzip or tar+zstd, detected by magic) into a `LayerTree`.
 
-    File data goes to ``spool`` (default: an anonymous temp file in ``tmpdir``); memory use
+    An uncompressed tar in a seekable OS file is described in place (the tree points into
+    ``stream``, which must then stay open while the tree is written). Otherwise file data goes to ``spool`` (default: an anonymous temp file in ``tmpdir``); memory use
     grows with the number of entries, not with their sizes. Raises FormatError on anything
     malformed or hostile.
     """
     own = spool is None
     sp: BinaryIO = spool if spool is not None else tempfile.TemporaryFile(dir=tmpdir)  # type: ignore[assignment]
+    inp: TarInput | None = None
     try:
         inp = TarInput(stream)
         b = _Builder(sp)
@@ -275,3 +289,6 @@ def read_layer(stream: BinaryIO, *, spool: BinaryIO | None = None, tmpdir: str |
         if own:
             sp.close()
         raise
+    finally:
+        if inp is not None:
+            inp.close()

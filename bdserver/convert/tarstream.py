@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import queue
+import threading
 import zlib
 from typing import BinaryIO
 
@@ -124,12 +127,58 @@ class _GzipReader:
             raise FormatError(f"corrupt gzip stream: {e}") from e
 
 
+class _Hasher:
+    """SHA-256 in a helper thread (hashlib drops the GIL), so hashing overlaps parsing and
+    writing; the queue is bounded, so memory stays a few MiB."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._t = threading.Thread(target=self._run, name="tar-sha256", daemon=True)
+        self._t.start()
+        self._done = False
+
+    def _run(self) -> None:
+        while (c := self._q.get()) is not None:
+            self._sha.update(c)
+
+    def update(self, data: bytes) -> None:
+        self._q.put(data)
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._q.put(None)
+            self._t.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._sha.hexdigest()
+
+
+def _direct_file(raw: BinaryIO) -> tuple[BinaryIO, int] | None:
+    """(file, offset of the tar's first byte) when ``raw`` is a plain seekable OS file."""
+    try:
+        if isinstance(raw, (io.BufferedReader, io.FileIO)) and raw.seekable():
+            raw.fileno()
+            return raw, raw.tell()
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class TarInput:
-    """Uncompressed tar bytes, read exactly, hashed on the way (diff_id)."""
+    """Uncompressed tar bytes, read exactly, hashed on the way (diff_id).
+
+    ``direct`` is set for an uncompressed tar in a seekable OS file: file data can then be
+    described in place (no spool copy) at ``direct_base + tar offset``."""
 
     def __init__(self, raw: BinaryIO) -> None:
+        d = _direct_file(raw)
         head = _peek(raw, 8)
         self.compression = detect_compression(head)
+        self.direct: BinaryIO | None = d[0] if d and self.compression == "none" else None
+        self.direct_base = d[1] if d else 0
         src: BinaryIO = _Peeked(head, raw)  # type: ignore[assignment]
         if self.compression == "gzip":
             src = _GzipReader(src)  # type: ignore[assignment]
@@ -137,7 +186,7 @@ class TarInput:
             src = _ZstdReader(src)  # type: ignore[assignment]
         self._src = src
         self._buf = bytearray()
-        self._sha = hashlib.sha256()
+        self._sha = _Hasher()
         self.pos = 0  # offset in the uncompressed tar of the next byte handed out
 
     def _fill(self, n: int) -> None:
@@ -145,6 +194,7 @@ class TarInput:
             c = self._src.read(max(_READ, n - len(self._buf)))
             if not c:
                 return
+            c = bytes(c)
             self._sha.update(c)
             self._buf += c
 
@@ -196,3 +246,6 @@ class TarInput:
 
     def diff_id(self) -> str:
         return "sha256:" + self._sha.hexdigest()
+
+    def close(self) -> None:
+        self._sha.close()

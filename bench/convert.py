@@ -1,0 +1,136 @@
+"""Conversion throughput and memory, side by side with the C tools on this machine.
+
+1. The debootstrap rootfs as one tar: bdserver `convert_layer` (tar -> EROFS layer image)
+   against `tar -x` + `mkfs.erofs -Enoinline_data` (erofs-utils, the same job in C), MB/s of
+   tar input, as a ratio (target >= 0.5x).
+2. A generated 2 GiB layer (large files of deterministic pseudo-random bytes): throughput and
+   the peak RSS of the converting child process (`wait4` rusage), to show memory stays bounded.
+
+Run: ``.venv/bin/python bench/convert.py [--big-gib 2] [--runs 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.fixtures.rootfs import debootstrap_rootfs  # noqa: E402
+from tests.fixtures.tarwriter import header  # noqa: E402
+
+PY = sys.executable
+CHILD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from bdserver.convert.layer import convert_layer
+t = time.perf_counter()
+with open(sys.argv[1], "rb") as f, open(sys.argv[2], "wb") as o:
+    r = convert_layer(f, o, tmpdir=sys.argv[3])
+print(time.perf_counter() - t, r.size)
+"""
+
+
+def run_child(args: list[str]) -> tuple[float, int, str]:
+    """Run a process; return (wall seconds, peak RSS in KiB of that process, stdout)."""
+    t = time.perf_counter()
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = p.stdout.read().decode() if p.stdout else ""
+    err = p.stderr.read().decode() if p.stderr else ""
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"{args[0]} failed: {err}")
+    return time.perf_counter() - t, ru.ru_maxrss, out
+
+
+def ours(tar: Path, work: Path) -> tuple[float, int]:
+    secs, rss, out = run_child([PY, "-c", CHILD.format(repo=str(REPO)), str(tar), str(work / "ours.erofs"), str(work)])
+    return secs, rss
+
+
+def c_tools(tar: Path, work: Path) -> tuple[float, float]:
+    d = work / "x"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    t0 = time.perf_counter()
+    subprocess.run(["tar", "-x", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-f", str(tar), "-C", str(d)],
+                   check=True)
+    t1 = time.perf_counter()
+    subprocess.run(["mkfs.erofs", "--quiet", "-Enoinline_data", "-T0", str(work / "c.erofs"), str(d)], check=True,
+                   stdout=subprocess.DEVNULL)
+    t2 = time.perf_counter()
+    shutil.rmtree(d)
+    return t1 - t0, t2 - t1
+
+
+def make_big_tar(path: Path, gib: int) -> None:
+    """``gib`` GiB in 256 MiB files of seeded pseudo-random bytes (streamed, never in memory)."""
+    per = 256 << 20
+    rnd = random.Random(42)
+    with open(path, "wb") as f:
+        f.write(header(b"big/", b"5", mode=0o755))
+        for i in range(gib * 4):
+            f.write(header(b"big/file%03d" % i, b"0", size=per))
+            for _ in range(per // (16 << 20)):
+                f.write(rnd.randbytes(16 << 20))
+        f.write(b"\0" * 1024)
+
+
+def mbps(n: int, s: float) -> float:
+    return n / s / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--big-gib", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", default=os.environ.get("TMPDIR", "/var/tmp"))
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bdserver-bench-convert-", dir=a.workdir))
+    try:
+        root = debootstrap_rootfs()
+        tar = work / "rootfs.tar"
+        subprocess.run(["tar", "--format=posix", "--xattrs", "--numeric-owner", "--sort=name", "-cf", str(tar),
+                        "-C", str(root), "."], check=True)
+        size = tar.stat().st_size
+        rows = []
+        best_ours = min(ours(tar, work)[0] for _ in range(a.runs))
+        best_c = min(sum(c_tools(tar, work)) for _ in range(a.runs))
+        xs, mk = c_tools(tar, work)
+        rows.append(("debootstrap rootfs tar", size, best_ours, best_c))
+
+        big = work / "big.tar"
+        make_big_tar(big, a.big_gib)
+        bsize = big.stat().st_size
+        bsecs, brss = ours(big, work)
+        (work / "ours.erofs").unlink()
+        bx, bm = c_tools(big, work)
+        rows.append((f"generated {a.big_gib} GiB layer", bsize, bsecs, bx + bm))
+
+        print(f"\nbdserver convert benchmark ({os.uname().release}, {os.cpu_count()} CPUs, best of {a.runs} for the rootfs)")
+        print(f"C baseline = tar -x + mkfs.erofs -Enoinline_data (erofs-utils "
+              f"{subprocess.run(['mkfs.erofs', '-V'], capture_output=True, text=True).stdout.split()[-1]})\n")
+        hdr = f"{'input':28} {'tar MB':>9} {'bdserver s':>11} {'MB/s':>8} {'C tools s':>10} {'MB/s':>8} {'ratio':>7}"
+        print(hdr)
+        print("-" * len(hdr))
+        for name, n, so, sc in rows:
+            print(f"{name:28} {n / 1e6:9.1f} {so:11.2f} {mbps(n, so):8.1f} {sc:10.2f} {mbps(n, sc):8.1f} "
+                  f"{sc / so:6.2f}x")
+        print(f"\n(rootfs C split: tar -x {xs:.2f} s + mkfs.erofs {mk:.2f} s)")
+        print(f"peak RSS converting the {bsize / 2**30:.2f} GiB layer: {brss / 1024:.1f} MiB (child process, wait4 ru_maxrss)")
+        print("target: ratio >= 0.50x; RSS independent of layer size")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
