@@ -348,3 +348,41 @@ def test_readers_never_see_torn_or_punched_bytes_while_another_process_evicts(ro
             p.join(60)
         assert bad == 0
         assert served > 0
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 2 MiB tmpfs (root only): real ENOSPC, real hole punching."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    import subprocess
+
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_enospc_evicts_or_raises_typed_error(tiny_fs: str) -> None:
+    big = [i * CH for i in range(64)] + [64 * CH]  # 4 MiB of chunks: twice the filesystem
+    with ChunkCache(tiny_fs, cap_bytes=1 << 30, clock=counter_clock()) as c:  # cap never binds
+        c.register(D1, big)
+        data = lambda i: bytes([i]) * CH  # noqa: E731
+        for i in range(64):
+            c.put(D1, i, data(i))  # ENOSPC -> evict older chunks -> retry
+        assert c.stats()["nospace"] >= 1
+        assert c.has(D1, 63) and not c.has(D1, 0)
+        present = [i for i in range(64) if c.has(D1, i)]
+        assert all(c.get(D1, i) == data(i) for i in present)
+        with c.pin(D1):  # nothing may be evicted: the typed error, state intact
+            with pytest.raises(NoSpaceError):
+                for i in range(64):
+                    if not c.has(D1, i):
+                        c.put(D1, i, data(i))
+            assert all(c.get(D1, i) == data(i) for i in present if c.has(D1, i))
+    with ChunkCache(tiny_fs) as c:  # and it reopens cleanly
+        assert all(c.get(D1, i) == data(i) for i in present if c.has(D1, i))
