@@ -3,7 +3,8 @@
 * `tree`     the in-memory tree contract (`Inode`, `SpooledData`, `BlockMap`, `whiteout`).
 * `structs`  one dataclass per on-disk struct (`Superblock`, `InodeCompact`, `InodeExtended`,
              `Dirent`, `XattrIbodyHeader`, `XattrEntry`, `ChunkIndex`, `DeviceSlot`), CRC32C.
-* `writer`   `write_image(root, out, ...) -> ImageInfo`, `plan_image(root, ...)` (dry run).
+* `layout`   where every inode and data block goes (pure computation), `plan_image` (dry run).
+* `writer`   `write_image(root, out, ...) -> ImageInfo`; `sink` does its positional output.
 * `reader`   `ErofsImage(read_at)` / `ErofsImage.open(path)`: walk, lookup, read, xattrs,
              extents, `to_tree(block_offset)`.
 * `inspect`  `summarize()`, `verify()`, `format_summary()`; `python -m bdserver.erofs.inspect`.
