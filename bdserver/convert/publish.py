@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from bdserver.errors import FormatError
-from bdserver.oci import mediatypes as mt
 from bdserver.oci.layout import OCILayout
 from bdserver.oci.model import Descriptor, Manifest, parse_manifest
 from bdserver.oci.reference import Reference, parse_reference

@@ -14,7 +14,6 @@ from bdserver.errors import AuthError, FetchError, IntegrityError, NotFoundError
 from bdserver.oci import mediatypes as mt
 from bdserver.oci.digest import sha256_digest
 from bdserver.oci.model import parse_manifest
-from bdserver.oci.registry import RegistryClient, RetryPolicy
 from bdserver.oci.store import ImageStore, open_store
 from tests.fixtures.proxy import FaultProxy
 
