@@ -79,6 +79,9 @@ def edge_tree(spool: Spool) -> Inode:
     x[b"acldir"] = dacl
     x[b"many"] = reg(None, xattrs={f"user.k{i:03d}": b"v" * i for i in range(60)}, **t)
     x[b"bigval"] = reg(spool.dense(b"b"), xattrs={"user.big": _data(3000, 7), "trusted.t": b"1"}, **t)
+    # xattr bodies spanning several blocks, one value at the 64 KiB limit
+    x[b"hugexattrs"] = reg(spool.dense(b"h"), xattrs={f"user.h{i}": _data(20_000, 100 + i) for i in range(4)}, **t)
+    x[b"maxval"] = Inode.directory(xattrs={"trusted.max": _data(65535, 99)}, **t)
     x[b"lnk"] = symlink(b"cap00", xattrs={"trusted.x": b"sym", "security.selinux": b"sys_t\0"}, **t)
     # symlinks of every length class
     ln = Inode.directory(**t)
