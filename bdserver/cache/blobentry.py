@@ -125,6 +125,8 @@ class BlobEntry:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._ops = 0  # operations in progress (begin/end): close waits for them
+        self._closing = False
         fds: list[int] = []
         try:
             # A shared lock on `users` for as long as we are open: prune leaves entries in use alone.
@@ -174,15 +176,38 @@ class BlobEntry:
                 v.release()
         self._mm.close()
 
+    def begin(self) -> bool:
+        """Start an operation; False if the entry is closing (reopen it instead).
+
+        Closing a handle under a running pread would let the fd number be reused by another
+        file, so close() only marks the entry and the last operation out closes it.
+        """
+        with self._lock:
+            if self._closing:
+                return False
+            self._ops += 1
+            return True
+
+    def end(self) -> None:
+        with self._lock:
+            self._ops -= 1
+            if self._closing and self._ops == 0:
+                self._close_now()
+
     def close(self) -> None:
         with self._lock:
-            if self._sfd < 0:
-                return
-            self._release_views()
-            os.close(self._sfd)
-            os.close(self._dfd)
-            os.close(self._ufd)
-            self._sfd = self._dfd = self._ufd = -1
+            self._closing = True
+            if self._ops == 0:
+                self._close_now()
+
+    def _close_now(self) -> None:
+        if self._sfd < 0:
+            return
+        self._release_views()
+        os.close(self._sfd)
+        os.close(self._dfd)
+        os.close(self._ufd)
+        self._sfd = self._dfd = self._ufd = -1
 
     # ---- geometry ---------------------------------------------------------------------
 

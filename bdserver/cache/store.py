@@ -92,6 +92,7 @@ class ChunkCache:
         self._gdepth = 0
         self._elock = threading.Lock()
         self._entries: dict[str, BlobEntry] = {}
+        self._refs: dict[str, int] = {}
         self._stats = CacheStats()
         self._slock = threading.Lock()
         self._used = self._scan_usage()
@@ -127,6 +128,7 @@ class ChunkCache:
                 setattr(self._stats, k, getattr(self._stats, k) + v)
 
     def _open_existing(self, digest: str) -> BlobEntry | None:
+        """The cached handle for `digest`, opening (and caching) it from disk if needed."""
         with self._elock:
             e = self._entries.get(digest)
             if e is not None:
@@ -148,19 +150,78 @@ class ChunkCache:
             e.close()
         return cur
 
-    def _forget(self, digest: str, entry: BlobEntry) -> None:
+    @contextmanager
+    def _use(self, digest: str) -> Iterator[BlobEntry | None]:
+        """A handle that stays open for the duration of the block (None: no such entry)."""
+        e: BlobEntry | None = None
+        for _ in range(5):
+            cand = self._open_existing(digest)
+            if cand is None or cand.begin():
+                e = cand
+                break
+            with self._elock:  # closing under us: forget it and reopen
+                if self._entries.get(digest) is cand:
+                    del self._entries[digest]
+        try:
+            yield e
+        finally:
+            if e is not None:
+                e.end()
+
+    @contextmanager
+    def _scan_entry(self, digest: str) -> Iterator[BlobEntry | None]:
+        """For scans: the cached handle if there is one, else a temporary one closed afterwards
+        (so scanning a big cache does not leave a handle open per blob)."""
         with self._elock:
-            if self._entries.get(digest) is entry:
+            e = self._entries.get(digest)
+        if e is not None and e.begin():
+            try:
+                yield e
+            finally:
+                e.end()
+            return
+        try:
+            t: BlobEntry | None = BlobEntry(self._entry_dir(digest))
+        except (FileNotFoundError, FormatError):
+            t = None
+        try:
+            yield t
+        finally:
+            if t is not None:
+                t.close()
+
+    def _forget(self, digest: str, entry: BlobEntry | None = None) -> None:
+        """Drop our handle (closed once its running operations finish)."""
+        with self._elock:
+            cur = self._entries.get(digest)
+            if cur is not None and (entry is None or cur is entry):
                 del self._entries[digest]
-        entry.close()
+            else:
+                cur = entry
+        if cur is not None:
+            cur.close()
 
     # ---- registration -------------------------------------------------------------------
 
     def register(self, digest: str, offsets: Sequence[int]) -> None:
-        """Declare a blob's chunk geometry (n+1 fences: chunk starts and the total size).
+        """Declare a blob's chunk geometry (n+1 fences: chunk starts and the total size) and
+        hold it: its handle stays open until `release`. Creates the entry on first use; an
+        existing entry with other geometry is replaced."""
+        self._ensure(digest, offsets)
+        with self._elock:
+            self._refs[digest] = self._refs.get(digest, 0) + 1
 
-        Creates the entry on first use; an existing entry with other geometry is replaced.
-        """
+    def release(self, digest: str) -> None:
+        """Undo one `register`; the last release closes our handle (the cached data stays)."""
+        with self._elock:
+            n = self._refs.get(digest, 0) - 1
+            if n > 0:
+                self._refs[digest] = n
+                return
+            self._refs.pop(digest, None)
+        self._forget(digest)
+
+    def _ensure(self, digest: str, offsets: Sequence[int]) -> None:
         validate_offsets(offsets)
         e = self._open_existing(digest)
         if e is not None and e.matches(offsets):
@@ -181,24 +242,24 @@ class ChunkCache:
         self._open_existing(digest)
 
     def chunk_count(self, digest: str) -> int | None:
-        e = self._open_existing(digest)
-        return None if e is None else e.n
+        with self._use(digest) as e:
+            return None if e is None else e.n
 
     # ---- chunk reads and writes --------------------------------------------------------
 
     def has(self, digest: str, i: int) -> bool:
-        e = self._open_existing(digest)
-        return e is not None and e.present(i)
+        with self._use(digest) as e:
+            return e is not None and e.present(i)
 
     def read(self, digest: str, i: int, start: int = 0, length: int | None = None) -> bytes | None:
         """Bytes [start, start+length) of chunk i (whole chunk by default), or None on a miss."""
-        e = self._open_existing(digest)
-        if e is None:
-            self._count(misses=1)
-            return None
-        if length is None:
-            length = e.span(i)[1] - start
-        data = e.read(i, start, length, self.clock())
+        with self._use(digest) as e:
+            if e is None:
+                data = None
+            else:
+                if length is None:
+                    length = e.span(i)[1] - start
+                data = e.read(i, start, length, self.clock())
         if data is None:
             self._count(misses=1)
         else:
@@ -214,27 +275,32 @@ class ChunkCache:
     def put_many(
         self, digest: str, items: Sequence[tuple[int, bytes]], *, offsets: Sequence[int] | None = None
     ) -> None:
-        """Store verified chunks. The blob must be registered, or `offsets` given to (re)register
+        """Store verified chunks. The blob must be registered, or `offsets` given to (re)create
         it (another process may have dropped it). NoSpaceError if the disk is full even after
         evicting; the cache state stays consistent either way (the chunks are just absent)."""
         for attempt in range(3):
-            e = self._open_existing(digest)
-            if e is None and offsets is not None:
-                self.register(digest, offsets)
-                e = self._open_existing(digest)
-            if e is None:
-                raise KeyError(f"{digest} is not registered in the cache")
-            try:
-                written = e.put_many(items, self.clock())
-            except StaleEntry:
-                self._forget(digest, e)
+            if offsets is not None and self._open_existing(digest) is None:
+                self._ensure(digest, offsets)
+            stale: BlobEntry | None = None
+            nospace: NoSpaceError | None = None
+            with self._use(digest) as e:
+                if e is None:
+                    raise KeyError(f"{digest} is not registered in the cache")
+                try:
+                    written = e.put_many(items, self.clock())
+                except StaleEntry:
+                    stale = e
+                except NoSpaceError as err:
+                    nospace = err
+            if stale is not None:
+                self._forget(digest, stale)
                 if attempt == 2:
                     raise KeyError(f"{digest} was dropped from the cache while writing")
                 continue
-            except NoSpaceError:
+            if nospace is not None:
                 self._count(nospace=1)
                 if attempt == 2 or self.evict(int(self._used * 0.5)) == 0:
-                    raise
+                    raise nospace
                 continue
             self._count(put_chunks=len(items), put_bytes=written)
             with self._slock:
@@ -359,12 +425,12 @@ class ChunkCache:
                 pins = self.pins()
                 cands: list[tuple[int, str, int, int]] = []  # (lastuse, digest, chunk|-1, bytes)
                 for digest, _ in self._digests("chunks"):
-                    e = self._open_existing(digest)
-                    if e is None:
-                        continue
-                    for i in e.present_indices():
-                        if not pins.chunk(digest, i):
-                            cands.append((e.lastuse(i), digest, i, e.span(i)[1]))
+                    with self._scan_entry(digest) as e:
+                        if e is None:
+                            continue
+                        for i in e.present_indices():
+                            if not pins.chunk(digest, i):
+                                cands.append((e.lastuse(i), digest, i, e.span(i)[1]))
                 for digest, path in self._digests("whole"):
                     if pins.whole(digest):
                         continue
@@ -390,14 +456,13 @@ class ChunkCache:
                         victims.setdefault(digest, []).append(i)
                     need -= nbytes
                 for digest, idx in victims.items():
-                    e = self._open_existing(digest)
-                    if e is None:
-                        continue
-                    try:
-                        n = e.evict(idx)
-                    except StaleEntry:
-                        self._forget(digest, e)
-                        continue
+                    with self._scan_entry(digest) as e:
+                        if e is None:
+                            continue
+                        try:
+                            n = e.evict(idx)
+                        except StaleEntry:
+                            continue
                     freed += n
                     self._count(evicted_chunks=len(idx), evicted_bytes=n)
                 self._count(evictions=1)
@@ -409,9 +474,7 @@ class ChunkCache:
     def drop(self, digest: str) -> None:
         """Remove a blob's entries (chunks and whole) regardless of pins."""
         with self._global():
-            e = self._entries.get(digest)
-            if e is not None:
-                self._forget(digest, e)
+            self._forget(digest)
             self._drop_locked(digest)
             try:
                 os.unlink(self._whole_path(digest))
@@ -431,20 +494,21 @@ class ChunkCache:
         dropped = 0
         with self._global():
             for digest, path in list(self._digests("chunks")):
+                with self._elock:
+                    held = digest in self._refs
                 if digest in pins.by_digest:
                     continue
-                e = self._open_existing(digest)
-                gone = e is None or (keep is not None and not keep(digest)) or not e.present_indices()
-                if gone:
-                    if e is not None:
-                        self._forget(digest, e)
+                with self._scan_entry(digest) as e:
+                    gone = e is None or (keep is not None and not keep(digest)) or not e.present_indices()
+                    if not gone and e is not None:
+                        try:
+                            e.punch_absent()
+                        except StaleEntry:
+                            pass
+                if gone and not held:
+                    self._forget(digest)  # an idle handle of ours must not count as a user
                     if self._drop_locked(digest, only_unused=True):  # devices elsewhere keep theirs
                         dropped += 1
-                elif e is not None:
-                    try:
-                        e.punch_absent()
-                    except StaleEntry:
-                        self._forget(digest, e)
             for digest, path in list(self._digests("whole")):
                 if keep is not None and not keep(digest) and not pins.whole(digest):
                     os.unlink(path)

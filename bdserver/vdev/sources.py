@@ -92,14 +92,18 @@ class LazyBlobSource:
         self._inflight: dict[int, Future[bytes]] = {}
         self.stats = Counter()
         self.fetch_latency = LatencyWindow(2048)
+        self._registered = False
         if cache is not None:
             try:
                 cache.register(digest, self._offsets)
+                self._registered = True
             except (BdError, OSError) as e:  # e.g. a full disk: serve uncached, retry on put
                 log.warning("%s: cannot register in the cache: %s", self.name, e)
 
     def close(self) -> None:
-        pass
+        if self.cache is not None and self._registered:
+            self._registered = False
+            self.cache.release(self.digest)
 
     # ---- read path ------------------------------------------------------------------------
 

@@ -308,10 +308,17 @@ def test_prune(root: str) -> None:
         c.put(D2, 0, chunk_bytes(D2, 0))
         D3 = "sha256:" + "3" * 64
         c.register(D3, OFFSETS)  # nothing cached: pruned
+        c.release(D2)
+        c.release(D3)
         res = c.prune(keep=lambda d: d != D2)
         assert res.dropped_blobs == 2
         assert c.get(D1, 0) == chunk_bytes(D1, 0)
         assert c.get(D2, 0) is None and c.chunk_count(D3) is None
+        assert c.prune(keep=lambda d: False).dropped_blobs == 0  # D1 is held (a device uses it)
+        assert c.get(D1, 0) == chunk_bytes(D1, 0)
+        c.release(D1)
+        assert c.prune(keep=lambda d: False).dropped_blobs == 1
+        assert c.get(D1, 0) is None
 
 
 def _evictor(root: str, stop, rounds: int) -> None:
