@@ -11,5 +11,6 @@ Entry points (details in each module):
   (ImageStore + ``read_range``, ``mount_blob``, ``referrers_api``, ``for_writing``).
 * ``referrers``: ``list_referrers``, ``add_referrer``, ``update_referrers_tag``, ``referrers_tag``.
 * ``trust``: ``TrustPolicy``, ``discover_lazy_image(store, ref, policy) -> (source, lazy)``.
+* ``copy.copy_image(src, dst, ref, dst_tag)``: byte-exact copy of an image tree between stores.
 * ``signing``: ``sign_lazy_image`` / ``signed_by`` (openssl ECDSA/RSA signature referrers).
 """

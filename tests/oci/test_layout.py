@@ -109,3 +109,23 @@ def test_concurrent_tags(tmp_path):
     for t in ts:
         t.join()
     assert lay.list_tags() == sorted(f"t{i}" for i in range(16))
+
+
+def test_copy_image_layout_registry_layout(tmp_path, registry_session):
+    from bdserver.oci.copy import copy_image
+    from bdserver.oci.referrers import add_referrer, list_referrers, referrers_tag
+
+    from .helpers import client, lazy_manifest, push_image, push_index
+
+    a = OCILayout(tmp_path / "a")
+    amd = push_image(a, None, [b"amd-layer"], arch="amd64")
+    arm = push_image(a, None, [b"arm-layer"], arch="arm64")
+    top = push_index(a, "v1", {"amd64": amd, "arm64": arm})
+    lz = add_referrer(a, lazy_manifest(a, amd), mt.OCI_MANIFEST)
+    repo = client(registry_session.host).repository("copy/x" + str(os.getpid()))
+    assert copy_image(a, repo, "v1", "v1").digest == top.digest
+    assert copy_image(a, repo, referrers_tag(amd.digest), referrers_tag(amd.digest)).digest
+    assert [d.digest for d in list_referrers(repo, amd.digest)] == [lz.digest]
+    b = OCILayout(tmp_path / "b")
+    assert copy_image(repo, b, "v1", "w").digest == top.digest
+    assert b.get_manifest(arm.digest)[0] == a.get_manifest(arm.digest)[0]

@@ -24,6 +24,8 @@ def _setup(registry, tmp_path):
     src = push_image(src_lay, "v1", [rand_bytes(5000, 1), rand_bytes(7000, 2)])
     repo = unique("pub/")
     registry.push_layout(tmp_path / "src", "v1", repo, "v1")  # skopeo, digests preserved
+    registry.push_layout(tmp_path / "src", "v1", repo + "-native", tool="bdserver")
+    assert client(registry.host).repository(repo + "-native").resolve("v1").digest == src.digest
     lazy_lay = OCILayout(tmp_path / "lazy")
     data = lazy_manifest(lazy_lay, src)
     lazy_lay.put_manifest(data, mt.OCI_MANIFEST, tag="lazy")
