@@ -393,3 +393,38 @@ def test_real_enospc_evicts_or_raises_typed_error(tiny_fs: str) -> None:
             assert all(c.get(D1, i) == data(i) for i in present if c.has(D1, i))
     with ChunkCache(tiny_fs) as c:  # and it reopens cleanly
         assert all(c.get(D1, i) == data(i) for i in present if c.has(D1, i))
+
+
+def test_closing_handles_under_running_reads_is_safe(root: str) -> None:
+    import threading
+
+    with ChunkCache(root) as c:
+        c.register(D1, OFFSETS)
+        c.put_many(D1, [(i, chunk_bytes(D1, i)) for i in range(N)])
+        errors: list[BaseException] = []
+        bad: list[int] = []
+        stop = threading.Event()
+
+        def reader(seed: int) -> None:
+            rnd = random.Random(seed)
+            try:
+                for _ in range(3000):
+                    if stop.is_set():
+                        break
+                    i = rnd.randrange(N)
+                    got = c.read(D1, i, 10, 5000)
+                    if got is not None and got != chunk_bytes(D1, i)[10:5010]:
+                        bad.append(i)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(300):  # close our handle again and again while reads run
+            c.release(D1)
+            c.register(D1, OFFSETS)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not errors and not bad
