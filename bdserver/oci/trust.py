@@ -27,6 +27,7 @@ from bdserver.oci.store import ImageStore
 
 log = logging.getLogger(__name__)
 
+MAX_CANDIDATES = 64  # referrers examined per subject (anyone with push access can add more)
 DEFAULT_STATE_DIR = Path(os.environ.get("BDSERVER_STATE_DIR", "/var/lib/bdserver"))
 
 
@@ -184,7 +185,19 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
     untrusted: list[str] = []
     broken: list[str] = []
     for subj in search:
-        for cand in list_referrers(store, subj.digest, mt.LAZY_ARTIFACT_TYPE):
+        have_keys = bool(policy.keys())
+        for n, cand in enumerate(list_referrers(store, subj.digest, mt.LAZY_ARTIFACT_TYPE)):
+            if n >= MAX_CANDIDATES:
+                broken.append(f"{n}+ more not examined")
+                break
+            if not have_keys and subj.digest == source.digest:
+                # decide locally before fetching anything: a repository flooded with untrusted
+                # referrers costs one listing, not one request per referrer
+                ok, why = policy.decide(cand.digest, source.digest)
+                if not ok:
+                    untrusted.append(cand.digest)
+                    log.warning("%s: ignoring untrusted lazy image %s (%s)", r, cand.digest, why)
+                    continue
             try:
                 cdata, cdesc = store.get_manifest(cand.digest)
                 cm = parse_manifest(cdata, cdesc.media_type)

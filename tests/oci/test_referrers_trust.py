@@ -226,3 +226,18 @@ def test_concurrent_add_referrer_keeps_every_entry(registry_session):
     assert not errors
     found = list_referrers(repo, src.digest, mt.LAZY_ARTIFACT_TYPE)
     assert {d.digest for d in found} == {sha256_digest(b) for b in bodies}
+
+
+def test_untrusted_referrers_are_not_fetched(registry, fault_proxy, tmp_path):
+    p = fault_proxy
+    repo = client(p.host).repository("flood/x")
+    src = push_image(repo, "v1", [b"base"])
+    lzs = [add_referrer(repo, lazy_manifest(repo, src, f"2026-01-0{i + 1}T00:00:00Z", seed=i), mt.OCI_MANIFEST)
+           for i in range(5)]
+    p.stats.reset()
+    with pytest.raises(NoLazyImageError, match="5 lazy image"):
+        discover_lazy_image(repo, f"{p.host}/flood/x:v1", TrustPolicy(state_dir=tmp_path))
+    fetched = {e[1].rsplit("/", 1)[1] for e in p.stats.entries if "/manifests/sha256:" in e[1]}
+    assert not fetched & {d.digest for d in lzs}
+    s, lz = discover_lazy_image(repo, f"{p.host}/flood/x:v1", TrustPolicy(state_dir=tmp_path, allowed={lzs[2].digest}))
+    assert lz.digest == lzs[2].digest
