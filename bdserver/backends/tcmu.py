@@ -15,8 +15,11 @@ Reads go to a thread pool and complete out of order, so a miss waiting for the n
 a cache hit behind it. SCSI semantics live in `scsi.py`, the ring in `tcmu_ring.py`. Detach tears
 down in the reverse order and leaves nothing in configfs.
 
-Re-adoption by a restarted daemon (``action/block_dev`` + ``reset_ring`` on the surviving UIO
-device) is not implemented: a restarted daemon can only `detach` (clean up) leftovers.
+Restarts: `close()` (daemon exit) stops serving but leaves configfs, /dev/sdX and mounts alone. A
+later `attach` of the same dev_id and size *adopts* the surviving device: it opens the UIO device
+again, writes ``action/reset_ring`` (commands the dead handler held fail with BUSY, which the
+initiator retries) and serves the ring afresh, so the disk path and its mounts stay valid. A
+leftover that cannot be adopted (other size, no LUN) is torn down and created anew.
 """
 
 from __future__ import annotations
@@ -69,6 +72,23 @@ def _uio_by_name(name: str) -> Path | None:
         except OSError:
             continue
     return None
+
+
+def _find_storage_object(name: str) -> Path | None:
+    """``core/user_N/<name>`` if a user backstore of that name exists (e.g. left by a dead daemon)."""
+    for p in (TARGET / "core").glob(f"user_*/{name}"):
+        if p.is_dir():
+            return p
+    return None
+
+
+def _target_of(so_path: Path) -> str:
+    """The loopback target WWN whose LUN links to this storage object ('' if none)."""
+    real = os.path.realpath(so_path)
+    for link in (TARGET / "loopback").glob("naa.*/tpgt_*/lun/lun_*/*"):
+        if link.is_symlink() and os.path.realpath(link) == real:
+            return link.parents[3].name
+    return ""
 
 
 def _wait_for(what: str, probe, timeout: float = DISK_WAIT_S, step: float = 0.05):
@@ -272,6 +292,14 @@ class TcmuBackend(Backend):
                 raise KernelError(f"device {dev_id} is already attached over tcmu")
         name = _safe_name(dev_id)
         config = f"{SUBTYPE}/{name}"
+        leftover = _find_storage_object(name)
+        if leftover is not None:
+            try:
+                return self._adopt(leftover, device, dev_id)
+            except Exception as exc:  # noqa: BLE001 - fall back to a clean re-creation
+                log.warning("tcmu: cannot adopt %s (%s); recreating it", leftover, exc)
+                self._detach_leftover(Attached("", self.name, dev_id, {"storage_object": str(leftover),
+                                                                        "target": _target_of(leftover)}))
         serial = uuid.uuid4().hex
         size = -(-device.size // BLOCK_SIZE) * BLOCK_SIZE
         disk = ScsiDisk(size=device.size, serial=serial, block_size=BLOCK_SIZE,
@@ -312,6 +340,63 @@ class TcmuBackend(Backend):
             self._live[dev_id] = _Live(so, target, tpg, lun, server, path, extra)
         log.info("tcmu: %s attached as %s (%s, %s)", dev_id, path, uio_name, address)
         return Attached(path=path, backend=self.name, dev_id=dev_id, extra=extra)
+
+    def _adopt(self, so_path: Path, device: Device, dev_id: str) -> Attached:
+        """Serve a device a previous (dead) handler left behind: same LUN, same /dev/sdX."""
+        from rtslib_fb import LUN, TPG, FabricModule, Target, UserBackedStorageObject
+
+        size = -(-device.size // BLOCK_SIZE) * BLOCK_SIZE
+        have = int((so_path / "attrib" / "dev_size").read_text().strip() or 0) if \
+            (so_path / "attrib" / "dev_size").exists() else int(re.search(
+                r"Size: (\d+)", (so_path / "info").read_text()).group(1))
+        if have != size:
+            raise KernelError(f"size changed ({have} != {size})")
+        target_wwn = _target_of(so_path)
+        if not target_wwn:
+            raise KernelError("no LUN links to it")
+        hba = so_path.parent.name.split("_", 1)[1]
+        name = so_path.name
+        config = f"{SUBTYPE}/{name}"
+        uio = _uio_by_name(f"tcm-user/{hba}/{name}/{config}")
+        if uio is None:
+            raise KernelError("its UIO device is gone")
+        serial = (so_path / "wwn" / "vpd_unit_serial").read_text().split(":", 1)[1].strip()
+        so = UserBackedStorageObject(name, index=hba)
+        target = Target(FabricModule("loopback"), target_wwn, mode="lookup")
+        tpg = next(iter(target.tpgs))
+        lun = next(iter(tpg.luns))
+        disk = ScsiDisk(size=device.size, serial=serial, block_size=BLOCK_SIZE,
+                        max_transfer_blocks=MAX_SECTORS, config=config)
+        node = f"/dev/{uio.name}"
+        map_size = int((uio / "maps/map0/size").read_text().strip(), 0)
+        # Fail what the dead handler held (BUSY: the initiator retries) and start the ring at 0.
+        (so_path / "action" / "reset_ring").write_text("1")
+        server = RingServer(node, map_size, disk, device, name=name)
+        address = (Path(tpg.path) / "address").read_text().strip()
+        path = self._disk_of(f"{address}:{lun.lun}")
+        if path is None:
+            server.stop()
+            raise KernelError(f"no disk at SCSI {address}:{lun.lun}")
+        extra = {
+            "uio": node, "storage_object": so.path, "target": target.wwn,
+            "scsi_address": f"{address}:{lun.lun}", "serial": serial, "wwid": disk.wwid,
+            "block_size": BLOCK_SIZE, "adopted": True,
+        }
+        with self._lock:
+            self._live[dev_id] = _Live(so, target, tpg, lun, server, path, extra)
+        log.info("tcmu: %s adopted as %s (%s)", dev_id, path, so_path)
+        return Attached(path=path, backend=self.name, dev_id=dev_id, extra=extra)
+
+    def close(self) -> None:
+        """Stop serving every device but leave it in the kernel, for the next daemon to adopt."""
+        with self._lock:
+            lives = list(self._live.values())
+            self._live.clear()
+        for live in lives:
+            try:
+                live.server.stop()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("tcmu: stopping %s: %s", live.disk_path, exc)
 
     @staticmethod
     def _disk_of(scsi_address: str) -> str | None:
@@ -363,25 +448,28 @@ class TcmuBackend(Backend):
 
     def _detach_leftover(self, attached: Attached) -> None:
         """Detach a device this process did not attach (a restarted daemon cleaning up)."""
-        from rtslib_fb import Target, UserBackedStorageObject
+        from rtslib_fb import FabricModule, Target, UserBackedStorageObject
         from rtslib_fb.utils import RTSLibError
 
         extra = attached.extra or {}
         target = so = None
-        try:
-            if extra.get("target"):
-                from rtslib_fb import FabricModule
+        if extra.get("target"):
+            try:
                 target = Target(FabricModule("loopback"), extra["target"], mode="lookup")
-            if extra.get("storage_object"):
-                p = Path(extra["storage_object"])
+            except RTSLibError:
+                target = None
+        if extra.get("storage_object"):
+            p = Path(extra["storage_object"])
+            try:
                 so = UserBackedStorageObject(p.name, index=p.parent.name.split("_", 1)[1])
-        except RTSLibError:
-            pass
+            except RTSLibError:
+                so = None
         if target is None and so is None:
             return  # already gone: detach is idempotent
         if so is not None:
-            # Fail whatever the dead handler left in the ring so LUN removal cannot hang.
-            for action, value in (("block_dev", "1"), ("reset_ring", "2"), ("block_dev", "0")):
+            # Nobody serves this ring: fail what is in it (CHECK CONDITION) and keep new commands
+            # out (BUSY) so that removing the LUN cannot wait for a handler that will never come.
+            for action, value in (("block_dev", "1"), ("reset_ring", "2")):
                 try:
                     (Path(so.path) / "action" / action).write_text(value)
                 except OSError:

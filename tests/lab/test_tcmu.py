@@ -246,3 +246,65 @@ def test_parallel_readers(tcmu_backend, erofs_pair) -> None:
         for t in threads:
             t.join()
     assert errors == []
+
+
+HOLDER = """
+import json, sys, time
+from bdserver.backends.tcmu import TcmuBackend
+from bdserver.vdev.device import VirtualDevice
+att = TcmuBackend().attach(VirtualDevice.from_files([sys.argv[1]]), sys.argv[2])
+print(json.dumps(att.to_json()), flush=True)
+sys.stdin.read()  # hold the device until killed
+"""
+
+
+def test_restarted_handler_adopts_device(tcmu_backend, erofs_pair, tmp_path) -> None:
+    """A handler process dies with the disk mounted and a read in flight; a new handler adopts
+    the same /dev/sdX (ring reset: the stuck read is retried and served), the mount keeps working."""
+    import json
+    import signal
+    import sys
+
+    image, src = erofs_pair
+    data = image.read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(image), "adopt"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, cwd=str(Path(__file__).resolve().parents[2]))
+    try:
+        line = holder.stdout.readline()
+        assert line, "holder process failed to attach"
+        path = json.loads(line)["path"]
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "erofs", "-o", "ro", path, str(mnt)], check=True)
+        try:
+            assert (mnt / "text").read_text() == (src / "text").read_text()
+            os.kill(holder.pid, signal.SIGKILL)  # the process this test started
+            holder.wait(60)
+            # a read that reaches the now unserved ring and waits there
+            blk = len(data) // BS - 3
+            stuck = subprocess.Popen(["dd", f"if={path}", f"bs={BS}", f"skip={blk}", "count=1", "iflag=direct",
+                                      "status=none"], stdout=subprocess.PIPE)
+            for _ in range(600):
+                if Path(f"/sys/block/{os.path.basename(path)}/inflight").read_text().split() != ["0", "0"]:
+                    break
+                __import__("time").sleep(0.05)
+            dev = file_device(image)
+            att = tcmu_backend.attach(dev, "adopt")
+            try:
+                assert att.path == path and att.extra.get("adopted")
+                out, _ = stuck.communicate(timeout=120)
+                assert stuck.returncode == 0 and out == data[blk * BS:(blk + 1) * BS]
+                drop_caches()
+                compare_trees(src, mnt)  # the old mount reads through the new handler
+                assert dev.read_count() > 0
+            finally:
+                subprocess.run(["umount", str(mnt)], check=False)
+                tcmu_backend.detach(att)
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait(60)
+    assert configfs_residue() == []
+    assert not os.path.exists(path)
