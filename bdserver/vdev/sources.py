@@ -112,8 +112,16 @@ class LazyBlobSource:
             return b""
         index = self.blob.index
         first = index.chunk_at(offset)
-        last = index.chunk_at(offset + length - 1)
         end = offset + length
+        if end <= self._offsets[first + 1]:  # fast path: one chunk, usually a hit
+            rel = offset - self._offsets[first]
+            data = self._cached(first, rel, length)
+            if data is not None:
+                self.stats.hit()
+                return data
+            self.stats.add(chunk_misses=1)
+            return self._chunks([first])[first][rel : rel + length]
+        last = index.chunk_at(end - 1)
         pieces: dict[int, bytes] = {}
         missing: list[tuple[int, int, int]] = []
         for i in range(first, last + 1):

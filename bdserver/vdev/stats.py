@@ -34,6 +34,10 @@ class Counter:
             for k, v in kw.items():
                 setattr(self.value, k, getattr(self.value, k) + v)
 
+    def hit(self) -> None:
+        with self._lock:
+            self.value.chunk_hits += 1
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return asdict(self.value)
