@@ -190,6 +190,7 @@ class Authorizer:
         self.host = host
         self.creds = creds
         self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()
         self._scheme: str | None = None
         self._bearer: dict[str, str] = {}
         self._tokens: dict[tuple[str, ...], _Token] = {}
@@ -206,8 +207,13 @@ class Authorizer:
                     return "Bearer " + t.value
         return None
 
-    def challenge(self, resp: httpx.Response, scopes: tuple[str, ...], client: httpx.Client) -> bool:
-        """Handle a 401: learn the scheme, fetch a token. True if a retry may succeed."""
+    def challenge(self, resp: httpx.Response, scopes: tuple[str, ...], client: httpx.Client,
+                  sent: str | None = None) -> bool:
+        """Handle a 401: learn the scheme, fetch a token. True if a retry may succeed.
+
+        ``sent`` is the Authorization value the refused request carried: when many threads hit
+        an expired token at once, the first fetches a new one and the others reuse it.
+        """
         chs = parse_challenges(resp.headers.get("www-authenticate", ""))
         for scheme, params in chs:
             if scheme == "bearer" and params.get("realm"):
@@ -215,11 +221,15 @@ class Authorizer:
                 if params.get("scope"):
                     want.update(s for s in params["scope"].split(" ") if s)
                 key = tuple(sorted(scopes))
-                token = self._fetch_token(client, params["realm"], params.get("service"), sorted(want))
-                with self._lock:
-                    self._scheme = "bearer"
-                    self._bearer = params
-                    self._tokens[key] = token
+                with self._fetch_lock:
+                    now = self.header(scopes)
+                    if now is not None and now != sent and self._scheme == "bearer":
+                        return True  # another thread refreshed it meanwhile
+                    token = self._fetch_token(client, params["realm"], params.get("service"), sorted(want))
+                    with self._lock:
+                        self._scheme = "bearer"
+                        self._bearer = params
+                        self._tokens[key] = token
                 return True
             if scheme == "basic":
                 c = self.creds.get(self.host, refresh=self._scheme == "basic")

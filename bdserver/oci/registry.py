@@ -306,12 +306,13 @@ class RegistryClient:
             try:
                 while True:
                     h = dict(headers)
+                    sent_auth = None
                     if send_auth:
                         for k, v in ep.headers:
                             h[k] = v
-                        a = auth.header(scopes)
-                        if a:
-                            h["Authorization"] = a
+                        sent_auth = auth.header(scopes)
+                        if sent_auth:
+                            h["Authorization"] = sent_auth
                     req = client.build_request(method, url, headers=h, content=content)
                     self.stats["requests"] += 1
                     resp = client.send(req, stream=True)
@@ -336,7 +337,7 @@ class RegistryClient:
                     resp.read()
                     resp.close()
                     auth_rounds += 1
-                    if auth_rounds > 2 or not auth.challenge(resp, scopes, client):
+                    if auth_rounds > 2 or not auth.challenge(resp, scopes, client, sent_auth):
                         raise AuthError(f"{self.host}: {method} {path}: authentication failed ({_error_text(resp)})")
                     continue
                 if resp.status_code in RETRY_STATUS:
@@ -845,6 +846,7 @@ class _BlobStream(io.RawIOBase):
         send_auth = True
         for _ in range(MAX_REDIRECTS + 3):
             h = dict(headers)
+            a = None
             if send_auth:
                 h.update(dict(ep.headers))
                 a = auth.header(scopes)
@@ -862,7 +864,7 @@ class _BlobStream(io.RawIOBase):
             if resp.status_code == 401 and send_auth:
                 resp.read()
                 resp.close()
-                if not auth.challenge(resp, scopes, http):
+                if not auth.challenge(resp, scopes, http, a):
                     raise AuthError(f"{client.host}: blob {self.digest}: authentication failed")
                 continue
             if resp.status_code in RETRY_STATUS:

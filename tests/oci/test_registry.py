@@ -383,3 +383,30 @@ def test_real_registry_token_auth(tmp_path):
     finally:
         reg.stop()
         ts.stop()
+
+
+def test_token_refresh_under_many_threads_fetches_once(registry, fault_proxy):
+    p = fault_proxy
+    p.require_auth("bearer", {})
+    repo = client(p.host).repository("herd/x")
+    blob = rand_bytes(200_000, 22)
+    d = repo.put_blob_bytes(blob)
+    assert repo.read_range(d, 0, 10) == blob[:10]
+    p.revoke_tokens()
+    before = p.token_requests
+    errors: list[BaseException] = []
+
+    def reader(k: int) -> None:
+        try:
+            off = k * 4096
+            assert repo.read_range(d, off, 4096) == blob[off : off + 4096]
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=reader, args=(k,)) for k in range(12)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+    assert not errors
+    assert p.token_requests - before <= 2
