@@ -216,6 +216,7 @@ def open_lazy_image(
     layers = manifest["layers"] if isinstance(manifest, Mapping) else manifest.layers
     meta, plans = plan(layers)
     pins = []
+    sources: list[LazyBlobSource] = []
     try:
         meta_bytes = load_meta(meta, fetch_range, cache)
         if cache is not None:
@@ -234,6 +235,7 @@ def open_lazy_image(
             d = p.desc
             blob = ChunkedBlob(index, lambda off, n, dg=d.digest: fetch_range(dg, off, n), name=f"layer {d.digest}")
             src = LazyBlobSource(blob, d.digest, cache, name=d.digest)
+            sources.append(src)
             segs.append(Segment(p.start_block, blocks, src, d.digest))
             info_layers.append(
                 {"digest": d.digest, "mapped_blkaddr": p.start_block, "blocks": blocks, "chunks": len(index)}
@@ -241,6 +243,8 @@ def open_lazy_image(
         info = {"merged_meta": meta.digest, "meta_blocks": segs[0].blocks, "layers": info_layers}
         return VirtualDevice(segs, on_close=[pin.release for pin in pins], info=info, cache=cache)
     except BaseException:
+        for src in sources:
+            src.close()
         for pin in pins:
             pin.release()
         raise
