@@ -10,6 +10,7 @@ blocks; then data blocks in inode order.
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass
 from typing import Sequence
@@ -321,6 +322,12 @@ def compute_layout(
             raise FormatError(f"uid/gid out of range: {ino.uid}/{ino.gid}")
         if not 0 <= ino.mtime_nsec < 1_000_000_000:
             raise FormatError(f"mtime_nsec out of range: {ino.mtime_nsec}")
+        if not -(1 << 63) <= ino.mtime < (1 << 63):
+            raise FormatError(f"mtime out of range: {ino.mtime}")
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK) and (
+            not 0 <= ino.rdev < (1 << 64) or os.major(ino.rdev) > 0xFFF or os.minor(ino.rdev) > 0xFFFFF
+        ):
+            raise FormatError(f"device number {ino.rdev:#x} does not fit EROFS (major < 4096, minor < 2^20)")
         p.isize = 64 if p.extended else 32
 
     # -- pass 2: place inodes in the metadata area ----------------------------------------

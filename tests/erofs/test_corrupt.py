@@ -4,6 +4,7 @@ refused by the writer with FormatError."""
 from __future__ import annotations
 
 import io
+import os
 import random
 import stat
 import struct
@@ -184,3 +185,23 @@ def test_writer_bad_blockmap() -> None:
 def test_writer_root_must_be_directory() -> None:
     with pytest.raises(FormatError):
         write_image(Inode(mode=stat.S_IFREG | 0o644), io.BytesIO())
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        Inode(mode=stat.S_IFCHR, rdev=os.makedev(4096, 0)),
+        Inode(mode=stat.S_IFBLK, rdev=os.makedev(1, 1 << 20)),
+        Inode(mode=stat.S_IFREG, mtime=1 << 63),
+        Inode(mode=stat.S_IFREG, mtime_nsec=10**9),
+        Inode(mode=stat.S_IFREG, uid=1 << 32),
+        Inode(mode=0o170000),
+        Inode(mode=stat.S_IFLNK | 0o777, symlink=b"x" * 4096),
+    ],
+    ids=["major", "minor", "mtime", "nsec", "uid", "mode", "symlink"],
+)
+def test_writer_refuses_unrepresentable(node: Inode) -> None:
+    root = Inode.directory()
+    root.children[b"n"] = node  # type: ignore[index]
+    with pytest.raises(FormatError):
+        write_image(root, io.BytesIO())
