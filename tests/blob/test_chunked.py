@@ -423,3 +423,40 @@ def test_large_random_image_round_trip() -> None:
     info = write_chunked_zstd(io.BytesIO(data), out)
     cb = open_blob(info, out.getvalue())
     assert cb.read(DEFAULT_CHUNK_SIZE - 10, 20) == data[DEFAULT_CHUNK_SIZE - 10 : DEFAULT_CHUNK_SIZE + 10]
+
+
+def test_fuzzed_indexes_fail_only_with_typed_errors() -> None:
+    """Random byte flips, truncations and extensions of a (re-signed) index: the parser and the
+    reader either work on what they accept or raise FormatError / IntegrityError, nothing else."""
+    data = make_image(6 * CS + 77, seed=13)
+    info, blob = build(data)
+    payload = blob[info.index_range[0] + 8 :]
+    rnd = random.Random(99)
+    accepted = 0
+    for _ in range(1500):
+        bad = bytearray(payload)
+        kind = rnd.randrange(4)
+        if kind == 0:
+            for _ in range(rnd.randrange(1, 4)):
+                bad[rnd.randrange(len(bad))] = rnd.randrange(256)
+        elif kind == 1:
+            del bad[rnd.randrange(len(bad)) :]
+        elif kind == 2:
+            bad += rnd.randbytes(rnd.randrange(1, 60))
+        else:
+            pos = rnd.randrange(32, len(bad) - 8)
+            bad[pos : pos + 8] = struct.pack("<Q", rnd.choice([0, 1, 2**63, 2**64 - 1, rnd.randrange(10**6)]))
+        nb, ann = _reframe(info, blob, bytes(bad))
+        try:
+            idx = load_index(fetcher(nb), len(nb), ann)
+        except FormatError:
+            continue
+        accepted += 1
+        cb = ChunkedBlob(idx, fetcher(nb))
+        for i in range(len(idx)):
+            try:
+                cb.read_chunk(i)
+            except (FormatError, IntegrityError):
+                pass
+    assert accepted < 1500
+
