@@ -345,3 +345,23 @@ def test_many_devices_flatdev(tmp_path: Path) -> None:
         for i, (_, _, t) in enumerate(layers):
             assert (mnt / f"l{i:02d}" / "f").read_bytes() == spooled(t.children[b"f"])  # type: ignore[index]
     spool.close()
+
+
+def test_compressed_image_metadata(tmp_path: Path) -> None:
+    """LZ4 images (mkfs.erofs -zlz4): all metadata is readable; reading compressed data is a
+    clear FormatError, not garbage."""
+    from bdserver.errors import FormatError
+
+    src = tmp_path / "src"
+    make_source_dir(src)
+    (src / "compressible").write_bytes(b"a" * 100_000)
+    img = tmp_path / "img"
+    _mkfs(img, src, "-zlz4hc")
+    with ErofsImage.open(img) as e, mounted(img, tmp_path / "mnt") as mnt:
+        disk_tree_equals_reader(mnt, e, contents=False)
+        info = e.lookup("/compressible")
+        assert info.layout in (S.LAYOUT_COMPRESSED_FULL, S.LAYOUT_COMPRESSED_COMPACT)
+        with pytest.raises(FormatError, match="compressed"):
+            info.read(0, 10)
+        with pytest.raises(FormatError, match="compressed"):
+            e.to_tree()
