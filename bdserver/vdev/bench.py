@@ -34,6 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--rtt-ms", type=float, default=20.0, help="simulated registry round trip per range request")
+    ap.add_argument("--threads", type=int, default=16, help="concurrent readers in the cold random test")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         img = os.path.join(d, "image")
@@ -93,6 +95,34 @@ def main() -> None:
               f"p99 {s['latency']['p99_ms']:.3f} ms; fetches {s['fetches']}, fetched {s['fetched_bytes'] >> 20} MiB")
         dev.close()
         cache.close()
+
+        # Cold random reads against a slow "registry": misses overlap, hits never wait for them.
+        local = layout_fetcher(blobs)
+
+        def slow_fetch(digest: str, off: int, n: int) -> bytes:
+            time.sleep(args.rtt_ms / 1000)
+            return local(digest, off, n)
+
+        cache2 = ChunkCache(os.path.join(d, "cache2"), cap_bytes=4 * size)
+        dev2 = open_lazy_image(manifest, slow_fetch, cache2)
+        per2 = 40
+        def cold_reader(seed: int) -> None:
+            r = random.Random(seed)
+            for _ in range(per2):
+                dev2.read(base + r.randrange(size // 4096) * 4096, 4096)
+        ths = [threading.Thread(target=cold_reader, args=(s,)) for s in range(args.threads)]
+        t0 = time.perf_counter()
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        el = time.perf_counter() - t0
+        s2 = dev2.stats()
+        print(f"cold random 4 KiB reads, {args.threads} threads, RTT {args.rtt_ms:g} ms: "
+              f"{args.threads * per2 / el:.0f} reads/s, {s2['fetches']} fetches, {s2['joined']} joined in flight, "
+              f"read p50 {s2['latency']['p50_ms']:.1f} ms p99 {s2['latency']['p99_ms']:.1f} ms")
+        dev2.close()
+        cache2.close()
 
 
 if __name__ == "__main__":
