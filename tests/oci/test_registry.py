@@ -410,3 +410,17 @@ def test_token_refresh_under_many_threads_fetches_once(registry, fault_proxy):
         t.join(timeout=60)
     assert not errors
     assert p.token_requests - before <= 2
+
+
+def test_registry_that_ignores_range(registry, fault_proxy):
+    """A pull-through cache answers 200 with the whole blob on a miss: ranges still come out right."""
+    p = fault_proxy
+    repo = client(p.host).repository("norange/x")
+    blob = rand_bytes(400_000, 23)
+    d = repo.put_blob_bytes(blob)
+    p.ignore_range = True
+    assert repo.read_range(d, 123_456, 1000) == blob[123_456:124_456]
+    assert repo.read_range(d, len(blob) - 10, 100) == blob[-10:]
+    assert p.stats.statuses(r"/blobs/sha256", "GET") == [200, 200]
+    p.inject("truncate", count=1, match=r"/blobs/sha256", method="GET")  # resume gets a 200: skip ahead
+    assert repo.read_blob(d, len(blob)) == blob
