@@ -160,6 +160,7 @@ class RegistryClient:
         self._lock = threading.Lock()
         self._redirects: dict[str, tuple[httpx.URL, float]] = {}
         self.stats = {"requests": 0, "retries": 0, "bytes": 0}  # approximate under threads
+        self._warned_no_range = False
 
     @classmethod
     def shared(cls, host: str, **kw: Any) -> "RegistryClient":
@@ -595,6 +596,10 @@ class RegistryRepository:
                     raise _Transient(f"short body: {len(data)} of {want} bytes")
                 return data
             # 200: the whole blob (proxies, some CDNs); skip to the range without buffering it all
+            if not self.client._warned_no_range:
+                self.client._warned_no_range = True
+                log.warning("%s ignores Range requests (HTTP 200 to a ranged GET of %s): lazy reads will "
+                            "transfer whole blobs", self.client.host, digest)
             out = bytearray()
             pos = 0
             for c in resp.iter_raw(1 << 16):
