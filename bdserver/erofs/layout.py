@@ -28,6 +28,8 @@ U32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class ImageInfo:
+    """Size of a written (or planned) image; `blocks` is what a device table slot records."""
+
     blocks: int  # image size in 4 KiB blocks (the primary device)
     size: int  # bytes = blocks * 4096
     inodes: int
@@ -49,7 +51,8 @@ def file_type(mode: int) -> int:
 
 
 class Plan:
-    """Per-inode layout decisions, filled in by the passes of `write_image`."""
+    """Per-inode layout decisions, filled in by the passes of `compute_layout` (slots: one
+    of these exists per inode of a possibly huge tree)."""
 
     __slots__ = (
         "inode", "nid", "pos", "ino", "nlink", "parent", "extended", "layout", "isize",
@@ -201,6 +204,8 @@ def check_segments(d: SpooledData) -> list[Segment]:
 
 @dataclass
 class Layout:
+    """Everything `writer` needs: plans in NID order and where the areas start."""
+
     order: list[Plan]
     shared_keys: list[bytes]
     shared_ids: dict[bytes, int]
