@@ -204,12 +204,22 @@ class VirtualDevice:
         for o in range(offset, offset + length, step):
             self.read(o, min(step, offset + length - o))
 
+    def flush(self) -> None:
+        """Wait for write-behind cache writes of everything fetched so far."""
+        for s in self.segments:
+            if isinstance(s.source, LazyBlobSource):
+                s.source.flush()
+
     def close(self) -> None:
-        """Release sources and pins; idempotent."""
+        """Release sources and pins (after flushing cache writes); idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        try:
+            self.flush()
+        except Exception:  # a failed cache write was already logged and counted
+            pass
         for fn in self._on_close:
             try:
                 fn()

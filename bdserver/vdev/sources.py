@@ -28,6 +28,9 @@ JOIN_TIMEOUT = 600.0
 MAX_RUN_BYTES = 8 << 20  # split very long runs so one request never carries more than this
 # Extra runs of one read are fetched here. Pool threads never wait on other fetches: no deadlock.
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bdserver-fetch")
+# Cache writes (write + fdatasync + mark present) happen here, off the read path.
+_WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bdserver-cache-write")
+MAX_PENDING_BYTES = 64 << 20
 
 
 class Source(Protocol):
@@ -93,6 +96,9 @@ class LazyBlobSource:
         self.stats = Counter()
         self.fetch_latency = LatencyWindow(2048)
         self._registered = False
+        self._pending: dict[int, bytes] = {}  # verified chunks not yet in the cache
+        self._pending_bytes = 0
+        self._writes: set[Future[None]] = set()
         if cache is not None:
             try:
                 cache.register(digest, self._offsets)
@@ -101,6 +107,7 @@ class LazyBlobSource:
                 log.warning("%s: cannot register in the cache: %s", self.name, e)
 
     def close(self) -> None:
+        self.flush()
         if self.cache is not None and self._registered:
             self._registered = False
             self.cache.release(self.digest)
@@ -146,10 +153,15 @@ class LazyBlobSource:
         if self.cache is None:
             return None
         try:
-            return self.cache.read(self.digest, i, start, length)
+            data = self.cache.read(self.digest, i, start, length)
         except OSError as e:
             log.warning("%s: cache read of chunk %d failed: %s", self.name, i, e)
-            return None
+            data = None
+        if data is None:
+            b = self._pending.get(i)  # fetched, verified, still on its way to the disk
+            if b is not None:
+                return b[start:] if length is None else b[start : start + length]
+        return data
 
     def _chunks(self, wanted: list[int]) -> dict[int, bytes]:
         """Whole verified chunks for `wanted`: claim, fetch (coalesced) what we own, join the rest."""
@@ -164,6 +176,8 @@ class LazyBlobSource:
                     f = self._inflight.get(i)
                     if f is not None:
                         joins[i] = f
+                    elif i in self._pending:
+                        got[i] = self._pending[i]
                     elif self.cache is not None and self.cache.has(self.digest, i):
                         recheck.append(i)  # finished by another thread since our miss
                     else:
@@ -214,14 +228,18 @@ class LazyBlobSource:
         return out
 
     def _fetch_and_resolve(self, run: list[int]) -> dict[int, bytes]:
-        """Fetch one run; resolve its in-flight futures exactly once, with the data or the error."""
+        """Fetch one run; resolve its in-flight futures exactly once, with the data or the error.
+
+        Verified chunks go to the cache write-behind: readers get them at once (from `_pending`
+        until the cache has them), so a miss never waits for the disk's fdatasync; past
+        MAX_PENDING_BYTES of unwritten chunks the write is done inline (back-pressure).
+        """
         data: dict[int, bytes] = {}
         try:
             t0 = time.perf_counter()
             chunks = self._fetch_run(run[0], run[-1])
             self.fetch_latency.add(time.perf_counter() - t0)
             data = dict(zip(run, chunks))
-            self._store(data)
         except BaseException as e:
             err = e if isinstance(e, BdError) else FetchError(f"{self.name}: {e}")
             with self._lock:
@@ -232,10 +250,48 @@ class LazyBlobSource:
             if err is e:
                 raise
             raise err from e
+        inline = False
         with self._lock:
+            if self.cache is not None:
+                for i in run:
+                    self._pending[i] = data[i]
+                    self._pending_bytes += len(data[i])
+                inline = self._pending_bytes > MAX_PENDING_BYTES
             for i in run:
                 self._inflight.pop(i).set_result(data[i])
+        if self.cache is not None:
+            if inline:
+                self._store_and_forget(data)
+            else:
+                fut = _WRITER.submit(self._store_and_forget, data)
+                with self._lock:
+                    self._writes.add(fut)
+                fut.add_done_callback(self._write_done)
         return data
+
+    def _write_done(self, fut: Future[None]) -> None:
+        with self._lock:
+            self._writes.discard(fut)
+
+    def _store_and_forget(self, data: dict[int, bytes]) -> None:
+        try:
+            self._store(data)
+        finally:
+            with self._lock:
+                for i, b in data.items():
+                    if self._pending.get(i) is b:
+                        del self._pending[i]
+                        self._pending_bytes -= len(b)
+
+    def flush(self) -> None:
+        """Wait until every chunk fetched so far has been offered to the cache."""
+        for _ in range(1000):  # bounded: each round waits for the writes known at its start
+            with self._lock:
+                writes = list(self._writes)
+            if not writes:
+                return
+            for f in writes:
+                f.result()
 
     def _runs(self, idx: list[int]) -> list[list[int]]:
         runs: list[list[int]] = []

@@ -156,6 +156,7 @@ def test_failed_fetch_raises_caches_nothing_and_is_retried(lazy: LazyImage, cach
     assert dev.stats()["fetch_errors"] == 1 and dev.stats()["read_errors"] == 1
     lazy.registry.fail = None
     assert dev.read(off, 3 * CS) == lazy.expected[off : off + 3 * CS]
+    dev.flush()  # cache writes are write-behind
     assert all(cache.has(digest, i) for i in range(1, 4))
 
 
@@ -200,6 +201,7 @@ def test_corrupt_chunk_is_integrity_error_and_not_cached(lazy: LazyImage, cache:
     off = layer_chunk_offset(lazy, 0, 0)
     with pytest.raises(IntegrityError):
         dev.read(off, 3 * CS)  # chunks 0..2 in one request; chunk 1 is bad
+    dev.flush()
     assert not any(cache.has(digest, i) for i in range(3))
     assert dev.stats()["integrity_errors"] == 1
     with pytest.raises(IntegrityError):
@@ -244,6 +246,7 @@ def test_metadata_is_pinned_while_attached(lazy: LazyImage, cache: ChunkCache) -
     meta_digest = lazy.manifest["layers"][-1]["digest"]
     dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
     dev.read(0, dev.size)
+    dev.flush()
     cache.evict(0)
     assert cache.get_whole(meta_digest) == lazy.meta
     assert not cache.has(lazy.layers[0][0], 0)  # data chunks are fair game
@@ -385,5 +388,31 @@ def test_split_runs_are_fetched_separately_and_both_resolve(lazy: LazyImage, cac
     with pytest.raises(FetchError):
         dev.read(o2, 3 * CS)  # runs {3} and {5}
     lazy.registry.hook = None
+    dev.flush()
     assert cache.has(digest, 3) and not cache.has(digest, 5)
     assert dev.read(o2, 3 * CS) == lazy.expected[o2 : o2 + 3 * CS]
+
+
+def test_a_miss_does_not_wait_for_the_cache_write(lazy: LazyImage, cache: ChunkCache, monkeypatch) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    digest = lazy.layers[0][0]
+    entered, release = threading.Event(), threading.Event()
+    real = cache.put_many
+
+    def slow_put(*a, **kw):
+        entered.set()
+        release.wait(WAIT)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cache, "put_many", slow_put)
+    off = layer_chunk_offset(lazy, 0, 4)
+    assert dev.read(off, 2 * CS) == lazy.expected[off : off + 2 * CS]  # returns while the write is parked
+    assert entered.wait(WAIT)
+    n = len(lazy.registry.calls_for(digest))
+    assert dev.read(off + 10, CS) == lazy.expected[off + 10 : off + 10 + CS]  # served from memory
+    assert len(lazy.registry.calls_for(digest)) == n
+    assert not cache.has(digest, 4)
+    release.set()
+    dev.flush()
+    assert cache.has(digest, 4) and cache.has(digest, 5)
+    dev.close()
