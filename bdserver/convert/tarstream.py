@@ -72,44 +72,121 @@ def detect_compression(head: bytes) -> str:
     return "none"
 
 
+class _ZstdFrames:
+    """Walks zstd frame and block headers as the compressed bytes stream past, so that a
+    truncated stream is detected (the bounded `stream_reader` decoder ends silently on one)."""
+
+    _FCS = (0, 2, 4, 8)
+    _DICT = (0, 1, 2, 4)
+
+    def __init__(self) -> None:
+        self.state = "magic"
+        self.buf = b""
+        self.skip = 0
+        self.rest = 0
+        self.checksum = False
+        self.frames = 0
+
+    def _need(self) -> int:
+        return {"magic": 4, "skipsize": 4, "fhd": 1, "fhrest": self.rest, "block": 3, "checksum": 4}[self.state]
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self.skip:
+                k = min(self.skip, n - i)
+                self.skip -= k
+                i += k
+                continue
+            need = self._need()
+            take = min(need - len(self.buf), n - i)
+            self.buf += data[i : i + take]
+            i += take
+            if len(self.buf) < need:
+                return
+            self._advance()
+            while not self.skip and self.state == "fhrest" and self.rest == 0:
+                self._advance()
+
+    def _advance(self) -> None:
+        b, self.buf = self.buf, b""
+        st = self.state
+        if st == "magic":
+            m = int.from_bytes(b, "little")
+            if m == 0xFD2FB528:
+                self.state = "fhd"
+            elif (m & 0xFFFFFFF0) == 0x184D2A50:
+                self.state = "skipsize"
+            else:
+                raise FormatError("corrupt zstd stream: data after the last frame is not a frame")
+        elif st == "skipsize":
+            self.skip = int.from_bytes(b, "little")
+            self.state = "magic"
+        elif st == "fhd":
+            fhd = b[0]
+            if fhd & 0x08:
+                raise FormatError("corrupt zstd stream: reserved bit set in a frame header")
+            single = (fhd >> 5) & 1
+            fcs = self._FCS[fhd >> 6] if (fhd >> 6) or not single else 1
+            self.rest = (0 if single else 1) + self._DICT[fhd & 3] + fcs
+            self.checksum = bool(fhd & 0x04)
+            self.state = "fhrest"
+        elif st == "fhrest":
+            self.state = "block"
+        elif st == "block":
+            h = int.from_bytes(b, "little")
+            last, btype, size = h & 1, (h >> 1) & 3, h >> 3
+            if btype == 3:
+                raise FormatError("corrupt zstd stream: reserved block type")
+            self.skip = 1 if btype == 1 else size
+            if last:
+                self.state = "checksum" if self.checksum else "magic"
+                self.frames += 0 if self.checksum else 1
+        elif st == "checksum":
+            self.state = "magic"
+            self.frames += 1
+
+    def complete(self) -> bool:
+        return self.state == "magic" and not self.buf and not self.skip
+
+
+class _Tee:
+    def __init__(self, raw: BinaryIO, frames: _ZstdFrames) -> None:
+        self.raw = raw
+        self.frames = frames
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if data:
+            self.frames.feed(data)
+        return data
+
+
 class _ZstdReader:
-    """Decompress a (possibly multi-frame) zstd stream; a truncated frame is a FormatError."""
+    """Decompress a (possibly multi-frame) zstd stream with bounded output per read (a
+    decompression bomb cannot blow up memory); truncation and garbage are FormatError."""
 
     def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self._dctx = zstandard.ZstdDecompressor()
-        self._obj = self._dctx.decompressobj()
-        self._pending = b""
+        self._frames = _ZstdFrames()
+        self._tee = _Tee(raw, self._frames)
+        self._r = zstandard.ZstdDecompressor().stream_reader(self._tee, read_size=_READ, read_across_frames=True)
         self._eof = False
-        self._in_frame = False
 
     def read(self, n: int = _READ) -> bytes:
-        while not self._pending and not self._eof:
-            data = self._raw.read(_READ)
-            if not data:
-                self._eof = True
-                if self._in_frame:
-                    raise FormatError("zstd stream is truncated (incomplete frame)")
-                break
-            self._feed(data)
-        out, self._pending = self._pending[:n], self._pending[n:]
-        return out
-
-    def _feed(self, data: bytes) -> None:
-        chunks = []
-        while data:
-            try:
-                chunks.append(self._obj.decompress(data))
-            except zstandard.ZstdError as e:
-                raise FormatError(f"corrupt zstd stream: {e}") from e
-            self._in_frame = True
-            if self._obj.eof:
-                data = self._obj.unused_data
-                self._obj = self._dctx.decompressobj()
-                self._in_frame = False
-            else:
-                data = b""
-        self._pending += b"".join(chunks)
+        if self._eof:
+            return b""
+        try:
+            out = self._r.read(n)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"corrupt zstd stream: {e}") from e
+        if out:
+            return out
+        self._eof = True
+        while self._tee.read(_READ):  # whatever the decoder left must be nothing but whole frames
+            pass
+        if not self._frames.complete() or self._frames.frames == 0:
+            raise FormatError("zstd stream is truncated (incomplete frame)")
+        return b""
 
 
 class _GzipReader:

@@ -286,3 +286,41 @@ def test_layer_conversion_is_deterministic(tmp_path: Path) -> None:
         outs.append(p.read_bytes())
         assert r.size == len(outs[-1]) and r.blocks * 4096 == r.size
     assert outs[0] == outs[1]
+
+
+def test_zstd_garbage_after_frames_is_refused() -> None:
+    raw = zstandard.ZstdCompressor().compress(_sample()) + b"not a frame"
+    with pytest.raises(FormatError, match="zstd"):
+        tree(raw)
+
+
+@pytest.mark.parametrize("how", ["zstd", "gzip"])
+def test_decompression_bomb_memory_is_bounded(how: str, tmp_path: Path) -> None:
+    """1 GiB of zeros after a small tar, compressed to almost nothing: parsed and hashed with
+    bounded memory (peak RSS of a child process)."""
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb"
+    zeros = b"\0" * (16 << 20)
+    with open(bomb, "wb") as f:
+        if how == "zstd":
+            c = zstandard.ZstdCompressor(level=3).compressobj()
+            f.write(c.compress(_sample()))
+            for _ in range(64):
+                f.write(c.compress(zeros))
+            f.write(c.flush())
+        else:
+            g = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1)
+            g.write(_sample())
+            for _ in range(64):
+                g.write(zeros)
+            g.close()
+    code = ("import resource, sys\n"
+            "from bdserver.convert.tar import read_layer\n"
+            "t = read_layer(open(sys.argv[1], 'rb'))\n"
+            "print(t.tar_size, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.split()
+    assert int(out[0]) >= 1 << 30
+    assert int(out[1]) < 150 * 1024, f"peak RSS {int(out[1]) // 1024} MiB"
