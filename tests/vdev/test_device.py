@@ -416,3 +416,29 @@ def test_a_miss_does_not_wait_for_the_cache_write(lazy: LazyImage, cache: ChunkC
     dev.flush()
     assert cache.has(digest, 4) and cache.has(digest, 5)
     dev.close()
+
+
+def test_merged_meta_may_be_zstd(cache: ChunkCache) -> None:
+    import copy
+    import io
+
+    from bdserver.blob.chunked import write_chunked_zstd
+
+    lazy = build_lazy_image(seed=6)
+    m = copy.deepcopy(lazy.manifest)
+    out = io.BytesIO()
+    info = write_chunked_zstd(io.BytesIO(lazy.meta), out, chunk_size=4096)
+    lazy.registry.blobs[info.digest] = out.getvalue()
+    m["layers"][-1] = {
+        "mediaType": "application/vnd.erofs+zstd",
+        "digest": info.digest,
+        "size": info.size,
+        "annotations": {"org.bdserver.role": "merged-meta", "org.erofs.uncompressed-digest": info.uncompressed_digest},
+    }
+    dev = open_lazy_image(m, lazy.registry.fetch, cache)
+    assert dev.read(0, dev.size) == lazy.expected
+    dev.close()
+    m["layers"][-1]["annotations"]["org.erofs.uncompressed-digest"] = sha(b"something else")
+    cache.drop(info.digest)
+    with pytest.raises(IntegrityError):
+        open_lazy_image(m, lazy.registry.fetch, cache)
