@@ -460,3 +460,24 @@ def test_fuzzed_indexes_fail_only_with_typed_errors() -> None:
                 pass
     assert accepted < 1500
 
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["zstd", "raw"])
+def test_inspect_finds_the_index_and_verifies(tmp_path, capsys, raw: bool) -> None:
+    import json
+
+    from bdserver.blob.inspect import locate_index, main
+
+    data = make_image(5 * CS + 3, seed=21)
+    info, blob = build(data, raw=raw)
+    assert locate_index(lambda o, n: blob[o : o + n], len(blob)) == (info.index_range[0], info.media_type)
+    p = tmp_path / "blob"
+    p.write_bytes(blob)
+    assert main([str(p), "--verify"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["annotations"] == {k: v for k, v in annotations(info).items() if "chunk-index" in k}
+    assert out["uncompressed_digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    bad = bytearray(blob)
+    bad[10] ^= 1
+    p.write_bytes(bytes(bad))
+    assert main([str(p), "--verify"]) == 4  # IntegrityError's exit code
