@@ -1,1 +1,19 @@
-"""convert"""
+"""convert: tar image -> lazy EROFS image (and the node-side fallback building the same device).
+
+Modules (imports point down: image -> merge, layer -> tar -> tarheader -> tarstream):
+
+* `tarstream`: magic-byte detection (tar / gzip / zstd), bounded decompression, the diff_id.
+* `tarheader`: strict streaming header parser (ustar, GNU L/K and old sparse, PAX incl. GNU
+  sparse 0.0/0.1/1.0, xattrs, ACLs, ns mtimes); FormatError on anything malformed.
+* `tar`: `read_layer(stream) -> LayerTree` (tree + spool; OCI whiteouts -> overlayfs).
+* `layer`: `convert_layer(stream, out_image, *, build_time=0, tmpdir=None) -> LayerResult`.
+* `merge`: `merge_layers(layers, offsets=None) -> Inode`, `build_merged_meta(layers, out) -> MergedMeta`
+  (layers: `MergeLayer(root, blocks, tag, implicit)`, roots from `ErofsImage.to_tree()`).
+* `image`: `convert_image(src, src_ref, dest, dest_tag=None, *, tmpdir=None) -> ConvertResult`,
+  `convert_layers_to_device(src, ref, workdir) -> LocalDevice`,
+  `convert_tar_layers(openers, workdir, *, expected_diff_ids=None) -> LocalDevice`.
+* `publish` (registry engineer): pushes a converted layout as a referrer or to DEST.
+
+`bdserver convert SRC [DEST]` = `convert_image(open_store(SRC), SRC.tag or digest, scratch
+OCILayout, None, tmpdir=...)` then `publish(scratch, result.digest, source=SRC, dest=DEST)`.
+"""

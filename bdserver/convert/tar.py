@@ -140,6 +140,12 @@ class _Builder:
             skip_data(inp, e)
             return
         name = comps[-1]
+        for c in comps[:-1]:
+            if c.startswith(b".wh..wh."):  # inside AUFS bookkeeping (.wh..wh.plnk/...): not content
+                skip_data(inp, e)
+                return
+            if c.startswith(WH_PREFIX):
+                raise FormatError(f"tar member {e.path!r}: a whiteout name {c!r} is used as a directory")
         parent = self.parent(comps[:-1], e.path)
         assert parent.children is not None
         if name.startswith(WH_PREFIX):

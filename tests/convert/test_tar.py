@@ -228,6 +228,8 @@ def test_whiteouts_and_opaque() -> None:
     w.add("s/.wh.dir", F)
     w.add("s/dir/x", F, b"x")
     w.add("aufs/.wh..wh.plnk", F)
+    w.add("aufs/.wh..wh.orph/", D)
+    w.add("aufs/.wh..wh.orph/x", F, b"x")
     w.add("root-opq/.wh..wh..opq", F)
     t = tree(w.close())
     gone = get(t, "d/gone")
@@ -294,6 +296,7 @@ def test_zstd_garbage_after_frames_is_refused() -> None:
         tree(raw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["zstd", "gzip"])
 def test_decompression_bomb_memory_is_bounded(how: str, tmp_path: Path) -> None:
     """1 GiB of zeros after a small tar, compressed to almost nothing: parsed and hashed with
@@ -324,3 +327,10 @@ def test_decompression_bomb_memory_is_bounded(how: str, tmp_path: Path) -> None:
                          cwd=Path(__file__).resolve().parents[2]).stdout.split()
     assert int(out[0]) >= 1 << 30
     assert int(out[1]) < 150 * 1024, f"peak RSS {int(out[1]) // 1024} MiB"
+
+
+def test_whiteout_name_as_directory_is_refused() -> None:
+    w = TarWriter()
+    w.add("a/.wh.b/c", F, b"x")
+    with pytest.raises(FormatError, match="whiteout name"):
+        tree(w.close())
