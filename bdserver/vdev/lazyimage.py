@@ -206,12 +206,14 @@ def open_lazy_image(
     cache: ChunkCache | None,
     *,
     parallel: int = 8,
+    write_behind: bool = False,
 ) -> VirtualDevice:
     """A VirtualDevice for a lazy image manifest (oci.model.Manifest, or its JSON as a dict).
 
     `fetch_range(digest, offset, length)` is the registry client's ranged blob read. Raises
     FormatError for a manifest that is not a bdserver lazy image, FetchError / IntegrityError when
-    the metadata cannot be fetched or verified.
+    the metadata cannot be fetched or verified. `write_behind`: see LazyBlobSource (off: every
+    chunk handed out is already durable in the node cache).
     """
     layers = manifest["layers"] if isinstance(manifest, Mapping) else manifest.layers
     meta, plans = plan(layers)
@@ -234,7 +236,7 @@ def open_lazy_image(
             blocks = p.blocks if p.blocks is not None else blocks_for(index.uncompressed_size)
             d = p.desc
             blob = ChunkedBlob(index, lambda off, n, dg=d.digest: fetch_range(dg, off, n), name=f"layer {d.digest}")
-            src = LazyBlobSource(blob, d.digest, cache, name=d.digest)
+            src = LazyBlobSource(blob, d.digest, cache, name=d.digest, write_behind=write_behind)
             sources.append(src)
             segs.append(Segment(p.start_block, blocks, src, d.digest))
             info_layers.append(

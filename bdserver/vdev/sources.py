@@ -84,8 +84,17 @@ class FileSource:
 class LazyBlobSource:
     """The uncompressed image data of one layer blob, fetched chunk by chunk on demand."""
 
-    def __init__(self, blob: ChunkedBlob, digest: str, cache: ChunkCache | None, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        blob: ChunkedBlob,
+        digest: str,
+        cache: ChunkCache | None,
+        *,
+        name: str | None = None,
+        write_behind: bool = False,
+    ) -> None:
         self.blob = blob
+        self.write_behind = write_behind
         self.digest = digest
         self.cache = cache
         self.name = name or digest
@@ -230,9 +239,12 @@ class LazyBlobSource:
     def _fetch_and_resolve(self, run: list[int]) -> dict[int, bytes]:
         """Fetch one run; resolve its in-flight futures exactly once, with the data or the error.
 
-        Verified chunks go to the cache write-behind: readers get them at once (from `_pending`
-        until the cache has them), so a miss never waits for the disk's fdatasync; past
-        MAX_PENDING_BYTES of unwritten chunks the write is done inline (back-pressure).
+        By default verified chunks are cached (written, fdatasync'd, marked) before the futures
+        resolve. With `write_behind` they go to the cache in the background instead: readers get
+        them at once (from `_pending` until the cache has them), so a miss never waits for the
+        disk's fdatasync; the price is that a crash loses the last moments of fetched chunks and
+        other devices on the blob may fetch them again meanwhile. Past MAX_PENDING_BYTES of
+        unwritten chunks the write is done inline (back-pressure).
         """
         data: dict[int, bytes] = {}
         try:
@@ -250,6 +262,14 @@ class LazyBlobSource:
             if err is e:
                 raise
             raise err from e
+        if not self.write_behind:
+            # Durable in the cache before anyone is told: a crash right after this read, or
+            # another device sharing the blob, finds the chunk on disk.
+            self._store(data)
+            with self._lock:
+                for i in run:
+                    self._inflight.pop(i).set_result(data[i])
+            return data
         inline = False
         with self._lock:
             if self.cache is not None:

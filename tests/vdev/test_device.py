@@ -393,8 +393,8 @@ def test_split_runs_are_fetched_separately_and_both_resolve(lazy: LazyImage, cac
     assert dev.read(o2, 3 * CS) == lazy.expected[o2 : o2 + 3 * CS]
 
 
-def test_a_miss_does_not_wait_for_the_cache_write(lazy: LazyImage, cache: ChunkCache, monkeypatch) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+def test_write_behind_miss_does_not_wait_for_the_cache_write(lazy: LazyImage, cache: ChunkCache, monkeypatch) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, write_behind=True)
     digest = lazy.layers[0][0]
     entered, release = threading.Event(), threading.Event()
     real = cache.put_many
@@ -442,3 +442,14 @@ def test_merged_meta_may_be_zstd(cache: ChunkCache) -> None:
     cache.drop(info.digest)
     with pytest.raises(IntegrityError):
         open_lazy_image(m, lazy.registry.fetch, cache)
+
+
+def test_by_default_a_chunk_is_durable_before_it_is_returned(lazy: LazyImage, tmp_path) -> None:
+    """A crash right after a read (no flush, no close) must find the chunk in the cache."""
+    root = str(tmp_path / "c")
+    with ChunkCache(root) as c:
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, c)
+        off = layer_chunk_offset(lazy, 0, 2)
+        dev.read(off, 10)
+        with ChunkCache(root) as other:  # another process's view, before any flush or close
+            assert other.has(lazy.layers[0][0], 2)
