@@ -245,12 +245,19 @@ def test_shared_xattrs_are_deduplicated(edge_image) -> None:
         assert cap.xattrs == {"security.capability": CAP_V2}
 
 
-def test_bytesio_source(tmp_path: Path) -> None:
-    """Spool data that is not a real file (no fileno) is copied through buffers."""
+@pytest.mark.parametrize("kind", ["bytesio", "spooled-in-memory", "spooled-on-disk"])
+def test_non_file_sources(tmp_path: Path, kind: str) -> None:
+    """Spool data that is not a plain file (no fileno, or a SpooledTemporaryFile before and
+    after it rolls over to disk) is copied correctly."""
     import io
+    import tempfile
 
     data = _data(3 * 4096 + 5, 1)
-    src = io.BytesIO(b"junk" + data)
+    if kind == "bytesio":
+        src: io.IOBase = io.BytesIO()
+    else:
+        src = tempfile.SpooledTemporaryFile(max_size=1 << 30 if kind == "spooled-in-memory" else 16)  # type: ignore
+    src.write(b"junk" + data)
     from bdserver.erofs.tree import Segment, SpooledData
 
     root = Inode.directory()
