@@ -24,6 +24,8 @@ from bdserver.erofs.util import gc_paused
 BS = S.BLOCK_SIZE
 BITS = S.BLKSZBITS
 U32 = 0xFFFFFFFF
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
 
 
 @dataclass(frozen=True)
@@ -110,23 +112,27 @@ def _collect(root: Inode) -> list[Plan]:
         entries: list[tuple[bytes, Plan]] = []
         subdirs = 0
         for name in sorted(children):
-            _check_name(name)
+            if type(name) is not bytes or not 0 < len(name) <= S.NAME_MAX or b"/" in name or b"\0" in name:
+                _check_name(name)  # raises with the precise reason
+            elif name == b"." or name == b"..":
+                _check_name(name)
             child = children[name]
-            cp = plans.get(id(child))
-            if child.is_dir:
+            key = id(child)
+            cp = plans.get(key)
+            if child.mode & _S_IFMT == _S_IFDIR:
                 if cp is not None:
                     raise FormatError(f"directory {name!r} appears twice in the tree (hardlinked directory)")
                 cp = Plan(child, len(order) + 1)
                 cp.parent = dp
-                plans[id(child)] = cp
+                plans[key] = cp
                 order.append(cp)
                 queue.append(cp)
                 subdirs += 1
-            elif cp is None:
-                cp = Plan(child, len(order) + 1)
-                plans[id(child)] = cp
-                order.append(cp)
-            if not child.is_dir:
+            else:
+                if cp is None:
+                    cp = Plan(child, len(order) + 1)
+                    plans[key] = cp
+                    order.append(cp)
                 cp.nlink += 1
             entries.append((name, cp))
         dp.nlink = 2 + subdirs
