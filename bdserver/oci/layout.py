@@ -146,8 +146,12 @@ class OCILayout:
             raise NotFoundError(f"{self.path}: no blob {digest}") from None
         return VerifyingReader(f, digest, size)  # type: ignore[return-value]
 
-    def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        """Bytes ``[offset, offset+length)`` clamped to the blob (unverified: chunk checks verify)."""
+    def read_range(self, digest: str, offset: int, length: int, size: int | None = None) -> bytes:
+        """Bytes ``[offset, offset+length)`` clamped to the blob (unverified: chunk checks verify).
+
+        Same signature as RegistryRepository.read_range (``size`` is accepted and not needed)."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
         try:
             with open(self.blob_path(digest), "rb") as f:
                 f.seek(offset)
