@@ -336,3 +336,26 @@ def test_whiteout_name_as_directory_is_refused() -> None:
     w.add("a/.wh.b/c", F, b"x")
     with pytest.raises(FormatError, match="whiteout name"):
         tree(w.close())
+
+
+def test_global_pax_volume_label_unknown_types_v7_dirs() -> None:
+    from tests.fixtures.tarwriter import pax_record
+
+    g = pax_record("uid", b"4242") + pax_record("SCHILY.xattr.user.g", b"global")
+    raw = header(b"pax_global_header", b"g", size=len(g)) + pad(g)
+    raw += header(b"label", b"V")
+    raw += header(b"a", b"0", size=2) + pad(b"aa")
+    raw += header(b"b", b"0", size=2, uid=7) + pad(b"bb")
+    raw += header(b"c", b"Z", size=3) + pad(b"ccc")  # unknown type: a regular file (POSIX)
+    raw += header(b"olddir/", b"\0")  # pre-POSIX directory
+    raw += header(b"dump/", b"D", size=5) + pad(b"x\0y\0\0")  # GNU dumpdir: a directory
+    loc = pax_record("uid", b"")  # an empty record cancels the global value for one member
+    raw += header(b"PaxHeaders/d", b"x", size=len(loc)) + pad(loc) + header(b"d", b"0", uid=9)
+    raw += b"\0" * 1024
+    t = tree(raw)
+    assert get(t, "a").uid == 4242 and get(t, "b").uid == 4242  # global wins over the header field
+    assert get(t, "a").xattrs == {"user.g": b"global"}
+    assert get(t, "d").uid == 9
+    assert content(t, "c") == b"ccc" and stat.S_ISREG(get(t, "c").mode)
+    assert get(t, "olddir").is_dir and get(t, "dump").is_dir
+    assert "label" not in names(t.root)
