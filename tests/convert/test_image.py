@@ -17,7 +17,7 @@ from bdserver.oci import mediatypes as mt
 from bdserver.oci.layout import OCILayout
 from bdserver.oci.model import Descriptor, Index, Manifest, canonical_json, host_platform, parse_manifest
 from tests.convert.conftest import mounted
-from tests.fixtures.layers import build_oci_layout, debian_layers, debian_oci_layout
+from tests.fixtures.layers import build_oci_layout, debian_layers, debian_oci_layout, edge_layers, edge_oci_layout
 from tests.fixtures.reftree import compare_trees, reference_tree
 from tests.fixtures.tarwriter import TarWriter
 
@@ -168,3 +168,15 @@ def test_erofs_source_is_refused(converted, tmp_path: Path) -> None:  # type: ig
     _, dest, res = converted
     with pytest.raises(FormatError, match="tar layers only"):
         convert_image(dest, res.digest, OCILayout(tmp_path / "x"), None)
+
+
+def test_edge_image_through_oci_layouts(tmp_path: Path) -> None:
+    """The synthetic edge-case image (6 layers: tar, tar+gzip, tar+zstd; sparse > 4 GiB) through
+    the OCI path: blobs in a layout, device assembled from them, mounted, equal to the reference."""
+    dest = OCILayout(tmp_path / "dest")
+    res = convert_image(OCILayout(edge_oci_layout()), "latest", dest, "lazy")
+    flat = device_from_layout(dest, res.manifest, tmp_path / "device.img")
+    ref = reference_tree(edge_layers(), tmp_path / "ref", tmp_path)
+    with mounted(flat) as mnt:
+        diffs = compare_trees(mnt, ref, full_limit=256 << 20)
+    assert diffs == [], "\n".join(diffs)
