@@ -365,6 +365,11 @@ class RegistryClient:
                 if redirect_key:
                     self._redirects.pop(redirect_key, None)
             except (httpx.TransportError, httpx.DecodingError) as e:
+                if "CERTIFICATE_VERIFY_FAILED" in str(e) or "WRONG_VERSION_NUMBER" in str(e):
+                    # not transient: retrying cannot fix a trust or scheme mismatch
+                    raise RegistryError(
+                        f"{self.host}: TLS with {ep.netloc} failed ({e}); trust its CA with `ca = ...` (or "
+                        f"`skip_verify = true`) in hosts.toml, or use http:// for a plain-HTTP registry") from None
                 last_reason, last_error, retry_after = f"{e.__class__.__name__}: {e}", None, None
                 if redirect_key:
                     self._redirects.pop(redirect_key, None)

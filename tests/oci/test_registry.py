@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from bdserver.errors import AuthError, FetchError, IntegrityError, NotFoundError
+from bdserver.errors import AuthError, FetchError, IntegrityError, NotFoundError, RegistryError
 from bdserver.oci import mediatypes as mt
 from bdserver.oci.digest import sha256_digest
 from bdserver.oci.model import parse_manifest
@@ -424,3 +424,25 @@ def test_registry_that_ignores_range(registry, fault_proxy):
     assert p.stats.statuses(r"/blobs/sha256", "GET") == [200, 200]
     p.inject("truncate", count=1, match=r"/blobs/sha256", method="GET")  # resume gets a 200: skip ahead
     assert repo.read_blob(d, len(blob)) == blob
+
+
+def test_tls_registry_via_hosts_toml(tmp_path):
+    """HTTPS with a private CA from hosts.toml (`ca`), and `skip_verify`; without either, TLS fails."""
+    from tests.fixtures.registry import start_registry
+
+    with start_registry(tmp_path / "reg", tls=True) as reg:
+        hd = tmp_path / "certs.d" / reg.host
+        hd.mkdir(parents=True)
+        (hd / "hosts.toml").write_text(f'server = "https://{reg.host}"\nca = "{reg.ca}"\n')
+        c = client(reg.host, hosts_dirs=[str(tmp_path / "certs.d")])
+        assert c.endpoints[0].scheme == "https"
+        repo = c.repository("tls/x")
+        desc = push_image(repo, "v1", [b"secure"])
+        assert repo.resolve("v1").digest == desc.digest
+        (hd / "hosts.toml").write_text(f'server = "https://{reg.host}"\nskip_verify = true\n')
+        assert client(reg.host, hosts_dirs=[str(tmp_path / "certs.d")]).repository("tls/x").resolve("v1") == desc
+        (hd / "hosts.toml").write_text(f'server = "https://{reg.host}"\n')
+        c3 = client(reg.host, hosts_dirs=[str(tmp_path / "certs.d")])
+        with pytest.raises(RegistryError, match="hosts.toml"):
+            c3.repository("tls/x").resolve("v1")
+        assert c3.stats["retries"] == 0
