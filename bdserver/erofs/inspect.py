@@ -23,6 +23,15 @@ def _bits(value: int, names: dict[int, str]) -> list[str]:
     return [names.get(1 << b, f"bit{b}") for b in range(32) if value >> b & 1]
 
 
+def _window(windows: list[tuple[str, int, int]], addr: int, nblocks: int) -> str:
+    """Which block window (primary image or device) holds [addr, addr+nblocks) entirely.
+    Devices are checked first: in a flat merged image they follow the primary's blocks."""
+    for name, start, end in reversed(windows):
+        if start <= addr and addr + nblocks <= end:
+            return name
+    return "outside"
+
+
 def summarize(img: ErofsImage, *, walk: bool = True) -> dict[str, Any]:
     """Superblock, device table and (with `walk`) inode/data counts of an image. JSON-safe."""
     sb = img.sb
@@ -53,6 +62,11 @@ def summarize(img: ErofsImage, *, walk: bool = True) -> dict[str, Any]:
         ],
     }
     if walk:
+        # block windows: the primary image, then each extra device in the unified space
+        windows = [("primary", 0, sb.blocks)] + [
+            (str(i + 1), d.mapped_blkaddr, d.mapped_blkaddr + d.blocks) for i, d in enumerate(img.devices)
+        ]
+        refs: dict[str, int] = {}
         kinds: dict[str, int] = {}
         layouts: dict[str, int] = {}
         seen: set[int] = set()
@@ -75,6 +89,11 @@ def summarize(img: ErofsImage, *, walk: bool = True) -> dict[str, Any]:
                 file_bytes += info.size
                 if info.layout == S.LAYOUT_FLAT_INLINE:
                     inline_files += 1
+                if info.layout not in (S.LAYOUT_COMPRESSED_FULL, S.LAYOUT_COMPRESSED_COMPACT):
+                    for _, ln, addr in img.layout_map(info)[0]:
+                        if addr is not None:
+                            where = _window(windows, addr, (ln + img.block_size - 1) // img.block_size)
+                            refs[where] = refs.get(where, 0) + (ln + img.block_size - 1) // img.block_size
         out["tree"] = {
             "entries": entries,
             "inodes": len(seen),
@@ -83,6 +102,8 @@ def summarize(img: ErofsImage, *, walk: bool = True) -> dict[str, Any]:
             "regular_file_bytes": file_bytes,
             "regular_files_with_inline_tail": inline_files,
             "inodes_with_xattrs": xattr_inodes,
+            # file data blocks referenced per window; "outside" means no window holds them
+            "data_blocks_by_device": dict(sorted(refs.items())),
         }
     return out
 
@@ -106,6 +127,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         layouts = ", ".join(f"{k} {v}" for k, v in tree["layouts"].items())
         lines.append(f"  tree: {tree['entries']} entries, {tree['inodes']} inodes ({kinds})")
         lines.append(f"  layouts: {layouts}; {tree['regular_file_bytes']} bytes in regular files")
+        refs = tree["data_blocks_by_device"]
+        if refs:
+            lines.append("  data blocks referenced: " + ", ".join(f"{k} {v}" for k, v in refs.items()))
+        if refs.get("outside"):
+            lines.append(f"  WARNING: {refs['outside']} data blocks lie outside the image and its devices")
         if tree["regular_files_with_inline_tail"]:
             lines.append(f"  {tree['regular_files_with_inline_tail']} regular files have inline tails (not block-addressable)")
     return "\n".join(lines)

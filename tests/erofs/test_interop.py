@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bdserver.erofs import structs as S
+from bdserver.erofs.inspect import inspect_path
 from bdserver.erofs.reader import ErofsImage
 from bdserver.erofs.tree import BlockMap, Inode
 from bdserver.erofs.writer import DeviceSlot, plan_image, write_image
@@ -147,6 +148,8 @@ def test_flatdev_merged_metadata(srcdir: Path, tmp_path: Path) -> None:
         ]
         assert m.sb.feature_incompat == S.INCOMPAT_CHUNKED_FILE | S.INCOMPAT_DEVICE_TABLE
     fsck(m_img, "/dev/null", "/dev/null")
+    refs = inspect_path(str(m_img))["tree"]["data_blocks_by_device"]
+    assert set(refs) == {"1", "2"}  # every data block is in a layer's window, none outside
 
     flat = tmp_path / "flat"
     _concat(flat, m_img, a_img, b_img)
