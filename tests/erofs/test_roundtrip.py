@@ -213,7 +213,6 @@ def test_write_to_bytesio_matches_file(tmp_path: Path) -> None:
     spool.close()
 
 
-@pytest.mark.slow
 def test_ten_thousand_entries(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     root = Inode.directory()
