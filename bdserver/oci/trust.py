@@ -136,10 +136,9 @@ class TrustPolicy:
         return False, "not in the allow-list and not converted on this node"
 
 
-def _source_manifest(store: ImageStore, target: str, platform: Platform | None) -> tuple[Descriptor, list[Descriptor]]:
-    """The platform manifest of ``target`` plus the digests whose referrers to search (manifest, index)."""
-    data, desc = store.get_manifest(target)
-    parsed = parse_manifest(data, desc.media_type)
+def _source_manifest(store: ImageStore, parsed: Manifest | Index, desc: Descriptor,
+                     platform: Platform | None) -> tuple[Descriptor, list[Descriptor]]:
+    """The platform manifest plus the digests whose referrers to search (manifest, index)."""
     if isinstance(parsed, Index):
         chosen = parsed.select_platform(platform)
         _, mdesc = store.get_manifest(chosen.digest)
@@ -179,7 +178,7 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
                           artifact_type=mt.LAZY_ARTIFACT_TYPE, annotations=dict(parsed.annotations))
         return parsed.subject, lazy
     try:
-        source, search = _source_manifest(store, target, platform)
+        source, search = _source_manifest(store, parsed, desc, platform)
     except NotFoundError as e:
         raise NoLazyImageError(f"{r}: {e}") from None
     untrusted: list[str] = []
