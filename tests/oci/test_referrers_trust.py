@@ -241,3 +241,29 @@ def test_untrusted_referrers_are_not_fetched(registry, fault_proxy, tmp_path):
     assert not fetched & {d.digest for d in lzs}
     s, lz = discover_lazy_image(repo, f"{p.host}/flood/x:v1", TrustPolicy(state_dir=tmp_path, allowed={lzs[2].digest}))
     assert lz.digest == lzs[2].digest
+
+
+def test_module_cli(registry_session, tmp_path, capsys):
+    from bdserver.oci.__main__ import main
+
+    host = registry_session.host
+    repo = client(host).repository(unique("cli/"))
+    src = push_image(repo, "v1", [b"cli"])
+    lz = add_referrer(repo, lazy_manifest(repo, src), mt.OCI_MANIFEST)
+    base = ["--state-dir", str(tmp_path / "st"), "--docker-config", "/nonexistent", "--hosts-dir", str(tmp_path)]
+    ref = f"{host}/{repo.name}:v1"
+    assert main([*base, "resolve", ref]) == 0
+    assert json.loads(capsys.readouterr().out)["digest"] == src.digest
+    assert main([*base, "referrers", ref, "--artifact-type", mt.LAZY_ARTIFACT_TYPE]) == 0
+    assert [x["digest"] for x in json.loads(capsys.readouterr().out)["referrers"]] == [lz.digest]
+    assert main([*base, "discover", ref]) == NoLazyImageError.exit_code
+    assert "none is trusted" in capsys.readouterr().err
+    assert main([*base, "allow", lz.digest]) == 0
+    capsys.readouterr()
+    assert main([*base, "discover", ref]) == 0
+    assert json.loads(capsys.readouterr().out)["lazy"] == lz.digest
+    key, pub = _keypair(tmp_path, "cli")
+    assert main([*base, "sign", f"{host}/{repo.name}@{lz.digest}", "--key", str(key)]) == 0
+    capsys.readouterr()
+    assert main([*base, "copy", ref, f"oci:{tmp_path}/lay:v1"]) == 0
+    assert json.loads(capsys.readouterr().out)["digest"] == src.digest
