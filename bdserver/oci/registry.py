@@ -809,7 +809,7 @@ class _BlobStream(io.RawIOBase):
         # A streaming GET must outlive request(); do it by hand with the same retry rules.
         last = ""
         for attempt in range(client.retry.attempts):
-            for ep in eps:
+            for i, ep in enumerate(eps):
                 try:
                     resp = self._send(ep, headers)
                 except _Transient as t:
@@ -817,6 +817,11 @@ class _BlobStream(io.RawIOBase):
                     continue
                 except httpx.TransportError as e:
                     last = f"{e.__class__.__name__}"
+                    continue
+                except RegistryError as e:
+                    if i == len(eps) - 1:
+                        raise  # 404/401/403 from the last host: not transient
+                    last = str(e)  # a mirror without the blob: the next host may have it
                     continue
                 if resp.status_code == 206 and self.pos:
                     m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))

@@ -446,3 +446,23 @@ def test_tls_registry_via_hosts_toml(tmp_path):
         with pytest.raises(RegistryError, match="hosts.toml"):
             c3.repository("tls/x").resolve("v1")
         assert c3.stats["retries"] == 0
+
+
+def test_mirror_without_the_blob_falls_through(registry, tmp_path):
+    """A mirror in front of an EMPTY registry: every read 404s there and must come from upstream."""
+    from tests.fixtures.registry import start_registry
+
+    with start_registry(tmp_path / "empty") as empty, FaultProxy(empty.url) as mirror:
+        hd = tmp_path / "certs.d" / registry.host
+        hd.mkdir(parents=True)
+        (hd / "hosts.toml").write_text(f'server = "http://{registry.host}"\n'
+                                       f'[host."http://{mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
+        repo = client(registry.host, hosts_dirs=[str(tmp_path / "certs.d")]).repository("fall/through")
+        blob = rand_bytes(30_000, 24)
+        d = repo.put_blob_bytes(blob)
+        desc = push_image(repo, "v1", [blob])
+        assert repo.resolve("v1").digest == desc.digest
+        assert repo.get_manifest("v1")[1].digest == desc.digest
+        assert repo.read_range(d, 7, 7) == blob[7:14]
+        assert repo.read_blob(d) == blob
+        assert mirror.stats.requests(method="GET") >= 3 and set(mirror.stats.statuses(method="GET")) == {404}
