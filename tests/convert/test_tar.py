@@ -359,3 +359,31 @@ def test_global_pax_volume_label_unknown_types_v7_dirs() -> None:
     assert content(t, "c") == b"ccc" and stat.S_ISREG(get(t, "c").mode)
     assert get(t, "olddir").is_dir and get(t, "dump").is_dir
     assert "label" not in names(t.root)
+
+
+def test_pax_size_overrides_the_header() -> None:
+    from tests.fixtures.tarwriter import pax_record
+
+    rec = pax_record("size", b"5")
+    raw = header(b"PaxHeaders/f", b"x", size=len(rec)) + pad(rec) + header(b"f", b"0", size=0) + pad(b"12345")
+    t = tree(raw + b"\0" * 1024)
+    assert content(t, "f") == b"12345"
+
+
+@pytest.mark.parametrize("how", ["none", "gzip"])
+def test_blob_digest_mismatch_is_integrity_error(how: str, tmp_path: Path) -> None:
+    """A layer streamed through a verifying reader (as from a registry): altered or truncated
+    bytes surface as IntegrityError, never as a converted layer."""
+    from bdserver.errors import IntegrityError
+    from bdserver.oci.digest import VerifyingReader
+
+    raw = _sample()
+    blob = gzip.compress(raw) if how == "gzip" else raw
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    for bad in (blob[:-1] if how == "gzip" else blob + b"\0" * 512, blob[:-100]):
+        with pytest.raises(IntegrityError) as ei, open(tmp_path / "o", "wb") as o:
+            convert_layer(VerifyingReader(io.BytesIO(bad), digest, len(blob)), o)  # type: ignore[arg-type]
+        assert isinstance(ei.value, IntegrityError), ei.value
+    with open(tmp_path / "o", "wb") as o:
+        r = convert_layer(VerifyingReader(io.BytesIO(blob), digest, len(blob)), o)  # type: ignore[arg-type]
+    assert r.diff_id == "sha256:" + hashlib.sha256(raw).hexdigest()
