@@ -188,6 +188,7 @@ class _Builder:
                 if not e.linkpath or len(e.linkpath) > MAX_SYMLINK or b"\0" in e.linkpath:
                     raise FormatError(f"symlink {e.path!r}: target is empty, has a NUL or is over {MAX_SYMLINK} bytes")
                 inode.symlink = e.linkpath
+                inode.mode = stat.S_IFLNK | 0o777  # what every Linux filesystem (and tar -x) gives a symlink
             elif e.kind in (CHR, BLK):
                 try:
                     inode.rdev = os.makedev(e.devmajor, e.devminor)

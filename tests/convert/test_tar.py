@@ -161,14 +161,14 @@ def test_devices_fifo_symlink_modes() -> None:
     w.add("c", b"3", mode=0o620, devmajor=136, devminor=5)
     w.add("b", b"4", devmajor=8, devminor=1)
     w.add("p", b"6", mode=0o600)
-    w.add("s", S, link="/abs/target")
+    w.add("s", S, link="/abs/target", mode=0o644)
     w.add("suid", F, b"", mode=0o4755)
     t = tree(w.close())
     c = get(t, "c")
     assert stat.S_ISCHR(c.mode) and os.major(c.rdev) == 136 and os.minor(c.rdev) == 5 and c.mode & 0o7777 == 0o620
     assert stat.S_ISBLK(get(t, "b").mode) and get(t, "b").rdev == os.makedev(8, 1)
     assert stat.S_ISFIFO(get(t, "p").mode)
-    assert get(t, "s").symlink == b"/abs/target"
+    assert get(t, "s").symlink == b"/abs/target" and get(t, "s").mode == stat.S_IFLNK | 0o777
     assert get(t, "suid").mode == stat.S_IFREG | 0o4755 and get(t, "suid").data is None
 
 
