@@ -18,7 +18,7 @@ from typing import Sequence
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
 from bdserver.erofs.structs import DeviceSlot
-from bdserver.erofs.tree import BlockMap, Inode, Segment, SpooledData
+from bdserver.erofs.tree import BlockMap, Inode, Segment, SpooledData, TailedBlockMap
 from bdserver.erofs.util import gc_paused
 
 BS = S.BLOCK_SIZE
@@ -299,6 +299,17 @@ def compute_layout(
                 p.chunk_bits = d.chunk_bits
                 p.chunks = list(d.blocks)
                 any_chunked = True
+            elif isinstance(d, TailedBlockMap):
+                p.size = d.size
+                if len(d.blocks) != d.size >> BITS or len(d.tail) != d.size % BS:
+                    raise FormatError(
+                        f"TailedBlockMap of {d.size} bytes needs {d.size >> BITS} blocks and a "
+                        f"{d.size % BS}-byte tail, got {len(d.blocks)} and {len(d.tail)}"
+                    )
+                p.layout = S.LAYOUT_CHUNK_BASED
+                p.chunk_bits = BITS
+                p.chunks = list(d.blocks) + ([0] if d.tail else [])  # tail block: allocated in pass 3
+                any_chunked = True
             elif isinstance(d, SpooledData):
                 if meta_only:
                     raise ValueError("meta_only image got a regular file with spooled data")
@@ -385,7 +396,12 @@ def compute_layout(
             p.blkaddr = next_blk
             next_blk += p.nblocks
     for p in order:
-        if p.layout == S.LAYOUT_CHUNK_BASED and isinstance(p.inode.data, SpooledData):
+        d = p.inode.data
+        if isinstance(d, TailedBlockMap) and d.tail:
+            assert p.chunks is not None
+            p.chunks[-1] = next_blk  # the copied tail lives in this image
+            next_blk += 1
+        elif p.layout == S.LAYOUT_CHUNK_BASED and isinstance(d, SpooledData):
             assert p.chunks is not None
             cs = 1 << p.chunk_bits
             for i, c in enumerate(p.chunks):

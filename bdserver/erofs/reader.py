@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
-from bdserver.erofs.tree import BlockMap, Inode
+from bdserver.erofs.tree import BlockMap, Inode, TailedBlockMap
 from bdserver.erofs.util import gc_paused
 
 __all__ = ["ErofsImage", "EntryInfo", "KNOWN_INCOMPAT"]
@@ -453,16 +453,17 @@ class ErofsImage:
 
     # -- tree -----------------------------------------------------------------------------
 
-    def to_tree(self, block_offset: int = 0) -> Inode:
+    def to_tree(self, block_offset: int = 0, *, inline_tails: bool = False) -> Inode:
         """The image as a `tree.Inode` tree; regular files become `BlockMap`s at this image's
-        unified block addresses + `block_offset` (data are not read). FormatError if a file has
-        inline data or the image's block size is not 4 KiB."""
+        unified block addresses + `block_offset` (data are not read). A file whose tail is
+        inline (mkfs.erofs without -Enoinline_data) is a FormatError, or with `inline_tails` a
+        `TailedBlockMap` carrying the tail bytes. FormatError too if blocks are not 4 KiB."""
         if self.block_size != S.BLOCK_SIZE:
             raise FormatError("only 4 KiB-block images can be turned into block maps")
         with gc_paused():
-            return self._to_tree(block_offset)
+            return self._to_tree(block_offset, inline_tails)
 
-    def _to_tree(self, block_offset: int) -> Inode:
+    def _to_tree(self, block_offset: int, inline_tails: bool) -> Inode:
         by_nid: dict[int, Inode] = {}
 
         def make(info: EntryInfo) -> Inode:
@@ -475,7 +476,7 @@ class ErofsImage:
             elif stat.S_ISLNK(info.mode):
                 node.symlink = info.symlink or b""
             elif info.is_reg and info.size:
-                node.data = self._blockmap(info, block_offset)
+                node.data = self._blockmap(info, block_offset, inline_tails)
             return node
 
         root = make(self.root)
@@ -496,10 +497,17 @@ class ErofsImage:
                 nodes[path] = node
         return root
 
-    def _blockmap(self, info: EntryInfo, block_offset: int) -> BlockMap:
+    def _blockmap(self, info: EntryInfo, block_offset: int, inline_tails: bool) -> BlockMap | TailedBlockMap:
         ext, tail = self.layout_map(info)
         if tail:
-            raise FormatError(f"inode {info.nid}: data tail is inline; cannot point at it")
+            if not inline_tails:
+                raise FormatError(f"inode {info.nid}: data tail is inline; cannot point at it")
+            full = info.size >> self.blkszbits
+            return TailedBlockMap(
+                size=info.size,
+                blocks=[info.raw_u + i + block_offset for i in range(full)],
+                tail=self.read_inode(info, full << self.blkszbits, tail),
+            )
         if info.layout == S.LAYOUT_FLAT_PLAIN:
             bits = max(self.blkszbits, (info.size - 1).bit_length())
             return BlockMap(size=info.size, chunk_bits=bits, blocks=[info.raw_u + block_offset])

@@ -65,6 +65,21 @@ class BlockMap:
 
 
 @dataclass
+class TailedBlockMap:
+    """Like a `BlockMap` with 4 KiB chunks, except that the file's last partial block is not
+    on the device but given as ``tail`` bytes (``size % 4096`` of them). This is how a file
+    whose tail another producer packed inline into its inode (mkfs.erofs without
+    ``-Enoinline_data``) can still be pointed at: the writer copies the tail into a block of the
+    image it writes (metadata-sized, allowed in merged metadata) and points the last chunk there.
+    ``blocks`` has ``size // 4096`` entries (unified addresses, ``None`` = hole).
+    """
+
+    size: int
+    blocks: Sequence[int | None]
+    tail: bytes
+
+
+@dataclass
 class Inode:
     """One inode. Hardlinks are several directory entries naming the same `Inode` object."""
 

@@ -27,7 +27,7 @@ from bdserver.erofs import structs as S
 from bdserver.erofs.layout import BITS, BS, U32, ImageInfo, Plan, compute_layout, file_type, plan_image
 from bdserver.erofs.sink import Sink
 from bdserver.erofs.structs import DeviceSlot
-from bdserver.erofs.tree import Inode, SpooledData
+from bdserver.erofs.tree import Inode, SpooledData, TailedBlockMap
 from bdserver.erofs.util import gc_paused
 
 __all__ = ["ImageInfo", "DeviceSlot", "plan_image", "write_image"]
@@ -127,6 +127,9 @@ def _write(
             sink.pwrite(p.inode.symlink[: p.nblocks * BS], p.blkaddr * BS)
         elif fmt == stat.S_IFREG and isinstance(p.inode.data, SpooledData) and p.size:
             _emit_file(p, sink)
+        elif fmt == stat.S_IFREG and isinstance(p.inode.data, TailedBlockMap) and p.inode.data.tail:
+            assert p.chunks is not None and p.chunks[-1] is not None
+            sink.pwrite(p.inode.data.tail, p.chunks[-1] * BS)
     end = total_blocks * BS
     if sink.fd is not None:
         os.ftruncate(sink.fd, sink.base + end)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from bdserver.erofs.reader import ErofsImage
-from bdserver.erofs.tree import BlockMap, Inode, Segment, SpooledData
+from bdserver.erofs.tree import BlockMap, Inode, Segment, SpooledData, TailedBlockMap
 
 MS_RDONLY = 1
 MNT_DETACH = 2
@@ -129,6 +129,11 @@ def _content_of(node: Inode, device: BinaryIO | None, offset: int, length: int) 
         return b""
     if isinstance(d, SpooledData):
         return spooled_bytes(d, offset, length)
+    if isinstance(d, TailedBlockMap):
+        full = len(d.blocks) * 4096
+        head = _content_of(Inode(mode=node.mode, data=BlockMap(full, 12, d.blocks)), device, offset, length)
+        a, b = max(offset, full), min(d.size, offset + length)
+        return head + (d.tail[a - full : b - full] if a < b else b"")
     assert isinstance(d, BlockMap) and device is not None
     out = bytearray()
     end = min(d.size, offset + length)

@@ -14,7 +14,7 @@ import pytest
 from bdserver.erofs import structs as S
 from bdserver.erofs.inspect import inspect_path
 from bdserver.erofs.reader import ErofsImage
-from bdserver.erofs.tree import BlockMap, Inode
+from bdserver.erofs.tree import BlockMap, Inode, TailedBlockMap
 from bdserver.erofs.writer import DeviceSlot, plan_image, write_image
 from tests.erofs.helpers import (
     Spool,
@@ -230,18 +230,19 @@ def test_mkfs_blobdev_device_ids(srcdir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "opts",
-    [("-Enoinline_data",), ("--chunksize=4096",), ("--chunksize=16384", "-Eforce-chunk-indexes")],
-    ids=["noinline", "chunk-blockmap", "chunk-indexes"],
+    [(), ("-Enoinline_data",), ("--chunksize=4096",), ("--chunksize=16384", "-Eforce-chunk-indexes")],
+    ids=["inline-tails", "noinline", "chunk-blockmap", "chunk-indexes"],
 )
 def test_merged_meta_over_mkfs_layer(srcdir: Path, tmp_path: Path, opts: tuple[str, ...]) -> None:
-    """to_tree() of an EROFS-native layer made by others -> merged metadata -> flat mount."""
+    """to_tree() of an EROFS-native layer made by others -> merged metadata -> flat mount.
+    Default mkfs images pack file tails inline: those tails are copied into the metadata."""
     layer = tmp_path / "L"
     _mkfs(layer, srcdir, "--preserve-mtime", *opts)
     lblocks = layer.stat().st_size // 4096
 
     def build(m: int) -> Inode:
         with ErofsImage.open(layer) as e:
-            return e.to_tree(block_offset=m)
+            return e.to_tree(block_offset=m, inline_tails=True)
 
     devs = [DeviceSlot(b"layer", lblocks, 0)]
     m_blocks = plan_image(build(0), devices=devs, meta_only=True).blocks
@@ -368,3 +369,41 @@ def test_compressed_image_metadata(tmp_path: Path) -> None:
             info.read(0, 10)
         with pytest.raises(FormatError, match="compressed"):
             e.to_tree()
+
+
+def test_tailed_blockmap(tmp_path: Path) -> None:
+    """TailedBlockMap: full blocks on a device (with a hole), the tail copied into M."""
+    spool = Spool(tmp_path / "spool")
+    data = os.urandom(3 * 4096)
+    layer = Inode.directory()
+    layer.children[b"f"] = reg(spool.dense(data))  # type: ignore[index]
+    a_img = tmp_path / "A"
+    a_blocks = _write(layer, a_img)
+    with ErofsImage.open(a_img) as a:
+        start = a.lookup("/f").extents()[0][2]
+    assert start is not None
+
+    def meta(m: int) -> Inode:
+        root = Inode.directory()
+        root.children[b"t"] = reg(TailedBlockMap(size=4 * 4096 + 100, blocks=[m + start, None, m + start + 2, m + start + 1],
+                                                 tail=b"T" * 100))  # fmt: skip
+        root.children[b"small"] = reg(TailedBlockMap(size=7, blocks=[], tail=b"tiny!\n\0"))
+        root.children[b"aligned"] = reg(TailedBlockMap(size=4096, blocks=[m + start], tail=b""))
+        return root
+
+    devs = [DeviceSlot(b"a", a_blocks, 0)]
+    m = plan_image(meta(0), devices=devs, meta_only=True).blocks
+    devs = [DeviceSlot(b"a", a_blocks, m)]
+    m_img = tmp_path / "M"
+    _write(meta(m), m_img, devices=devs, meta_only=True)
+    fsck(m_img, "/dev/null")
+    flat = tmp_path / "flat"
+    _concat(flat, m_img, a_img)
+    want_t = data[:4096] + bytes(4096) + data[8192:] + data[4096:8192] + b"T" * 100
+    with ErofsImage.open(flat) as f, mounted(flat, tmp_path / "mnt") as mnt:
+        assert f.read("/t") == want_t == (mnt / "t").read_bytes()
+        assert f.read("/small") == b"tiny!\n\0" == (mnt / "small").read_bytes()
+        assert f.read("/aligned") == data[:4096] == (mnt / "aligned").read_bytes()
+        # the tail block belongs to M itself
+        assert f.lookup("/t").extents()[-1][2] < m
+    spool.close()
