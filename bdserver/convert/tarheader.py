@@ -26,6 +26,7 @@ MAX_SPARSE_ENTRIES = 1 << 20
 
 # Entry kinds
 REG, HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO = "reg", "link", "symlink", "chr", "blk", "dir", "fifo"
+_HEADER_ONLY = (b"1", b"2", b"3", b"4", b"5", b"6")
 _TYPES = {b"0": REG, b"\0": REG, b"7": REG, b"1": HARDLINK, b"2": SYMLINK, b"3": CHR, b"4": BLK,
           b"5": DIR, b"6": FIFO, b"S": REG, b"D": DIR}
 
@@ -302,6 +303,8 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
             recs = parse_pax(inp.read_exact(padded, "PAX header")[:size], start)
             if tflag == b"g":
                 for k, v in recs:
+                    if k in ("path", "linkpath", "size") or k.startswith("GNU.sparse."):
+                        continue  # per-file by nature: a global value would rename/resize every member
                     if v:
                         global_pax[k] = v
                     else:
@@ -359,6 +362,11 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
         if "size" in recs:
             size = _pax_int(recs["size"], "size")
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if size and (tflag in _HEADER_ONLY or (kind == DIR and tflag != b"D")):
+            # GNU tar skips data after symlinks/devices/fifos but not after dirs/hardlinks; Go
+            # (containerd) and Python skip none: the next "header" differs between extractors.
+            raise FormatError(f"tar member {name!r} of type {tflag!r} declares {size} data bytes; "
+                              "extractors disagree on such archives")
         e = TarEntry(path=name, kind=kind, mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=nsec,
                      linkpath=link, size=size, stored=size, offset=start)
         if kind in (CHR, BLK):
