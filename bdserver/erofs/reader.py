@@ -424,8 +424,10 @@ class ErofsImage:
         return cur
 
     def walk(self, *, max_entries: int = 50_000_000) -> Iterator[tuple[bytes, EntryInfo]]:
-        """Depth-first in name order, the root as b"/". Raises FormatError on a directory
-        cycle (a directory reachable twice) or past `max_entries`."""
+        """Yield ``(path, EntryInfo)``, the root first as b"/": a directory's entries in
+        on-disk (name) order, then the contents of its subdirectories, depth first; hardlinked
+        files appear under each name. A directory reachable twice (a cycle) and more than
+        `max_entries` entries raise FormatError."""
         seen_dirs = {self.root_nid}
         count = 0
         stack: list[tuple[bytes, int, int]] = [(b"", self.root_nid, 0)]
