@@ -22,7 +22,8 @@ from bdserver.oci.store import ImageStore
 
 log = logging.getLogger(__name__)
 
-TAG_UPDATE_ATTEMPTS = 5
+TAG_UPDATE_ATTEMPTS = 8
+RECHECK_DELAYS = (0.05, 0.15, 0.3)  # seconds (jittered) between post-write confirmations
 _TAG_LOCKS: dict[tuple, threading.Lock] = {}
 _TAG_LOCKS_GUARD = threading.Lock()
 
@@ -128,40 +129,68 @@ def update_referrers_tag(store: ImageStore, subject_digest: str, add: Descriptor
         return _update_tag(store, tag, add, remove)
 
 
+def _read_tag(store: ImageStore, tag: str) -> tuple[Index, bool]:
+    """(index held by ``tag``, whether the tag exists); refuses a tag that holds something else."""
+    try:
+        data, desc = store.get_manifest(tag)
+    except NotFoundError:
+        return Index(manifests=[]), False
+    try:
+        parsed = parse_manifest(data, desc.media_type)
+    except FormatError:
+        parsed = None
+    if not isinstance(parsed, Index):
+        raise RegistryError(f"tag {tag} exists but is not an image index; refusing to overwrite it")
+    return parsed, True
+
+
 def _update_tag(store: ImageStore, tag: str, add: Descriptor | None, remove: str | None) -> Descriptor:
+    """Grow-only merge: write the union of every entry seen during this update (minus ``remove``).
+
+    Without conditional PUT the last writer wins; writing everything ever seen (not just the last
+    read) lets concurrent writers restore each other's entries, and post-write re-reads over
+    ~0.5 s redo an update that was overwritten. This narrows the race; it cannot close it.
+    """
+    seen: dict[str, Descriptor] = {}
+    if add is not None:
+        seen[add.digest] = add
     last: Descriptor | None = None
-    for attempt in range(TAG_UPDATE_ATTEMPTS):
-        idx = _tag_index(store, tag)
-        existed = idx is not None
-        if idx is None:
-            try:
-                store.get_manifest(tag)
-            except NotFoundError:
-                pass
-            else:
-                raise RegistryError(f"tag {tag} exists but is not an image index; refusing to overwrite it")
-            idx = Index(manifests=[])
+    wrote = False
+    for _attempt in range(TAG_UPDATE_ATTEMPTS):
+        idx, existed = _read_tag(store, tag)
+        for d in idx.manifests:
+            seen.setdefault(d.digest, d)
+        seen.pop(remove, None) if remove else None
         have = {d.digest for d in idx.manifests}
-        done = (add is None or add.digest in have) and (remove is None or remove not in have)
-        if done and attempt > 0 and last is not None:
-            # confirm once more after a short random pause: another node may have read the
-            # index before our write and be about to overwrite it (no conditional PUT in 2.8)
-            time.sleep(random.uniform(0.02, 0.1))
-            again = _tag_index(store, tag)
-            have = {d.digest for d in again.manifests} if again is not None else set()
-            if (add is None or add.digest in have) and (remove is None or remove not in have):
+        done = set(seen) <= have and (remove is None or remove not in have)
+        if done and not wrote:
+            if existed:
+                return store.resolve(tag)
+        if done and wrote and last is not None:
+            lost = False
+            for delay in RECHECK_DELAYS:
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                again, _ = _read_tag(store, tag)
+                for d in again.manifests:
+                    seen.setdefault(d.digest, d)
+                seen.pop(remove, None) if remove else None
+                have = {d.digest for d in again.manifests}
+                if not (set(seen) <= have and (remove is None or remove not in have)):
+                    lost = True
+                    break
+            if not lost:
                 return last
-            log.info("referrers tag %s lost our update to a concurrent writer; writing again", tag)
+            log.info("referrers tag %s lost entries to a concurrent writer; writing the union again", tag)
             continue
-        if done and attempt == 0 and existed:
-            return store.resolve(tag)
-        manifests = [d for d in idx.manifests if d.digest != remove and (add is None or d.digest != add.digest)]
-        if add is not None:
-            manifests.append(add)
+        manifests = [d for d in idx.manifests if d.digest != remove]
+        manifests += [d for k, d in seen.items() if k not in have]
         new = Index(manifests=manifests, annotations=idx.annotations, extra=idx.extra)
         last = store.put_manifest(new.to_bytes(), mt.OCI_INDEX, tag=tag)
+        wrote = True
         log.debug("referrers tag %s: %d entries", tag, len(manifests))
-    return last  # type: ignore[return-value]
+    if last is None:
+        last = store.resolve(tag)
+    return last
 
 
 def add_referrer(store: ImageStore, data: bytes, media_type: str, tag: str | None = None) -> Descriptor:

@@ -267,3 +267,29 @@ def test_module_cli(registry_session, tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "copy", ref, f"oci:{tmp_path}/lay:v1"]) == 0
     assert json.loads(capsys.readouterr().out)["digest"] == src.digest
+
+
+def _race_worker(host: str, repo: str, body: bytes, barrier) -> None:
+    r = client(host).repository(repo)
+    barrier.wait(timeout=60)
+    add_referrer(r, body, mt.OCI_MANIFEST)
+
+
+def test_concurrent_add_referrer_across_processes(registry_session):
+    """Separate processes (nodes) share no lock: the grow-only merge + re-checks keep every entry."""
+    import multiprocessing as mp
+
+    host = registry_session.host
+    repo_name = unique("prace/")
+    repo = client(host).repository(repo_name)
+    src = push_image(repo, "v1", [b"base"])
+    bodies = [lazy_manifest(repo, src, seed=200 + i) for i in range(5)]
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(len(bodies))
+    ps = [ctx.Process(target=_race_worker, args=(host, repo_name, b, barrier)) for b in bodies]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(timeout=120)
+    assert [p.exitcode for p in ps] == [0] * len(ps)
+    assert {d.digest for d in list_referrers(repo, src.digest)} == {sha256_digest(b) for b in bodies}
