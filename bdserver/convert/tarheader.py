@@ -279,6 +279,10 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
         if not any(block):
             if longname is not None or longlink is not None or pax is not None:
                 raise FormatError("tar ends after an extension header, without its member")
+            nxt = inp.read(BLOCK)
+            if nxt and any(nxt):
+                # Python and GNU tar stop at a lone zero block, Go (containerd) fails: refuse.
+                raise FormatError(f"tar has a lone zero block at byte {start} followed by more members")
             return  # end-of-archive marker (the rest is drained by the caller)
         if not _checksum_ok(block):
             raise FormatError(f"tar header checksum mismatch at byte {start} (corrupt or not a tar)")
