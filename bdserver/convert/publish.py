@@ -129,6 +129,12 @@ def publish(layout: OCILayout | str, lazy_ref: str, source: str | Reference | No
     tref = parse_reference(target) if isinstance(target, str) else target
     tag = tref.tag if dest is not None else None
     store = dest_store or open_store(tref.with_tag(None) if not tref.is_layout else tref, **(registry_kw or {}))
+    mount_from = list(mount_from or [])
+    if dest is not None and source is not None:
+        sref = parse_reference(source) if isinstance(source, str) else source
+        if not sref.is_layout and not tref.is_layout and sref.host == tref.host and sref.repository != tref.repository \
+                and sref.repository not in mount_from:
+            mount_from.append(sref.repository)  # same registry: a blob already there is mounted, not sent
     blobs = _blob_descriptors(m)
     prog = progress if isinstance(progress, Progress) else Progress(sum(b.size for b in blobs), enabled=progress)
     res = PublishResult(lazy=desc, destination="")
@@ -141,7 +147,7 @@ def publish(layout: OCILayout | str, lazy_ref: str, source: str | Reference | No
             continue
         mounted = False
         put = getattr(store, "mount_blob", None)
-        for repo in mount_from or []:
+        for repo in mount_from:
             if put is not None and repo != getattr(store, "name", None):
                 try:
                     mounted = store.mount_blob(b.digest, repo)  # type: ignore[attr-defined]
