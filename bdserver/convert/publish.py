@@ -19,7 +19,7 @@ from bdserver.errors import FormatError
 from bdserver.oci.layout import OCILayout
 from bdserver.oci.model import Descriptor, Manifest, parse_manifest
 from bdserver.oci.reference import Reference, parse_reference
-from bdserver.oci.referrers import referrer_descriptor, update_referrers_tag
+from bdserver.oci.referrers import referrer_descriptor, referrers_tag, update_referrers_tag
 from bdserver.oci.store import ImageStore, open_store
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,9 @@ def publish(layout: OCILayout | str, lazy_ref: str, source: str | Reference | No
     tref = parse_reference(target) if isinstance(target, str) else target
     tag = tref.tag if dest is not None else None
     store = dest_store or open_store(tref.with_tag(None) if not tref.is_layout else tref, **(registry_kw or {}))
+    writer = getattr(store, "for_writing", None)
+    if writer is not None:
+        store = writer()  # existence checks must ask the push target, not a mirror
     mount_from = list(mount_from or [])
     if dest is not None and source is not None:
         sref = parse_reference(source) if isinstance(source, str) else source
@@ -170,7 +173,7 @@ def publish(layout: OCILayout | str, lazy_ref: str, source: str | Reference | No
     res.registry_has_referrers_api = bool(getattr(store, "last_oci_subject", None))
     idx = update_referrers_tag(store, subject.digest, add=ref_desc)
     res.lazy = ref_desc
-    res.referrers_tag = f"{subject.digest.replace(':', '-')}"
+    res.referrers_tag = referrers_tag(subject.digest)
     res.destination = f"{tref.name}@{desc.digest}"
     prog.finish(f"pushed {res.destination} (referrer of {subject.digest}; "
                 f"{len(res.uploaded)} uploaded, {len(res.skipped)} present, {len(res.mounted)} mounted)")
