@@ -466,3 +466,26 @@ def test_mirror_without_the_blob_falls_through(registry, tmp_path):
         assert repo.read_range(d, 7, 7) == blob[7:14]
         assert repo.read_blob(d) == blob
         assert mirror.stats.requests(method="GET") >= 3 and set(mirror.stats.statuses(method="GET")) == {404}
+
+
+def test_identity_token_from_credential_helper(registry, fault_proxy, tmp_path, monkeypatch):
+    """`Username: <token>` from a helper means an OAuth2 refresh token: POST grant_type=refresh_token."""
+    p = fault_proxy
+    p.require_auth("bearer", {"someone": "else"})
+    p.refresh_tokens.add("rt-123")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-bdtok"
+    helper.write_text('#!/bin/sh\nread server\necho \'{"ServerURL":"x","Username":"<token>","Secret":"rt-123"}\'\n')
+    helper.chmod(helper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"credsStore": "bdtok"}))
+    repo = client(p.host, docker_config=str(cfg)).repository("oauth/x")
+    desc = push_image(repo, "v1", [b"oauth"])
+    assert repo.resolve("v1").digest == desc.digest
+    assert p.stats.requests("^/token$", "POST") >= 1 and p.stats.requests("^/token$", "GET") == 0
+    p.refresh_tokens.clear()
+    p.revoke_tokens()
+    with pytest.raises(AuthError):
+        client(p.host, docker_config=str(cfg)).repository("oauth/x").resolve("v1")
