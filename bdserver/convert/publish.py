@@ -99,6 +99,7 @@ class PublishResult:
     bytes_uploaded: int = 0
     referrers_tag: str | None = None
     registry_has_referrers_api: bool = False  # the registry answered OCI-Subject
+    signature: str | None = None  # digest of the signature referrer (sign_key=)
 
 
 def _blob_descriptors(m: Manifest) -> list[Descriptor]:
@@ -108,13 +109,15 @@ def _blob_descriptors(m: Manifest) -> list[Descriptor]:
 def publish(layout: OCILayout | str, lazy_ref: str, source: str | Reference | None = None, *,
             dest: str | Reference | None = None, mount_from: list[str] | None = None,
             progress: bool | Progress = True, registry_kw: dict | None = None,
-            dest_store: ImageStore | None = None) -> PublishResult:
+            dest_store: ImageStore | None = None, sign_key: str | None = None) -> PublishResult:
     """Push the lazy manifest ``lazy_ref`` (tag or digest in ``layout``).
 
     Without ``dest`` it goes to ``source``'s repository by digest, as a referrer of the source
     manifest. With ``dest`` (``HOST/REPO[:TAG]`` or ``oci:PATH[:TAG]``) it goes there (tagged
     if a tag is given) and the referrers tag is maintained there too. ``mount_from`` lists
     repositories on the same registry that may already hold identical layer blobs.
+    ``sign_key`` (PEM private key) attaches a signature referrer that nodes whose TrustPolicy
+    lists the public key accept (bdserver.oci.signing).
     """
     lay = layout if isinstance(layout, OCILayout) else OCILayout(layout, create=False)
     data, desc = lay.get_manifest(lazy_ref)
@@ -173,6 +176,11 @@ def publish(layout: OCILayout | str, lazy_ref: str, source: str | Reference | No
     res.registry_has_referrers_api = bool(getattr(store, "last_oci_subject", None))
     idx = update_referrers_tag(store, subject.digest, add=ref_desc)
     res.lazy = ref_desc
+    if sign_key:
+        from bdserver.oci.signing import sign_lazy_image
+
+        res.signature = sign_lazy_image(store, ref_desc, subject.digest, sign_key).digest
+        prog.note(f"signed with {sign_key}: {res.signature}")
     res.referrers_tag = referrers_tag(subject.digest)
     res.destination = f"{tref.name}@{desc.digest}"
     prog.finish(f"pushed {res.destination} (referrer of {subject.digest}; "

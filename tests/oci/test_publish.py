@@ -81,3 +81,20 @@ def test_publish_to_layout_and_refusals(tmp_path):
     lazy_lay.put_manifest(src_lay.get_manifest("v1")[0], mt.OCI_MANIFEST, tag="plain")
     with pytest.raises(FormatError, match="no subject"):
         publish(lazy_lay, "plain", None, dest=f"oci:{tmp_path}/out2", progress=False)
+
+
+def test_publish_signed(registry_session, tmp_path):
+    import subprocess
+
+    reg = registry_session
+    src, repo, lazy_lay = _setup(reg, tmp_path)
+    key, pub = tmp_path / "k.pem", tmp_path / "p.pem"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)], check=True,
+                   capture_output=True)
+    subprocess.run(["openssl", "ec", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True)
+    res = publish(lazy_lay, "lazy", f"{reg.host}/{repo}:v1", progress=False, sign_key=str(key),
+                  registry_kw={"retry": FAST_RETRY, "hosts_dirs": []})
+    assert res.signature
+    r = client(reg.host).repository(repo)
+    s, lz = discover_lazy_image(r, f"{reg.host}/{repo}:v1", TrustPolicy(state_dir=tmp_path / "st", public_keys=[pub]))
+    assert (s.digest, lz.digest) == (src.digest, res.lazy.digest)
