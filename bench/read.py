@@ -1,0 +1,687 @@
+#!/usr/bin/env python3
+"""Read throughput and cold start of a lazily attached image, side by side with the baselines.
+
+1. Warm reads: the FUSE device (the file `bdserver attach --backend fuse` exposes, EROFS mounted
+   file-backed) against a loop device over the SAME device bytes (the FUSE disk dumped to a file
+   once, `losetup -r`, EROFS mounted from the loop device). bdserver's chunk cache is warm (every
+   chunk on the local cache disk); the page cache is dropped before every run on both sides.
+   Rows: raw device reads (sequential 1 MiB), every file of the tree read sequentially, random 4 KiB
+   preads across the big files (1 and 8 threads). Target: warm sequential >= 0.8x loop.
+2. Cold start over a WAN-like link (100 Mbit/s tbf both ways + 20 ms RTT from a delay proxy, in a
+   network namespace of this run; see bench/_wan.py): `bdserver mount REF DIR` with an empty chunk
+   cache (the daemon is started fresh before each run, its startup timed separately) until
+   `chroot DIR python3 -c 1` is done, against pull-and-unpack of the same image over the same link
+   (parallel HTTP GETs of the compressed layers, then `tar -xzf` of each layer, then the same
+   chroot). Also a streamed baseline (each layer piped from the GET into `tar -xz`, layer by layer).
+   Target: cold start <= 0.25x pull-and-unpack. Bytes: bdserver's own count (stats) and what the
+   proxy relayed from the registry, against the image's compressed size.
+
+Run (root): ``.venv/bin/python bench/read.py [--quick] [--json] [--skip-wan] [--runs N]
+[--image big|sample]``. Every figure is the median of N runs (default 3); other people's work on the
+machine makes single runs noisy. Namespaces, mounts, loop devices and the daemon this run started are
+removed at the end, also on failure or Ctrl-C.
+
+Backends: `--backend fuse` (here). A TCMU/ublk variant only needs an `attach_<name>(ref)` context
+manager yielding a device path (block device or file) registered in ATTACHERS; the measurements take
+a path (`warm_compare(dev_path, ...)`), see bench/read_tcmu.py for the lab's TCMU numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _wan import WanLink  # noqa: E402
+
+PY = sys.executable
+BD = [PY, "-m", "bdserver.cli"]
+MiB = 1 << 20
+REPO_NAME = "bench/python"
+LOG: list[str] = []
+
+
+def say(msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    LOG.append(line)
+    print(line, file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], timeout: float = 300, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
+    return r
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# -- the image ---------------------------------------------------------------------------------
+def bench_image(kind: str) -> Path:
+    """``sample``: the demo image (Debian minbase + Python). ``big``: the same plus a layer of four
+    16 MiB files of half-random data (~33 MB gzip), so the image is about the issue's 89 MB
+    reference and random reads have big files to hit; python3 -c 1 never reads that layer."""
+    from scripts.sample_image import sample_image
+    from tests.fixtures.layers import GNU_TAR, PAX_OPT, _build_once, build_oci_layout
+
+    sample = sample_image()
+    if kind == "sample":
+        return sample
+    src = sample.parent
+
+    def build(d: Path) -> None:
+        root = d / "data"
+        (root / "opt" / "bench-data").mkdir(parents=True)
+        rnd = random.Random(42)
+        for i in range(4):
+            with open(root / "opt" / "bench-data" / f"blob{i}.bin", "wb") as f:
+                for _ in range(16 * MiB // 4096):
+                    f.write(rnd.randbytes(2048) + bytes(2048))
+        for p in [*root.rglob("*"), root]:
+            os.utime(p, (1_700_000_000, 1_700_000_000), follow_symlinks=False)
+        subprocess.run(GNU_TAR + [PAX_OPT, "--format=posix", "--mtime=@1700000000", "-czf",
+                                  str(d / "3-data.tar.gz"), "-C", str(root), "./opt"], check=True,
+                       env={**os.environ, "GZIP": "-n"})
+        shutil.rmtree(root)
+        build_oci_layout([src / "1-debian.tar.gz", src / "2-python.tar.gz", d / "3-data.tar.gz"], d / "layout")
+
+    key = hashlib.sha256(str(sample).encode() + b"data-v1").hexdigest()[:16]
+    return _build_once("bench-read-image", key, build) / "layout"
+
+
+def image_layers(layout: Path) -> list[dict[str, Any]]:
+    idx = json.loads((layout / "index.json").read_text())
+    man = json.loads((layout / "blobs" / idx["manifests"][0]["digest"].replace(":", "/")).read_text())
+    return man["layers"]
+
+
+# -- the daemon --------------------------------------------------------------------------------
+class Daemon:
+    """An isolated bdserver daemon (own state dir, run dir, socket, cache dir) that we start and stop
+    by pid. A fresh cache dir per start gives a cold cache."""
+
+    def __init__(self, work: Path, run_dir: Path, hosts_dir: Path) -> None:
+        self.state = work / "state"
+        self.run_dir = run_dir
+        self.config = work / "config.toml"
+        self.config.write_text(f'state_dir = "{self.state}"\nrun_dir = "{run_dir}"\nhosts_dir = "{hosts_dir}"\n'
+                               f'backend = "fuse"\ndocker_config = "/nonexistent/config.json"\n')
+        os.environ["BDSERVER_CONFIG"] = str(self.config)
+        for k in ("BDSERVER_STATE_DIR", "BDSERVER_RUN_DIR", "BDSERVER_SOCKET", "BDSERVER_CACHE_DIR"):
+            os.environ.pop(k, None)
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.cache_dir: Path | None = None
+
+    def start(self, fresh_cache: bool = True) -> float:
+        """Start the daemon; seconds until it answers on its socket."""
+        from bdserver.daemon.client import ping
+        from bdserver.daemon.config import load_config
+
+        self.starts += 1
+        if fresh_cache or self.cache_dir is None:
+            if self.cache_dir is not None:
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+            self.cache_dir = self.state.parent / f"cache{self.starts}"
+            shutil.rmtree(self.state / "manifests", ignore_errors=True)  # saved lazy manifests: cold node
+        env = {**os.environ, "BDSERVER_CACHE_DIR": str(self.cache_dir)}
+        self.state.mkdir(parents=True, exist_ok=True)
+        out = open(self.state / "daemon.out", "ab")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(BD + ["serve"], env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=out, start_new_session=True)
+        out.close()
+        cfg = load_config(str(self.config))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if ping(cfg) is not None:
+                return time.perf_counter() - t0
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited ({self.proc.returncode}); see {self.state}/daemon.out")
+            time.sleep(0.01)
+        raise RuntimeError("daemon did not answer within 30 s")
+
+    def cli(self, *args: str, timeout: float = 300) -> Any:
+        r = run(BD + list(args) + ["--json"], timeout=timeout)
+        return json.loads(r.stdout) if r.stdout.strip() else {}
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                for d in self.cli("ls", timeout=30):  # never leave devices for the next daemon to recover
+                    for m in d.get("mounts", []):
+                        run(BD + ["umount", m], timeout=60, check=False)
+                    run(BD + ["detach", d["id"]], timeout=60, check=False)
+            run(BD + ["stop"], timeout=30, check=False)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
+        self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            (self.state / "state.json").unlink()
+
+
+# -- mounts we make ----------------------------------------------------------------------------
+def mountinfo_targets() -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            out.append(line.split()[4].encode().decode("unicode_escape"))
+    return out
+
+
+def umount_under(*prefixes: Path) -> None:
+    """Unmount every mount whose target is at or under one of OUR prefixes, deepest first."""
+    pre = [str(p) for p in prefixes]
+    for _ in range(5):
+        mine = sorted({t for t in mountinfo_targets() if any(t == p or t.startswith(p + "/") for p in pre)},
+                      key=len, reverse=True)
+        if not mine:
+            return
+        for t in mine:
+            if run(["umount", t], timeout=30, check=False).returncode != 0:
+                run(["umount", "-l", t], timeout=30, check=False)
+
+
+def mount_erofs(source: str, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "erofs", "-o", "ro", source, str(target)], timeout=60)
+
+
+# -- measurements (each takes a path: a device file, a block device, a mounted tree) -----------
+def raw_seq(path: str, chunk: int = MiB) -> tuple[float, int]:
+    """(bytes/s, bytes) of one buffered sequential pass with ``chunk``-byte reads."""
+    fd = os.open(path, os.O_RDONLY)
+    buf = bytearray(chunk)
+    n = 0
+    try:
+        t0 = time.perf_counter()
+        while True:
+            k = os.readv(fd, [buf])
+            if k <= 0:
+                break
+            n += k
+        return n / (time.perf_counter() - t0), n
+    finally:
+        os.close(fd)
+
+
+def tree_read(root: Path) -> tuple[float, int, int]:
+    """(bytes/s, bytes, files): walk the tree (sorted) and read every regular file with 1 MiB reads."""
+    buf = bytearray(MiB)
+    total = files = 0
+    t0 = time.perf_counter()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = os.path.join(dirpath, name)
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # symlinks, sockets
+            try:
+                if not os.path.isfile(p) or os.path.islink(p):
+                    continue
+                files += 1
+                while True:
+                    k = os.readv(fd, [buf])
+                    if k <= 0:
+                        break
+                    total += k
+            finally:
+                os.close(fd)
+    return total / (time.perf_counter() - t0), total, files
+
+
+def big_files(root: Path, min_size: int = MiB) -> list[tuple[str, int]]:
+    out = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p) or not os.path.isfile(p):
+                continue
+            s = os.path.getsize(p)
+            if s >= min_size:
+                out.append((os.path.relpath(p, root), s))
+    return sorted(out)
+
+
+def rand_4k(root: Path, files: list[tuple[str, int]], ops: int, threads: int, seed: int = 7) -> float:
+    """4 KiB preads per second at block-aligned offsets of files picked by size (page cache as is)."""
+    fds = [os.open(root / rel, os.O_RDONLY) for rel, _ in files]
+    sizes = [s for _, s in files]
+    plan_rng = random.Random(seed)
+    plan = []
+    for _ in range(ops):
+        i = plan_rng.choices(range(len(files)), weights=sizes)[0]
+        plan.append((fds[i], plan_rng.randrange(sizes[i] // 4096) * 4096))
+    per = [plan[k::threads] for k in range(threads)]
+
+    def worker(items: list[tuple[int, int]]) -> None:
+        for fd, off in items:
+            os.pread(fd, 4096, off)
+
+    try:
+        ths = [threading.Thread(target=worker, args=(p,)) for p in per]
+        t0 = time.perf_counter()
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        return ops / (time.perf_counter() - t0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def warm_compare(dev_path: str, loop_dev: str, mnt_dev: Path, mnt_loop: Path, runs: int, quick: bool
+                 ) -> list[dict[str, Any]]:
+    """The same measurements on the device under test and on the loop device, alternating, page cache
+    dropped before every single measurement. Returns rows (name, unit, dev values, loop values)."""
+    sides = {"dev": (dev_path, mnt_dev), "loop": (loop_dev, mnt_loop)}
+    files = big_files(mnt_loop)
+    if big_files(mnt_dev) != files:
+        raise RuntimeError("the two mounts disagree on their big files")
+    ops1 = 1000 if quick else 3000
+    ops8 = 2000 if quick else 6000
+    tests: list[tuple[str, str, Callable[[str, Path], float]]] = [
+        ("raw device, sequential 1 MiB reads", "MB/s", lambda d, m: raw_seq(d)[0] / 1e6),
+        ("tree, every file read in order", "MB/s", lambda d, m: tree_read(m)[0] / 1e6),
+        (f"random 4 KiB pread, 1 thread ({len(files)} files >= 1 MiB)", "IOPS",
+         lambda d, m: rand_4k(m, files, ops1, 1)),
+        ("random 4 KiB pread, 8 threads", "IOPS", lambda d, m: rand_4k(m, files, ops8, 8)),
+    ]
+    rows = []
+    for name, unit, fn in tests:
+        vals: dict[str, list[float]] = {"dev": [], "loop": []}
+        for r in range(runs):
+            order = ("dev", "loop") if r % 2 == 0 else ("loop", "dev")
+            for side in order:
+                drop_caches()
+                vals[side].append(fn(*sides[side]))
+        rows.append({"test": name, "unit": unit, "dev": vals["dev"], "loop": vals["loop"],
+                     "dev_median": med(vals["dev"]), "loop_median": med(vals["loop"]),
+                     "ratio": med(vals["dev"]) / med(vals["loop"])})
+        say(f"  {name}: dev {med(vals['dev']):.0f} loop {med(vals['loop']):.0f} {unit} "
+            f"(dev {[round(v) for v in vals['dev']]}, loop {[round(v) for v in vals['loop']]})")
+    tr = tree_read(mnt_loop)
+    rows.append({"info": f"tree: {tr[2]} files, {tr[1] / 1e6:.1f} MB; device {os.path.getsize(dev_path) if os.path.isfile(dev_path) else 0}"})
+    return rows
+
+
+@contextlib.contextmanager
+def attach_fuse(daemon: Daemon, ref: str) -> Iterator[str]:
+    """`bdserver attach REF --backend fuse`: yields the device file, detaches at the end."""
+    r = daemon.cli("attach", ref, "--backend", "fuse")
+    try:
+        yield r["path"]
+    finally:
+        run(BD + ["detach", r["id"]], timeout=60, check=False)
+
+
+ATTACHERS: dict[str, Callable[[Daemon, str], contextlib.AbstractContextManager[str]]] = {"fuse": attach_fuse}
+
+
+def warm_bench(daemon: Daemon, ref: str, work: Path, backend: str, runs: int, quick: bool) -> dict[str, Any]:
+    say(f"warm: attach {ref} --backend {backend}, dump the device once (fills the chunk cache)")
+    img = work / "device.img"
+    loop_dev = ""
+    out: dict[str, Any] = {}
+    with ATTACHERS[backend](daemon, ref) as dev_path:
+        try:
+            t0 = time.perf_counter()
+            with open(dev_path, "rb") as src, open(img, "wb") as dst:
+                shutil.copyfileobj(src, dst, MiB)
+            el = time.perf_counter() - t0
+            size = img.stat().st_size
+            out["device_bytes"] = size
+            out["first_read_mb_s"] = size / el / 1e6
+            say(f"  device {size / 1e6:.1f} MB dumped in {el:.1f} s ({size / el / 1e6:.1f} MB/s, cold: "
+                f"fetch+verify+decompress+cache over the unshaped link)")
+            loop_dev = run(["losetup", "--find", "--show", "--read-only", str(img)]).stdout.strip()
+            mount_erofs(dev_path, work / "mnt-dev")
+            mount_erofs(loop_dev, work / "mnt-loop")
+            out["rows"] = warm_compare(dev_path, loop_dev, work / "mnt-dev", work / "mnt-loop", runs, quick)
+        finally:
+            umount_under(work / "mnt-dev", work / "mnt-loop")
+            if loop_dev:
+                run(["losetup", "-d", loop_dev], check=False)
+            with contextlib.suppress(FileNotFoundError):
+                img.unlink()
+    return out
+
+
+# -- cold start --------------------------------------------------------------------------------
+def fetched(stats: Any) -> tuple[int, int]:
+    devs = stats if isinstance(stats, list) else stats.get("devices", [])
+    b = sum(d.get("stats", {}).get("device", {}).get("fetched_bytes", 0) for d in devs)
+    n = sum(d.get("stats", {}).get("device", {}).get("fetches", 0) for d in devs)
+    return b, n
+
+
+def cold_bdserver(daemon: Daemon, wan: WanLink, ref: str, target: Path) -> dict[str, Any]:
+    daemon.stop()
+    startup = daemon.start(fresh_cache=True)
+    drop_caches()
+    wan.reset()
+    t0 = time.perf_counter()
+    daemon.cli("mount", ref, str(target), "--backend", "fuse")
+    t1 = time.perf_counter()
+    run(["chroot", str(target), "/usr/bin/python3", "-c", "1"], timeout=300)
+    t2 = time.perf_counter()
+    px = wan.stats()
+    fb, fn = fetched(daemon.cli("stats"))
+    run(BD + ["umount", str(target)], timeout=60)
+    return {"daemon_startup": startup, "mount": t1 - t0, "python": t2 - t1, "total": t2 - t0,
+            "fetched_bytes": fb, "fetches": fn, "proxy_bytes": px["down_bytes"], "proxy_requests": px["requests"],
+            "proxy_connections": px["connections"]}
+
+
+def _pull_manifest(client: Any, base: str) -> tuple[dict, bytes]:
+    acc = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+    r = client.get(f"{base}/manifests/latest", headers={"Accept": acc})
+    r.raise_for_status()
+    man = r.json()
+    c = client.get(f"{base}/blobs/{man['config']['digest']}")
+    c.raise_for_status()
+    return man, c.content
+
+
+def _get_blob(client: Any, base: str, layer: dict, sink: Callable[[bytes], None]) -> None:
+    h = hashlib.sha256()
+    with client.stream("GET", f"{base}/blobs/{layer['digest']}") as r:
+        r.raise_for_status()
+        for b in r.iter_bytes(1 << 16):
+            h.update(b)
+            sink(b)
+    if "sha256:" + h.hexdigest() != layer["digest"]:
+        raise RuntimeError(f"layer {layer['digest']} does not match its digest")
+
+
+TAR_X = ["tar", "-x", "-z", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-p"]
+
+
+def cold_pull(wan: WanLink, work: Path) -> dict[str, Any]:
+    """Pull (parallel GETs of every layer, verified) then unpack (tar -xzf per layer, in order), then
+    chroot python3 -c 1: what docker/containerd/podman do before a container can start."""
+    import httpx
+
+    dl, rootfs = work / "pull", work / "pull-rootfs"
+    for d in (dl, rootfs):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+    drop_caches()
+    wan.reset()
+    base = f"http://{wan.host}/v2/{REPO_NAME}"
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=8)) as client:
+        man, _ = _pull_manifest(client, base)
+        errs: list[BaseException] = []
+
+        def fetch(i: int, layer: dict) -> None:
+            try:
+                with open(dl / f"{i}.tar.gz", "wb") as f:
+                    _get_blob(client, base, layer, f.write)
+            except BaseException as e:  # noqa: BLE001
+                errs.append(e)
+
+        ths = [threading.Thread(target=fetch, args=(i, layer)) for i, layer in enumerate(man["layers"])]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(600)
+        if errs:
+            raise errs[0]
+    t1 = time.perf_counter()
+    for i in range(len(man["layers"])):
+        run(TAR_X + ["-f", str(dl / f"{i}.tar.gz"), "-C", str(rootfs)], timeout=600)
+    t2 = time.perf_counter()
+    run(["chroot", str(rootfs), "/usr/bin/python3", "-c", "1"], timeout=300)
+    t3 = time.perf_counter()
+    px = wan.stats()
+    shutil.rmtree(dl, ignore_errors=True)
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return {"pull": t1 - t0, "unpack": t2 - t1, "python": t3 - t2, "total": t3 - t0, "proxy_bytes": px["down_bytes"],
+            "proxy_requests": px["requests"]}
+
+
+def cold_stream(wan: WanLink, work: Path) -> dict[str, Any]:
+    """Streamed: each layer's GET piped into `tar -xz` as it arrives, layer after layer (download
+    and decompression overlap; no parallel downloads). Then chroot python3 -c 1."""
+    import httpx
+
+    rootfs = work / "stream-rootfs"
+    shutil.rmtree(rootfs, ignore_errors=True)
+    rootfs.mkdir()
+    drop_caches()
+    wan.reset()
+    base = f"http://{wan.host}/v2/{REPO_NAME}"
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=120) as client:
+        man, _ = _pull_manifest(client, base)
+        for layer in man["layers"]:
+            p = subprocess.Popen(TAR_X + ["-f", "-", "-C", str(rootfs)], stdin=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+            assert p.stdin is not None
+            try:
+                _get_blob(client, base, layer, p.stdin.write)
+            finally:
+                p.stdin.close()
+                rc = p.wait(timeout=600)
+            if rc != 0:
+                raise RuntimeError(f"tar -x failed: {p.stderr.read().decode()[-500:] if p.stderr else rc}")
+    t1 = time.perf_counter()
+    run(["chroot", str(rootfs), "/usr/bin/python3", "-c", "1"], timeout=300)
+    t2 = time.perf_counter()
+    px = wan.stats()
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return {"pull_unpack": t1 - t0, "python": t2 - t1, "total": t2 - t0, "proxy_bytes": px["down_bytes"]}
+
+
+def cold_bench(daemon: Daemon, wan: WanLink, ref: str, work: Path, runs: int, stream: bool) -> dict[str, Any]:
+    wan.shape("100mbit", 20.0)
+    say(f"cold: link shaped ({wan.shaped}); {runs} runs of each, alternating")
+    res: dict[str, list[dict[str, Any]]] = {"bdserver": [], "pull": [], "stream": []}
+    target = work / "rootfs"
+    try:
+        for r in range(runs):
+            b = cold_bdserver(daemon, wan, ref, target)
+            res["bdserver"].append(b)
+            say(f"  run {r + 1}: bdserver daemon {b['daemon_startup']:.2f} s, mount {b['mount']:.2f} s + python "
+                f"{b['python']:.2f} s = {b['total']:.2f} s; fetched {b['fetched_bytes'] / 1e6:.1f} MB in "
+                f"{b['fetches']} fetches, proxy {b['proxy_bytes'] / 1e6:.1f} MB {b['proxy_requests']} requests")
+            p = cold_pull(wan, work)
+            res["pull"].append(p)
+            say(f"  run {r + 1}: pull {p['pull']:.2f} s + unpack {p['unpack']:.2f} s + python {p['python']:.2f} s "
+                f"= {p['total']:.2f} s; proxy {p['proxy_bytes'] / 1e6:.1f} MB")
+            if stream:
+                s = cold_stream(wan, work)
+                res["stream"].append(s)
+                say(f"  run {r + 1}: streamed pull|tar {s['pull_unpack']:.2f} s + python {s['python']:.2f} s "
+                    f"= {s['total']:.2f} s")
+    finally:
+        wan.unshape()
+    return res
+
+
+# -- report ------------------------------------------------------------------------------------
+def report(res: dict[str, Any]) -> str:
+    L: list[str] = []
+    img = res["image"]
+    L.append(f"bdserver read benchmark: {res['kernel']}, {res['cpus']} CPUs, median of {res['runs']} runs")
+    L.append(f"image {img['ref']} ({img['kind']}): {len(img['layers'])} layers, "
+             f"{img['compressed_bytes'] / 1e6:.1f} MB compressed "
+             f"({', '.join(f'{x / 1e6:.1f}' for x in img['layers'])} MB); lazy device "
+             f"{res.get('warm', {}).get('device_bytes', 0) / 1e6:.1f} MB; convert took {res['convert_s']:.1f} s")
+    if "warm" in res:
+        w = res["warm"]
+        L.append("")
+        L.append(f"1. Warm reads: {res['backend']} device vs loop device over the same bytes "
+                 "(chunk cache warm, page cache dropped before each run)")
+        hdr = f"   {'test':58} {res['backend']:>10} {'loop':>10} {'unit':>5} {'ratio':>7}  target"
+        L.append(hdr)
+        L.append("   " + "-" * (len(hdr) - 3))
+        for row in w["rows"]:
+            if "info" in row:
+                continue
+            tgt = ">= 0.80x" if "sequential" in row["test"] or "in order" in row["test"] else ""
+            L.append(f"   {row['test']:58} {row['dev_median']:10.1f} {row['loop_median']:10.1f} {row['unit']:>5} "
+                     f"{row['ratio']:6.2f}x  {tgt}")
+        L.append(f"   ({w['rows'][-1]['info']}; first full read of the device, cold over the unshaped link: "
+                 f"{w['first_read_mb_s']:.1f} MB/s)")
+    if "cold" in res:
+        c = res["cold"]
+        b, p, s = c["bdserver"], c["pull"], c["stream"]
+        mb = lambda k, rows: med([x[k] for x in rows])  # noqa: E731
+        L.append("")
+        L.append(f"2. Cold start over {c['link']} (netns + veth + tbf both ways + delay proxy)")
+        L.append(f"   {'phase':52} {'median s':>9}   runs")
+        L.append("   " + "-" * 75)
+
+        def line(name: str, v: float, rows: list[dict[str, Any]] | None = None, k: str = "") -> None:
+            runs = " ".join(f"{x[k]:.2f}" for x in rows) if rows else ""
+            L.append(f"   {name:52} {v:9.2f}   {runs}")
+
+        line("bdserver daemon startup (separate, not in the total)", mb("daemon_startup", b), b, "daemon_startup")
+        line("bdserver mount REF DIR (cold chunk cache)", mb("mount", b), b, "mount")
+        line("chroot DIR python3 -c 1", mb("python", b), b, "python")
+        line("= bdserver cold start", mb("total", b), b, "total")
+        line("pull: parallel GETs of the compressed layers", mb("pull", p), p, "pull")
+        line("unpack: tar -xzf per layer", mb("unpack", p), p, "unpack")
+        line("chroot DIR python3 -c 1", mb("python", p), p, "python")
+        line("= pull-and-unpack", mb("total", p), p, "total")
+        if s:
+            line("streamed: GET | tar -xz layer by layer, then python3", mb("total", s), s, "total")
+        ratio = mb("total", b) / mb("total", p)
+        L.append(f"   ratio bdserver / pull-and-unpack: {ratio:.3f}x   (target <= 0.25x)")
+        if s:
+            L.append(f"   ratio bdserver / streamed pull-and-unpack: {mb('total', b) / mb('total', s):.3f}x")
+        comp = img["compressed_bytes"]
+        L.append(f"   bytes per start: bdserver fetched {mb('fetched_bytes', b) / 1e6:.1f} MB in "
+                 f"{mb('fetches', b):.0f} range requests (its stats) = {100 * mb('fetched_bytes', b) / comp:.1f} % of "
+                 f"the {comp / 1e6:.1f} MB compressed image; registry side (proxy) {mb('proxy_bytes', b) / 1e6:.1f} MB "
+                 f"in {mb('proxy_requests', b):.0f} requests")
+        L.append(f"                    pull-and-unpack: registry side (proxy) {mb('proxy_bytes', p) / 1e6:.1f} MB")
+        L.append("   (issue's reference point: pull-and-unpack of an 89 MB tar.gz took 7.6 s at 100 Mbit/s)")
+    return "\n".join(L)
+
+
+# -- main --------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer operations per run (still 3 runs)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout (progress: stderr)")
+    ap.add_argument("--skip-wan", action="store_true", help="skip the cold start over the shaped link")
+    ap.add_argument("--skip-warm", action="store_true", help="skip the warm read comparison")
+    ap.add_argument("--no-stream", action="store_true", help="skip the streamed pull-and-unpack baseline")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--image", choices=["big", "sample"], default="big")
+    ap.add_argument("--backend", choices=sorted(ATTACHERS), default="fuse")
+    ap.add_argument("--workdir", default="/var/tmp")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/read.py needs root (mounts, loop devices, network namespaces)", file=sys.stderr)
+        return 2
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    work = Path(tempfile.mkdtemp(prefix="bdbench-read-", dir=a.workdir))
+    run_dir = Path(f"/run/bdbench-{os.getpid()}")
+    wan = WanLink(work / "wan")
+    daemon: Daemon | None = None
+    res: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count(), "runs": a.runs,
+                           "backend": a.backend}
+    try:
+        layout = bench_image(a.image)
+        layers = image_layers(layout)
+        say(f"image {layout}: layers {[round(x['size'] / 1e6, 1) for x in layers]} MB")
+        (work / "wan").mkdir(parents=True)
+        wan.up()
+        ref = f"{wan.host}/{REPO_NAME}:latest"
+        res["image"] = {"kind": a.image, "ref": ref, "layers": [x["size"] for x in layers],
+                        "compressed_bytes": sum(x["size"] for x in layers)}
+        say(f"netns {wan.ns}: registry behind the delay proxy at {wan.host} (unshaped for setup)")
+        from bdserver.oci.copy import copy_image
+        from bdserver.oci.layout import OCILayout
+        from bdserver.oci.registry import RegistryClient
+
+        client = RegistryClient(wan.host, hosts_dirs=[], docker_config="/nonexistent", plain_http=True)
+        try:
+            copy_image(OCILayout(layout, create=False), client.repository(REPO_NAME), "latest", "latest")
+        finally:
+            client.close()
+        hosts = work / "hosts"
+        (hosts / wan.host).mkdir(parents=True)
+        (hosts / wan.host / "hosts.toml").write_text(f'server = "http://{wan.host}"\n')
+        daemon = Daemon(work, run_dir, hosts)
+        t0 = time.perf_counter()
+        conv = daemon.cli("convert", ref, timeout=1200)
+        res["convert_s"] = time.perf_counter() - t0
+        say(f"converted in {res['convert_s']:.1f} s: {conv.get('summary', conv)}")
+        if not a.skip_warm:
+            daemon.start(fresh_cache=True)
+            res["warm"] = warm_bench(daemon, ref, work, a.backend, a.runs, a.quick)
+            daemon.stop()
+        if not a.skip_wan:
+            res["cold"] = cold_bench(daemon, wan, ref, work, a.runs, not a.no_stream)
+            res["cold"]["link"] = "100 Mbit/s, 20 ms RTT"
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return 130
+    finally:
+        umount_under(work, run_dir)
+        if daemon is not None:
+            with contextlib.suppress(Exception):
+                daemon.stop()
+        umount_under(work, run_dir)
+        wan.close()
+        if not any(t.startswith(str(work)) or t.startswith(str(run_dir)) for t in mountinfo_targets()):
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            say(f"left {work} in place: something is still mounted under it")
+    text = report(res)
+    if a.json:
+        print(json.dumps(res, indent=1, default=str))
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
