@@ -147,7 +147,7 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
                   level: int = chunked.DEFAULT_LEVEL) -> ConvertResult:
     """Convert the image ``src_ref`` (tag or digest; an index picks this host's platform) of
     ``src`` into its lazy image and store blobs + manifest in ``dest`` (under ``dest_tag`` if
-    given). Publishing as a referrer (Referrers API / ``sha256-<hex>`` tag) is convert/publish.py's
+    given); nothing is stored in ``dest`` unless every layer converted. Publishing as a referrer (Referrers API / ``sha256-<hex>`` tag) is convert/publish.py's
     job: it takes ``result.descriptor`` and ``result.subject``."""
     m, subject = resolve_image_manifest(src, src_ref)
     _check_tar_layers(m)
@@ -163,6 +163,7 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
         results: list[LayerResult] = []
         infos: list[chunked.ChunkedBlobInfo] = []
         paths: list[Path] = []
+        blobs: list[Path] = []  # stored in dest only once every layer converted
         for i, l in enumerate(m.layers):
             img = wd / f"layer{i}.erofs"
             r = _convert_one(lambda l=l: src.open_blob(l.digest, l.size), img, diff_ids[i], work)  # type: ignore[misc]
@@ -171,10 +172,7 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
                 info = chunked.write_chunked_zstd(fi, fo, chunk_size=chunk_size, level=level)
             if info.uncompressed_size != r.size:
                 raise AssertionError("chunked blob size does not match the EROFS image")
-            if not dest.has_blob(info.digest):
-                with open(blob, "rb") as fb:
-                    dest.put_blob(fb, info.digest, info.size)
-            blob.unlink()
+            blobs.append(blob)
             results.append(r)
             infos.append(info)
             paths.append(img)
@@ -185,6 +183,11 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
         with open(meta_path, "wb") as out:
             meta = build_merged_meta(mlayers, out)
         meta_digest = _sha256_file(meta_path)
+        for info, blob in zip(infos, blobs):
+            if not dest.has_blob(info.digest):
+                with open(blob, "rb") as fb:
+                    dest.put_blob(fb, info.digest, info.size)
+            blob.unlink()
         if not dest.has_blob(meta_digest):
             with open(meta_path, "rb") as fb:
                 dest.put_blob(fb, meta_digest, meta.size)

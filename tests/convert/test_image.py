@@ -180,3 +180,20 @@ def test_edge_image_through_oci_layouts(tmp_path: Path) -> None:
     with mounted(flat) as mnt:
         diffs = compare_trees(mnt, ref, full_limit=256 << 20)
     assert diffs == [], "\n".join(diffs)
+
+
+def test_hostile_layer_stores_nothing(tmp_path: Path) -> None:
+    """A bad layer anywhere in the image: FormatError, and the destination stays empty."""
+    from tests.fixtures.layers import hostile_tars
+
+    good = TarWriter()
+    good.add("ok", b"0", b"fine")
+    layers = [tmp_path / "1.tar", tmp_path / "2.tar"]
+    layers[0].write_bytes(good.close())
+    layers[1].write_bytes(hostile_tars()["dotdot"])
+    src = OCILayout(build_oci_layout(layers, tmp_path / "src"))
+    dst = OCILayout(tmp_path / "dst")
+    with pytest.raises(FormatError, match=r"\.\."):
+        convert_image(src, "latest", dst, "t")
+    assert dst.list_tags() == []
+    assert [p for p in (tmp_path / "dst").rglob("*") if p.is_file() and "blobs" in p.parts] == []
