@@ -99,7 +99,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    request(_cfg(args), "shutdown")
+    from bdserver.daemon.protocol import call
+
+    cfg = _cfg(args)
+    try:
+        call(cfg.socket, "shutdown", timeout=30)
+    except ConnectionError:
+        pass  # not running: nothing to stop
     return 0
 
 

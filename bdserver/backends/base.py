@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -125,14 +126,18 @@ class UnavailableBackend(Backend):
 
 
 _instances: dict[str, Backend] = {}
+_instances_lock = threading.Lock()
 
 
 def get_backend(name: str) -> Backend:
     """The (process-wide, cached) instance of backend ``name``; an UnavailableBackend if absent."""
     if name not in BACKEND_NAMES:
         raise BdError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKEND_NAMES)}")
-    if name in _instances:
-        return _instances[name]
+    with _instances_lock:  # one instance per process: backends hold process-wide kernel sessions
+        return _instances.get(name) or _load(name)
+
+
+def _load(name: str) -> Backend:
     try:
         mod = importlib.import_module(f"bdserver.backends.{name}")
     except ImportError as exc:

@@ -181,6 +181,8 @@ class FuseBackend(Backend):
     """Serves devices as files on one FUSE mount per process."""
 
     name = "fuse"
+    _session_owner: FuseBackend | None = None  # pyfuse3 allows one session per process
+    _session_lock = threading.Lock()
 
     def __init__(self, run_dir: str | None = None) -> None:
         self.run_dir = run_dir or os.environ.get("BDSERVER_RUN_DIR", "/run/bdserver")
@@ -273,6 +275,11 @@ class FuseBackend(Backend):
         ok, reason = self.available()
         if not ok:
             raise KernelError(f"FUSE backend unavailable: {reason}")
+        with FuseBackend._session_lock:
+            owner = FuseBackend._session_owner
+            if owner is not None and owner is not self and owner._thread is not None:
+                raise KernelError("another FUSE backend instance already serves this process")
+            FuseBackend._session_owner = self
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         # A previous daemon that died leaves a dead mount (ENOTCONN): clear it first.
         if mounts.is_mountpoint(self.root):

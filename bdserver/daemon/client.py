@@ -55,7 +55,8 @@ def start_daemon(cfg: Config) -> int:
             return proc.pid
         if proc.poll() is not None:
             tail = _tail(out_path)
-            raise DaemonError(f"the daemon exited while starting (status {proc.returncode}): {tail}")
+            if "already uses" not in tail:  # lost a start race: the winner will answer soon
+                raise DaemonError(f"the daemon exited while starting (status {proc.returncode}): {tail}")
         time.sleep(0.1)
     raise DaemonError(f"the daemon did not answer on {cfg.socket} within {START_WAIT_S:.0f}s (pid {proc.pid})")
 

@@ -123,3 +123,33 @@ def test_errors_are_one_line_with_exit_codes(daemon, tmp_path: Path) -> None:
     assert p.returncode == 8 and p.stderr.count("\n") == 1  # KernelError: tcmu is not on this host
     p = subprocess.run([sys.executable, "-m", "bdserver.cli", "attach"], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2  # usage error
+
+
+def test_concurrent_autostart_starts_one_daemon(daemon, erofs_image) -> None:
+    image, _ = erofs_image
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: daemon.cli("attach", f"file:{image}", check=False), range(4)))
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
+    assert len({r.stdout.split()[1] for r in results}) == 4
+    assert len(daemon.json("ls")) == 4
+
+
+def test_inspect_and_cache_prune(daemon, erofs_image) -> None:
+    image, _ = erofs_image
+    info = daemon.json("inspect", str(image))
+    assert info["superblock"]["blocks"] * info["superblock"]["block_size"] <= image.stat().st_size
+    assert "EROFS image" in daemon.cli("inspect", str(image)).stdout
+    r = daemon.json("cache", "prune")  # no daemon running: done in-process
+    assert r["pruned_bytes"] >= 0
+
+
+def test_kernel_check_reports_fuse_and_file_backed_erofs() -> None:
+    p = subprocess.run([str(REPO / "kernel-setup" / "check"), "--json"], capture_output=True, text=True, check=True)
+    r = json.loads(p.stdout)
+    assert r["erofs"]["file_backed"] is True and r["fuse"]["status"] in ("builtin", "loaded", "loadable")
+    assert r["overlay"]["status"] != "absent"
+    assert r["auto"] == "fuse" and not r["backends"]["ublk"]["available"]
+    assert "auto picks" in subprocess.run([str(REPO / "kernel-setup" / "check")], capture_output=True,
+                                          text=True).stdout

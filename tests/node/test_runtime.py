@@ -63,3 +63,22 @@ def test_hook_mounts_lazy_rootfs_for_runc(daemon, busybox_image: Path, tmp_path:
     assert daemon.json("ls") == []  # poststop detached the device
     assert not (bundle / ".bdserver-hook.json").exists()
     assert list((bundle / "rootfs").iterdir()) == [] or all(c.is_dir() for c in (bundle / "rootfs").iterdir())
+
+
+def test_podman_precreate_rewrites_root_and_poststop_cleans(daemon, busybox_image: Path, tmp_path: Path) -> None:
+    config = {"ociVersion": "1.0.2", "root": {"path": str(tmp_path / "orig")}, "process": {"args": ["/bin/sh"]},
+              "annotations": {"org.bdserver.image": f"file:{busybox_image}"}}
+    p = daemon.cli("hook", "precreate", input=json.dumps(config))
+    out = json.loads(p.stdout)
+    root = Path(out["root"]["path"])
+    assert root != tmp_path / "orig" and (root / "marker").read_text() == "from the lazy image\n"
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(out))
+    state = {"ociVersion": "1.0.2", "id": "c1", "status": "stopped", "bundle": str(bundle),
+             "annotations": config["annotations"]}
+    daemon.cli("hook", input=json.dumps(state))  # stage inferred: poststop
+    assert not mounts.find_mounts(target=str(root)) and daemon.json("ls") == []
+    # a container without the annotation passes through untouched
+    plain = {"root": {"path": "rootfs"}}
+    assert json.loads(daemon.cli("hook", "precreate", input=json.dumps(plain)).stdout) == plain
