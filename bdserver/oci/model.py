@@ -153,8 +153,62 @@ class Descriptor:
         return cls(media_type=media_type, digest=sha256_digest(data), size=len(data), **kw)
 
 
+class _Document:
+    """What manifests and indexes share: schemaVersion 2, a media type, an optional subject,
+    artifactType and annotations, and unknown fields kept verbatim so a rewrite loses nothing."""
+
+    media_type: str
+    subject: Descriptor | None
+    artifact_type: str | None
+    annotations: dict[str, str]
+    extra: dict[str, Any]
+
+    _COMMON = ("schemaVersion", "mediaType", "subject", "artifactType", "annotations")
+
+    @staticmethod
+    def _common(d: dict, what: str, media_type: str | None, default: str, allowed: Any,
+                known: tuple[str, ...]) -> dict[str, Any]:
+        if d.get("schemaVersion") != 2:
+            raise FormatError(f"{what}: unsupported schemaVersion {d.get('schemaVersion')!r}")
+        mtype = d.get("mediaType") or media_type or default
+        if mtype not in allowed:
+            raise FormatError(f"not an image {what}: {mtype}")
+        return {
+            "media_type": mtype,
+            "subject": Descriptor.from_dict(d["subject"]) if d.get("subject") is not None else None,
+            "artifact_type": d.get("artifactType"),
+            "annotations": _str_map(d.get("annotations"), what),
+            "extra": {k: v for k, v in d.items() if k not in _Document._COMMON + known},
+        }
+
+    def _with_common(self, body: dict[str, Any]) -> dict:
+        d: dict[str, Any] = dict(self.extra)
+        d.update({"schemaVersion": 2, "mediaType": self.media_type})
+        d.update(body)
+        if self.subject is not None:
+            d["subject"] = self.subject.to_dict()
+        if self.artifact_type:
+            d["artifactType"] = self.artifact_type
+        if self.annotations:
+            d["annotations"] = dict(self.annotations)
+        return d
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+
+def _list_field(d: dict, key: str, what: str) -> list:
+    v = d.get(key)
+    if not isinstance(v, list):
+        raise FormatError(f"{what}: {key} must be a list")
+    return v
+
+
 @dataclass
-class Manifest:
+class Manifest(_Document):
     """An image manifest (OCI or Docker schema 2)."""
 
     config: Descriptor
@@ -165,49 +219,16 @@ class Manifest:
     annotations: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = ("schemaVersion", "mediaType", "config", "layers", "subject", "artifactType", "annotations")
-
     @classmethod
     def from_dict(cls, d: Any, media_type: str | None = None) -> "Manifest":
         d = _obj(d, "manifest")
-        if d.get("schemaVersion") != 2:
-            raise FormatError(f"manifest: unsupported schemaVersion {d.get('schemaVersion')!r}")
-        mtype = d.get("mediaType") or media_type or mt.OCI_MANIFEST
-        if mtype not in mt.MANIFEST_TYPES:
-            raise FormatError(f"not an image manifest: {mtype}")
-        layers = d.get("layers")
-        if not isinstance(layers, list):
-            raise FormatError("manifest: layers must be a list")
-        return cls(
-            config=Descriptor.from_dict(d.get("config")),
-            layers=[Descriptor.from_dict(x) for x in layers],
-            media_type=mtype,
-            subject=Descriptor.from_dict(d["subject"]) if d.get("subject") is not None else None,
-            artifact_type=d.get("artifactType"),
-            annotations=_str_map(d.get("annotations"), "manifest"),
-            extra={k: v for k, v in d.items() if k not in cls._KNOWN},
-        )
+        common = cls._common(d, "manifest", media_type, mt.OCI_MANIFEST, mt.MANIFEST_TYPES, ("config", "layers"))
+        layers = _list_field(d, "layers", "manifest")
+        return cls(config=Descriptor.from_dict(d.get("config")),
+                   layers=[Descriptor.from_dict(x) for x in layers], **common)
 
     def to_dict(self) -> dict:
-        d: dict[str, Any] = dict(self.extra)
-        d.update(
-            {
-                "schemaVersion": 2,
-                "mediaType": self.media_type,
-                "config": self.config.to_dict(),
-                "layers": [x.to_dict() for x in self.layers],
-            }
-        )
-        if self.subject is not None:
-            d["subject"] = self.subject.to_dict()
-        if self.artifact_type:
-            d["artifactType"] = self.artifact_type
-        if self.annotations:
-            d["annotations"] = dict(self.annotations)
-        return d
-
-    def to_bytes(self) -> bytes:
-        return canonical_json(self.to_dict())
+        return self._with_common({"config": self.config.to_dict(), "layers": [x.to_dict() for x in self.layers]})
 
     def descriptor(self, **kw: Any) -> Descriptor:
         """The descriptor of this manifest's canonical bytes (artifactType filled in, as referrers need)."""
@@ -218,7 +239,7 @@ class Manifest:
 
 
 @dataclass
-class Index:
+class Index(_Document):
     """An image index (OCI) or manifest list (Docker)."""
 
     manifests: list[Descriptor]
@@ -228,47 +249,15 @@ class Index:
     annotations: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = ("schemaVersion", "mediaType", "manifests", "subject", "artifactType", "annotations")
-
     @classmethod
     def from_dict(cls, d: Any, media_type: str | None = None) -> "Index":
         d = _obj(d, "index")
-        if d.get("schemaVersion") != 2:
-            raise FormatError(f"index: unsupported schemaVersion {d.get('schemaVersion')!r}")
-        mtype = d.get("mediaType") or media_type or mt.OCI_INDEX
-        if mtype not in mt.INDEX_TYPES:
-            raise FormatError(f"not an image index: {mtype}")
-        ms = d.get("manifests")
-        if not isinstance(ms, list):
-            raise FormatError("index: manifests must be a list")
-        return cls(
-            manifests=[Descriptor.from_dict(x) for x in ms],
-            media_type=mtype,
-            subject=Descriptor.from_dict(d["subject"]) if d.get("subject") is not None else None,
-            artifact_type=d.get("artifactType"),
-            annotations=_str_map(d.get("annotations"), "index"),
-            extra={k: v for k, v in d.items() if k not in cls._KNOWN},
-        )
+        common = cls._common(d, "index", media_type, mt.OCI_INDEX, mt.INDEX_TYPES, ("manifests",))
+        ms = _list_field(d, "manifests", "index")
+        return cls(manifests=[Descriptor.from_dict(x) for x in ms], **common)
 
     def to_dict(self) -> dict:
-        d: dict[str, Any] = dict(self.extra)
-        d.update(
-            {
-                "schemaVersion": 2,
-                "mediaType": self.media_type,
-                "manifests": [x.to_dict() for x in self.manifests],
-            }
-        )
-        if self.subject is not None:
-            d["subject"] = self.subject.to_dict()
-        if self.artifact_type:
-            d["artifactType"] = self.artifact_type
-        if self.annotations:
-            d["annotations"] = dict(self.annotations)
-        return d
-
-    def to_bytes(self) -> bytes:
-        return canonical_json(self.to_dict())
+        return self._with_common({"manifests": [x.to_dict() for x in self.manifests]})
 
     def descriptor(self, **kw: Any) -> Descriptor:
         return Descriptor.for_bytes(self.to_bytes(), self.media_type, **kw)
