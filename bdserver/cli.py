@@ -35,16 +35,40 @@ def _note(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+class BadReference(BdError):
+    exit_code = 2
+    hint = "write HOST[:PORT]/REPO[:TAG|@DIGEST], oci:PATH[:TAG] or file:PATH"
+
+
+_HINTS = {
+    "RegistryError": "is the registry up and reachable? mirrors and TLS settings come from hosts.toml",
+    "FetchError": "is the registry up and reachable? mirrors and TLS settings come from hosts.toml",
+}
+
+
+def _check_ref(ref: str) -> str:
+    """Catch typos here, with a hint about the syntax, before the daemon is involved."""
+    if ref.startswith("file:") or (ref.startswith("/") and os.path.isfile(ref)):
+        return ref
+    from bdserver.oci.reference import parse_reference
+
+    try:
+        parse_reference(ref)
+    except BdError as exc:
+        raise BadReference(str(exc)) from None
+    return ref
+
+
 # -- commands ----------------------------------------------------------------------------------
 def cmd_attach(args: argparse.Namespace) -> int:
-    r = request(_cfg(args), "attach", {"ref": args.ref, "backend": args.backend}, autostart=True)
+    r = request(_cfg(args), "attach", {"ref": _check_ref(args.ref), "backend": args.backend}, autostart=True)
     _note(args, r.get("message", ""))
     _emit(args, r, f"{r['path']} {r['id']}")
     return 0
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    r = request(_cfg(args), "mount", {"ref": args.ref, "target": os.path.abspath(args.target),
+    r = request(_cfg(args), "mount", {"ref": _check_ref(args.ref), "target": os.path.abspath(args.target),
                                       "backend": args.backend, "lower_only": args.lower_only}, autostart=True)
     _note(args, r.get("message", ""))
     _emit(args, r, f"{r['target']} {r['id']} {r['path']}")
@@ -113,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bdserver.runtime.run import run_container
 
     cmd = [c for c in args.cmd if c != "--"] if args.cmd[:1] == ["--"] else args.cmd
-    return run_container(_cfg(args), args.ref, cmd, backend=args.backend)
+    return run_container(_cfg(args), _check_ref(args.ref), cmd, backend=args.backend)
 
 
 def cmd_hook(args: argparse.Namespace) -> int:
@@ -208,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BdError as exc:
+        kind = getattr(exc, "type_name", type(exc).__name__)
+        if not exc.hint and kind in _HINTS:
+            exc.hint = _HINTS[kind]  # type: ignore[misc]
         if getattr(args, "json", False):
             kind = getattr(exc, "type_name", type(exc).__name__)
             print(json.dumps({"ok": False, "error": {"type": kind, "message": str(exc),

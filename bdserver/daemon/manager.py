@@ -31,6 +31,11 @@ class NoSuchDevice(BdError):
     hint = "see `bdserver ls` for attached devices and mounts"
 
 
+class BadTarget(BdError):
+    exit_code = 2
+    hint = "choose a TARGET directory (it is created if missing) on a local, writable filesystem"
+
+
 class DeviceBusy(BdError):
     exit_code = 10
     hint = "unmount it first with `bdserver umount TARGET`"
@@ -120,7 +125,13 @@ class DeviceManager:
     def mount(self, ref: str, target: str, backend: str = "", lower_only: bool = False) -> dict[str, Any]:
         target = os.path.abspath(target)
         if mounts.is_mountpoint(target):
-            raise DeviceBusy(f"{target} is already a mount point", )
+            raise DeviceBusy(f"{target} is already a mount point")
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError as exc:
+            raise BadTarget(f"cannot create mount point {target}: {exc.strerror}") from None
+        if not os.path.isdir(target):
+            raise BadTarget(f"{target} is not a directory")
         info = self.attach(ref, backend, owned_by_mount=True)
         dev_id = info["id"]
         rec = self.records[dev_id]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from bdserver.daemon.config import Config
 from bdserver.daemon.manager import DeviceManager
 from bdserver.daemon.protocol import encode, error_reply, read_line
-from bdserver.errors import BdError, DaemonError
+from bdserver.errors import BdError, DaemonError, KernelError
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,11 @@ class _Handler(socketserver.StreamRequestHandler):
                 raise DaemonError(f"unknown request {op!r}")
             log.info("request %s from pid %d", op, pid, extra={"fields": {"op": op, "peer_pid": pid}})
             reply: dict[str, Any] = {"ok": True, "result": fn(**args)}
-        except (BdError, ValueError, TypeError) as exc:
-            if not isinstance(exc, BdError):
+        except (BdError, ValueError, TypeError, OSError) as exc:
+            if isinstance(exc, OSError):
+                where = f" ({exc.filename})" if exc.filename else ""
+                exc = KernelError(f"{exc.strerror or exc}{where}")
+            elif not isinstance(exc, BdError):
                 exc = DaemonError(f"bad request: {exc}")
             log.info("request failed: %s", exc.user_message())
             reply = error_reply(exc)

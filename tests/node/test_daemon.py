@@ -153,3 +153,27 @@ def test_kernel_check_reports_fuse_and_file_backed_erofs() -> None:
     assert r["auto"] == "fuse" and not r["backends"]["ublk"]["available"]
     assert "auto picks" in subprocess.run([str(REPO / "kernel-setup" / "check")], capture_output=True,
                                           text=True).stdout
+
+
+def test_more_error_messages(daemon, erofs_image, tmp_path: Path) -> None:
+    image, _ = erofs_image
+    p = daemon.cli("attach", "Bad Ref!!", check=False)
+    assert p.returncode == 2 and "HOST[:PORT]/REPO" in p.stderr and p.stderr.count("\n") == 1
+    p = daemon.cli("mount", f"file:{image}", "/proc/nonexistent/x", check=False)
+    assert p.returncode == 2 and "cannot create mount point" in p.stderr and p.stderr.count("\n") == 1
+    assert daemon.json("ls") == []  # nothing left attached by the failed mount
+    p = daemon.cli("attach", "127.0.0.1:1/nothing/here:v1", check=False)  # nobody listens on port 1
+    assert p.returncode == 5 and "reachable" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_logs_are_json_and_scrub_credentials(daemon, erofs_image) -> None:
+    from bdserver.daemon.logs import scrub
+
+    assert "s3cret" not in scrub("GET https://user:s3cret@reg.example/v2/ Authorization: Bearer s3cret")
+    assert "s3cret" not in scrub('{"auth": "s3cret", "password": "s3cret"}')
+    image, _ = erofs_image
+    daemon.cli("attach", f"file:{image}")
+    lines = (daemon.state_dir / "bdserver.log").read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert any(r["msg"].startswith("attached bd0") for r in recs)
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in recs)
