@@ -113,7 +113,7 @@ class Sense:
         return cls(data[2] & 0x0F, data[12], data[13], info)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reply:
     """A finished command: SAM status, Data-In bytes (already cut to the allocation length), sense."""
 
@@ -126,7 +126,7 @@ class Reply:
         return cls(CHECK_CONDITION, b"", Sense(key, asc_ascq[0], asc_ascq[1], info))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReadRequest:
     """A READ the caller must satisfy from the device: ``length`` bytes at byte ``offset``."""
 

@@ -29,13 +29,13 @@ import glob
 import logging
 import mmap
 import os
+import queue
 import re
 import select
 import subprocess
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,8 @@ CONFIGFS = Path("/sys/kernel/config")
 TARGET = CONFIGFS / "target"
 SUBTYPE = "bdserver"
 BLOCK_SIZE = 4096
-MAX_SECTORS = 128  # blocks per command: 512 KiB
-MAX_DATA_AREA_MB = 64  # enough for the 128-deep queue at full-size commands
+MAX_SECTORS = 256  # blocks per command: 1 MiB (fewer, larger commands for sequential reads)
+MAX_DATA_AREA_MB = 128  # room for 128 full-size commands at once
 READ_WORKERS = 16
 MODULES = ("target_core_mod", "target_core_user", "tcm_loop", "uio")
 DISK_WAIT_S = 120.0  # the sd probe under qemu TCG can take a while
@@ -105,7 +105,15 @@ def _wait_for(what: str, probe, timeout: float = DISK_WAIT_S, step: float = 0.05
 
 
 class RingServer:
-    """Serves one TCMU ring: a poll thread that parses commands and a pool that runs reads."""
+    """Serves one TCMU ring with a leader/followers pool of threads.
+
+    One thread at a time (the leader) waits on the UIO fd and parses new commands; it answers the
+    non-read ones at once, keeps the first read for itself, queues the others, and hands leadership
+    on BEFORE doing its read. A follower that becomes leader takes queued work first. So every read
+    runs in its own thread (a miss waiting for the network never holds a hit behind it), and at
+    queue depth 1 a command is served by the thread that woke up for it, with no hand-off (thread
+    wake-ups are what cost most under emulation).
+    """
 
     def __init__(self, uio_node: str, map_size: int, disk: ScsiDisk, device: Device,
                  name: str = "tcmu", workers: int = READ_WORKERS) -> None:
@@ -118,63 +126,77 @@ class RingServer:
         except BaseException:
             os.close(self.fd)
             raise
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-read")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller = select.epoll()
+        self._poller.register(self.fd, select.EPOLLIN)
+        self._poller.register(self._wake_r, select.EPOLLIN)
+        self._leader = threading.Lock()
+        self._work: queue.SimpleQueue[tuple[Command, ReadRequest]] = queue.SimpleQueue()
+        self._kick_lock = threading.Lock()
+        self._kick_due = False
         self._stop = threading.Event()
         self.commands = 0
         self.read_errors = 0
         self.broken: str | None = None
-        self._thread = threading.Thread(target=self._serve, name=f"{name}-ring", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
 
-    # -- the poll thread -----------------------------------------------------------------------
+    # -- the threads ---------------------------------------------------------------------------
 
-    def _serve(self) -> None:
-        poller = select.epoll()
-        poller.register(self.fd, select.EPOLLIN)
-        poller.register(self._wake_r, select.EPOLLIN)
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._leader:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        item = self._work.get_nowait()
+                    except queue.Empty:
+                        item = self._lead()
+                if item is not None:
+                    self._read(*item)
+            except Exception:  # noqa: BLE001 - a dying thread must say why; the others go on
+                log.exception("tcmu ring thread failed")
+
+    def _lead(self) -> tuple[Command, ReadRequest] | None:
+        """As leader: wait for the kernel, take new commands; return one read to do ourselves."""
+        self._poller.poll(1.0)
         try:
-            while not self._stop.is_set():
-                poller.poll(1.0)
-                try:
-                    os.read(self.fd, 4)  # clears readiness; we always rescan the ring anyway
-                except BlockingIOError:
-                    pass
-                if self.broken:
-                    continue
-                try:
-                    cmds = self.ring.take()
-                except RingError as exc:
-                    self.broken = str(exc)
-                    log.error("tcmu ring unusable: %s", exc)
-                    continue
-                immediate = False
-                for cmd in cmds:
-                    immediate |= self._dispatch(cmd)
-                if immediate:
-                    self._kick()
-        except Exception:  # noqa: BLE001 - a dead ring thread must say why
-            log.exception("tcmu ring thread died")
-            self.broken = "ring thread died"
-        finally:
-            poller.close()
-
-    def _dispatch(self, cmd: Command) -> bool:
-        """Start one command; True if it was completed inline (needs a kick)."""
-        self.commands += 1
+            os.read(self.fd, 4)  # clears readiness; the ring is always rescanned in full
+        except BlockingIOError:
+            pass
+        if self.broken or self._stop.is_set():
+            return None
         try:
-            answer = self.disk.handle(cmd.cdb)
-        except Exception:  # noqa: BLE001 - a handler bug must not leave a command hanging
-            log.exception("SCSI handler failed on CDB %s", cmd.cdb.hex())
-            answer = Reply.check(0x4, (0x44, 0x00))
-        if isinstance(answer, ReadRequest):
-            if cmd.data_length < answer.length:
+            cmds = self.ring.take()
+        except RingError as exc:
+            self.broken = str(exc)
+            log.error("tcmu ring unusable: %s", exc)
+            return None
+        mine = None
+        answered = False
+        for cmd in cmds:
+            self.commands += 1
+            try:
+                answer = self.disk.handle(cmd.cdb)
+            except Exception:  # noqa: BLE001 - a handler bug must not leave a command hanging
+                log.exception("SCSI handler failed on CDB %s", cmd.cdb.hex())
+                answer = Reply.check(0x4, (0x44, 0x00))
+            if isinstance(answer, ReadRequest):
+                if cmd.data_length >= answer.length:
+                    if mine is None:
+                        mine = (cmd, answer)
+                    else:
+                        self._work.put((cmd, answer))
+                    continue
                 answer = Reply.check(0x5, (0x24, 0x00))
-            else:
-                self.pool.submit(self._read, cmd, answer)
-                return False
-        self._post(cmd, answer)
-        return True
+            self._post(cmd, answer)
+            answered = True
+        if answered:
+            self._kick()
+        return mine
 
     # -- completions (any thread) --------------------------------------------------------------
 
@@ -203,29 +225,34 @@ class RingServer:
             placed = self.ring.fill(cmd, reply.data)
             if placed < cmd.data_length:
                 read_len = placed
-        elif cmd.data_length and reply.status == 0:
-            read_len = None  # no data (e.g. SYNCHRONIZE CACHE): nothing to transfer
         sense = reply.sense.to_bytes() if reply.sense else None
         self.ring.complete(cmd.cmd_id, reply.status, sense, read_len)
+        self._kick_due = True
 
     def _kick(self) -> None:
-        try:
-            os.write(self.fd, b"\x00\x00\x00\x00")
-        except OSError as exc:
-            if exc.errno not in (errno.EIO, errno.ENODEV, errno.EBADF):
-                raise
+        """Tell the kernel about completions; one write covers all published so far."""
+        with self._kick_lock:
+            if not self._kick_due:
+                return  # another thread's kick, made after our completion, covered it
+            self._kick_due = False
+            try:
+                os.write(self.fd, b"\x00\x00\x00\x00")
+            except OSError as exc:
+                if exc.errno not in (errno.EIO, errno.ENODEV, errno.EBADF):
+                    raise
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Finish in-flight reads, stop the thread, unmap and close (before the SO is deleted)."""
-        self.pool.shutdown(wait=True)
+        """Finish in-flight reads, stop the threads, unmap and close (before the SO is deleted)."""
         self._stop.set()
         try:
-            os.write(self._wake_w, b"x")
+            os.write(self._wake_w, b"x")  # stays readable: every later leader returns at once
         except OSError:
             pass
-        self._thread.join(timeout=30)
+        for t in self._threads:
+            t.join(timeout=60)
+        self._poller.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         self.ring.release()

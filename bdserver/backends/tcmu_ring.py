@@ -70,7 +70,7 @@ class Mailbox:
         return cls(version, flags, cmdr_off, cmdr_size)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Command:
     """A command taken off the ring; everything is copied out because the slot gets reused."""
 

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import pytest
 
+from bdserver.backends.tcmu import MAX_SECTORS
 from bdserver.vdev.device import VirtualDevice
 from tests.lab.sgio import sg_io
 from tests.lab.helpers import (
@@ -65,7 +66,7 @@ def test_disk_identity_in_sysfs(tcmu_backend, erofs_pair) -> None:
         assert sysfs(att.path, "device/model") == "lazy EROFS disk"
         assert sysfs(att.path, "device/wwid") == att.extra["wwid"]  # VPD 83 NAA descriptor
         assert att.extra["serial"] in sysfs(att.path, "device/vpd_pg80")
-        assert int(sysfs(att.path, "queue/max_sectors_kb")) <= 128 * BS // 1024  # VPD B0 limit
+        assert int(sysfs(att.path, "queue/max_sectors_kb")) <= MAX_SECTORS * BS // 1024  # VPD B0 limit
         assert att.extra["uio"].startswith("/dev/uio")
 
 
@@ -251,6 +252,7 @@ def test_parallel_readers(tcmu_backend, erofs_pair) -> None:
 HOLDER = """
 import json, sys, time
 from bdserver.backends.tcmu import TcmuBackend
+from bdserver.backends.tcmu import MAX_SECTORS
 from bdserver.vdev.device import VirtualDevice
 att = TcmuBackend().attach(VirtualDevice.from_files([sys.argv[1]]), sys.argv[2])
 print(json.dumps(att.to_json()), flush=True)
