@@ -223,3 +223,17 @@ def test_attach_without_lazy_image_converts_on_node(world: World, daemon, tmp_pa
     # still ONE device per container
     assert len([d for d in daemon.json("ls") if d["mounts"]]) == 1
     daemon.cli("umount", str(target))
+
+
+def test_untrusted_lazy_image_is_not_used(world: World, daemon, tmp_path: Path) -> None:
+    """Anyone who can push can add a referrer: without trust the node converts for itself."""
+    daemon.write_config("[trust]\nallowed = []\nconverted_here = true\n")
+    r = daemon.json("attach", f"{world.host}/one:v1")
+    assert r["kind"] == "converted-on-node" and "none is trusted" in r["message"]
+    target = tmp_path / "one"
+    mounts_before = daemon.json("ls")
+    assert len(mounts_before) == 1
+    daemon.cli("mount", f"{world.host}/one:v1", str(target), "--lower-only")
+    assert (target / "etc" / "image-name").read_text() == "one\n"
+    daemon.cli("umount", str(target))
+    daemon.cli("detach", r["id"])
