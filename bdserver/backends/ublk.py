@@ -323,11 +323,14 @@ class UblkBackend(Backend):
 
     name = "ublk"
 
-    def __init__(self) -> None:
+    def __init__(self, *, recovery: bool = True, kernel_read_only: bool = True) -> None:
+        """``kernel_read_only=False`` leaves the disk writable in the block layer so that tests can
+        see the server itself refuse writes; bdserver always uses the default."""
         self._live: dict[str, _Live] = {}
         self._lock = threading.Lock()
         self._control: Control | None = None
-        self._recovery = True
+        self._recovery = recovery
+        self._kernel_ro = kernel_read_only
 
     # -- availability --------------------------------------------------------------------------
 
@@ -398,8 +401,8 @@ class UblkBackend(Backend):
         server = None
         started = False
         try:
-            basic = abi.ParamBasic(attrs=abi.ATTR_READ_ONLY, max_sectors=info.max_io_buf_bytes >> 9,
-                                   dev_sectors=size >> 9)
+            basic = abi.ParamBasic(attrs=abi.ATTR_READ_ONLY if self._kernel_ro else 0,
+                                   max_sectors=info.max_io_buf_bytes >> 9, dev_sectors=size >> 9)
             ctrl.check("SET_PARAMS", abi.U_CMD_SET_PARAMS, n, bytearray(abi.Params(basic).pack()))
             _wait_for(f"/dev/ublkc{n}", lambda: os.path.exists(f"/dev/ublkc{n}"))
             server = QueueServer(n, info, device, name=f"ublk{n}")
@@ -429,7 +432,7 @@ class UblkBackend(Backend):
         if info.state == abi.S_DEV_LIVE:
             # the old server is gone but the kernel has not noticed yet (its queue is quiesced once
             # the dying process's ring is torn down); give it a moment
-            _deadline_wait(lambda: (ctrl.dev_info(n) or info).state != abi.S_DEV_LIVE, 10.0)
+            _deadline_wait(lambda: (ctrl.dev_info(n) or info).state != abi.S_DEV_LIVE, 30.0)
             info = ctrl.dev_info(n) or info
         if info.state not in (abi.S_DEV_QUIESCED, abi.S_DEV_FAIL_IO):
             raise KernelError(f"state {info.state} is not recoverable")
