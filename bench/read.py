@@ -36,6 +36,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -217,7 +218,7 @@ def umount_under(*prefixes: Path) -> None:
 
 def mount_erofs(source: str, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
-    run(["mount", "-t", "erofs", "-o", "ro", source, str(target)], timeout=60)
+    run(["mount", "-t", "erofs", "-o", "ro,nodev", source, str(target)], timeout=60)
 
 
 # -- measurements (each takes a path: a device file, a block device, a mounted tree) -----------
@@ -247,13 +248,10 @@ def tree_read(root: Path) -> tuple[float, int, int]:
         dirnames.sort()
         for name in sorted(filenames):
             p = os.path.join(dirpath, name)
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                continue  # symlinks, device nodes, fifos, sockets
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
             try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
-                continue  # symlinks, sockets
-            try:
-                if not os.path.isfile(p) or os.path.islink(p):
-                    continue
                 files += 1
                 while True:
                     k = os.readv(fd, [buf])
@@ -319,8 +317,15 @@ def backing_files(root: Path) -> list[Path]:
     return [p for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()]
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def warm_compare(dev_path: str, loop_dev: str, mnt_dev: Path, mnt_loop: Path, runs: int, quick: bool,
-                 dev_backing: list[Path], loop_backing: list[Path]) -> list[dict[str, Any]]:
+                 dev_backing: list[Path], loop_backing: list[Path], dev_cpu: Callable[[], float] | None = None
+                 ) -> list[dict[str, Any]]:
     """The same measurements on the device under test and on the loop device, alternating, page cache
     dropped before every single measurement (rows marked "hot backing": then the files behind each
     device, bdserver's chunk cache files and the loop's image file, are read back into the page cache
@@ -344,18 +349,28 @@ def warm_compare(dev_path: str, loop_dev: str, mnt_dev: Path, mnt_loop: Path, ru
     rows = []
     for name, unit, fn in tests:
         vals: dict[str, list[float]] = {"dev": [], "loop": []}
+        cpu: list[float] = []  # daemon CPU seconds per run of the device side
+        secs: list[float] = []
         for r in range(runs):
             order = ("dev", "loop") if r % 2 == 0 else ("loop", "dev")
             for side in order:
                 drop_caches()
                 if name.startswith("hot backing"):
                     read_files(backing[side])
+                c0, t0 = (dev_cpu() if dev_cpu and side == "dev" else 0.0), time.perf_counter()
                 vals[side].append(fn(*sides[side]))
+                if dev_cpu and side == "dev":
+                    cpu.append(dev_cpu() - c0)
+                    secs.append(time.perf_counter() - t0)
         rows.append({"test": name, "unit": unit, "dev": vals["dev"], "loop": vals["loop"],
                      "dev_median": med(vals["dev"]), "loop_median": med(vals["loop"]),
-                     "ratio": med(vals["dev"]) / med(vals["loop"])})
+                     "ratio": med(vals["dev"]) / med(vals["loop"]),
+                     "ratio_best": max(vals["dev"]) / max(vals["loop"]),
+                     "daemon_cpu_share": med([c / t for c, t in zip(cpu, secs)]) if cpu else None,
+                     "loadavg": os.getloadavg()[0]})
         say(f"  {name}: dev {med(vals['dev']):.0f} loop {med(vals['loop']):.0f} {unit} "
-            f"(dev {[round(v) for v in vals['dev']]}, loop {[round(v) for v in vals['loop']]})")
+            f"(dev {[round(v) for v in vals['dev']]}, loop {[round(v) for v in vals['loop']]}); daemon CPU "
+            f"{rows[-1]['daemon_cpu_share'] or 0:.2f} cores; load {rows[-1]['loadavg']:.1f}")
     tr = tree_read(mnt_loop)
     rows.append({"info": f"tree: {tr[2]} files, {tr[1] / 1e6:.1f} MB; device {os.path.getsize(dev_path) if os.path.isfile(dev_path) else 0}"})
     return rows
@@ -395,7 +410,8 @@ def warm_bench(daemon: Daemon, ref: str, work: Path, backend: str, runs: int, qu
             mount_erofs(loop_dev, work / "mnt-loop")
             assert daemon.cache_dir is not None
             out["rows"] = warm_compare(dev_path, loop_dev, work / "mnt-dev", work / "mnt-loop", runs, quick,
-                                       backing_files(daemon.cache_dir), [img])
+                                       backing_files(daemon.cache_dir), [img],
+                                       lambda: proc_cpu_s(daemon.proc.pid) if daemon.proc else 0.0)
         finally:
             umount_under(work / "mnt-dev", work / "mnt-loop")
             if loop_dev:
@@ -424,10 +440,12 @@ def cold_bdserver(daemon: Daemon, wan: WanLink, ref: str, target: Path) -> dict[
     run(["chroot", str(target), "/usr/bin/python3", "-c", "1"], timeout=300)
     t2 = time.perf_counter()
     px = wan.stats()
-    fb, fn = fetched(daemon.cli("stats"))
+    st = daemon.cli("stats")
+    fb, fn = fetched(st)
     run(BD + ["umount", str(target)], timeout=60)
     return {"daemon_startup": startup, "mount": t1 - t0, "python": t2 - t1, "total": t2 - t0,
-            "fetched_bytes": fb, "fetches": fn, "proxy_bytes": px["down_bytes"], "proxy_requests": px["requests"],
+            "fetched_bytes": fb, "fetches": fn, "device_bytes": sum(d.get("size") or 0 for d in st),
+            "proxy_bytes": px["down_bytes"], "proxy_requests": px["requests"],
             "proxy_connections": px["connections"]}
 
 
@@ -577,14 +595,14 @@ def report(res: dict[str, Any]) -> str:
     L.append(f"image {img['ref']} ({img['kind']}): {len(img['layers'])} layers, "
              f"{img['compressed_bytes'] / 1e6:.1f} MB compressed "
              f"({', '.join(f'{x / 1e6:.1f}' for x in img['layers'])} MB); lazy device "
-             f"{res.get('warm', {}).get('device_bytes', 0) / 1e6:.1f} MB; convert took {res['convert_s']:.1f} s")
+             f"{res.get('device_bytes', 0) / 1e6:.1f} MB; convert took {res['convert_s']:.1f} s")
     if "warm" in res:
         w = res["warm"]
         L.append("")
         L.append(f"1. Warm reads: {res['backend']} device vs loop device over the same bytes "
                  "(chunk cache warm, page cache dropped before each run)")
         hdr = (f"   {'test':50} {res['backend'] + ' MB/s':>10} {'loop MB/s':>10} {'ratio':>7}  {'target':8}"
-               f" {res['backend'] + ' IOPS':>10} {'loop IOPS':>10}")
+               f" {'best/best':>9} {'daemon CPU':>10} {res['backend'] + ' IOPS':>10} {'loop IOPS':>10}")
         L.append(hdr)
         L.append("   " + "-" * (len(hdr) - 3))
         for row in w["rows"]:
@@ -592,15 +610,21 @@ def report(res: dict[str, Any]) -> str:
                 continue
             tgt = ">= 0.80x" if ("sequential" in row["test"] or "in order" in row["test"]) \
                 and "hot" not in row["test"] else ""
+            cpu = f"{row['daemon_cpu_share']:.2f} cores" if row.get("daemon_cpu_share") is not None else ""
+            extra = f"{row['ratio_best']:8.2f}x {cpu:>10}"
             if row["unit"] == "IOPS":
                 d, lo = row["dev_median"], row["loop_median"]
                 L.append(f"   {row['test']:50} {d * 4096 / 1e6:10.1f} {lo * 4096 / 1e6:10.1f} {row['ratio']:6.2f}x  "
-                         f"{tgt:8} {d:10.0f} {lo:10.0f}")
+                         f"{tgt:8} {extra} {d:10.0f} {lo:10.0f}")
             else:
                 L.append(f"   {row['test']:50} {row['dev_median']:10.1f} {row['loop_median']:10.1f} "
-                         f"{row['ratio']:6.2f}x  {tgt:8}")
+                         f"{row['ratio']:6.2f}x  {tgt:8} {extra}")
         L.append(f"   ({w['rows'][-1]['info']}; first full read of the device, cold over the unshaped link: "
                  f"{w['first_read_mb_s']:.1f} MB/s)")
+        loads = [r["loadavg"] for r in w["rows"] if "loadavg" in r]
+        L.append(f"   ratio = median/median; best/best = fastest run / fastest run (less sensitive to other load: "
+                 f"1-min load average {min(loads):.1f}-{max(loads):.1f} on {res['cpus']} CPUs); daemon CPU = "
+                 "bdserver daemon CPU time / wall time on the device side")
     if "cold" in res:
         c = res["cold"]
         b, p, s = c["bdserver"], c["pull"], c["stream"]
@@ -725,6 +749,8 @@ def main() -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
             say(f"left {work} in place: something is still mounted under it")
+    res["device_bytes"] = res.get("warm", {}).get("device_bytes") or \
+        (res["cold"]["bdserver"][0]["device_bytes"] if res.get("cold", {}).get("bdserver") else 0)
     text = report(res)
     if a.json:
         print(text, file=sys.stderr)
