@@ -341,9 +341,8 @@ class UblkBackend(Backend):
         if os.geteuid() != 0:
             return False, "needs root (/dev/ublk-control)"
         if not os.path.exists(CONTROL):
-            subprocess.run(["modprobe", "ublk_drv"], capture_output=True, check=False)
-            _deadline_wait(lambda: os.path.exists(CONTROL), 5.0)
-            if not os.path.exists(CONTROL):
+            loaded = subprocess.run(["modprobe", "ublk_drv"], capture_output=True, check=False).returncode == 0
+            if not loaded or not _deadline_wait(lambda: os.path.exists(CONTROL), 5.0):
                 return False, ("this kernel has no ublk (module ublk_drv, CONFIG_BLK_DEV_UBLK, Linux 6.0+); "
                                "try --backend tcmu or fuse")
         try:
