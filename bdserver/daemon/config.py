@@ -2,6 +2,22 @@
 
 Environment: BDSERVER_CONFIG (file), BDSERVER_STATE_DIR, BDSERVER_RUN_DIR, BDSERVER_SOCKET,
 BDSERVER_CACHE_DIR. Tests give every daemon its own state dir, run dir and socket this way.
+The CLI reads the same file to find the socket. Example ``/etc/bdserver/config.toml``::
+
+    state_dir = "/var/lib/bdserver"      # state.json, logs, on-node conversions, trust records
+    run_dir = "/run/bdserver"            # socket, FUSE mount, EROFS lower mounts
+    cache_dir = "/var/lib/bdserver/cache"
+    cache_max_bytes = 21474836480
+    hosts_dir = "/etc/bdserver/certs.d"  # containerd-style <host>/hosts.toml (mirrors, TLS)
+    docker_config = "/root/.docker/config.json"
+    backend = "auto"                     # auto | ublk | tcmu | fuse
+    log_level = "INFO"
+
+    [trust]                              # which lazy images (referrers) may be used
+    allowed = ["sha256:..."]             # lazy manifest digests
+    allow_files = ["/etc/bdserver/allowed-digests"]
+    converted_here = true                # images this node converted (state_dir/trust/converted)
+    pinned_reference = true              # REF@<lazy manifest digest>
 """
 
 from __future__ import annotations
