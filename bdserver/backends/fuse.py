@@ -127,7 +127,8 @@ class _Ops(pyfuse3.Operations if pyfuse3 else object):  # type: ignore[misc]
 
     async def readdir(self, fh, start_id, token):  # noqa: ANN001
         node = self._node(fh)
-        entries = sorted(node.children.items(), key=lambda kv: kv[1])
+        with self.b.lock:  # attach/detach run in other threads
+            entries = sorted(node.children.items(), key=lambda kv: kv[1])
         for name, ino in entries:
             if ino <= start_id or ino not in self.b.nodes:
                 continue
@@ -171,8 +172,10 @@ class _Ops(pyfuse3.Operations if pyfuse3 else object):  # type: ignore[misc]
     async def statfs(self, ctx):  # noqa: ANN001
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = sum((n.device.size + 4095) // 4096 for n in self.b.nodes.values() if n.device)
-        s.f_files = len(self.b.nodes)
+        with self.b.lock:
+            nodes = list(self.b.nodes.values())
+        s.f_blocks = sum((n.device.size + 4095) // 4096 for n in nodes if n.device)
+        s.f_files = len(nodes)
         s.f_namemax = 255
         return s
 
