@@ -434,16 +434,21 @@ def cold_bdserver(daemon: Daemon, wan: WanLink, ref: str, target: Path) -> dict[
     startup = daemon.start(fresh_cache=True)
     drop_caches()
     wan.reset()
+    assert daemon.proc is not None
+    c0 = proc_cpu_s(daemon.proc.pid)
     t0 = time.perf_counter()
     daemon.cli("mount", ref, str(target), "--backend", "fuse")
     t1 = time.perf_counter()
+    c1 = proc_cpu_s(daemon.proc.pid)
     run(["chroot", str(target), "/usr/bin/python3", "-c", "1"], timeout=300)
     t2 = time.perf_counter()
+    c2 = proc_cpu_s(daemon.proc.pid)
     px = wan.stats()
     st = daemon.cli("stats")
     fb, fn = fetched(st)
     run(BD + ["umount", str(target)], timeout=60)
     return {"daemon_startup": startup, "mount": t1 - t0, "python": t2 - t1, "total": t2 - t0,
+            "daemon_cpu_mount": c1 - c0, "daemon_cpu_python": c2 - c1, "loadavg": os.getloadavg()[0],
             "fetched_bytes": fb, "fetches": fn, "device_bytes": sum(d.get("size") or 0 for d in st),
             "proxy_bytes": px["down_bytes"], "proxy_requests": px["requests"],
             "proxy_connections": px["connections"]}
@@ -630,7 +635,8 @@ def report(res: dict[str, Any]) -> str:
         b, p, s = c["bdserver"], c["pull"], c["stream"]
         mb = lambda k, rows: med([x[k] for x in rows])  # noqa: E731
         L.append("")
-        L.append(f"2. Cold start over {c['link']} (netns + veth + tbf both ways + delay proxy)")
+        L.append(f"2. Cold start over {c['link']} (netns + veth + tbf both ways + delay proxy); 1-min load average "
+                 f"{min(x['loadavg'] for x in b):.1f}-{max(x['loadavg'] for x in b):.1f} on {res['cpus']} CPUs")
         L.append(f"   {'phase':52} {'median s':>9}   runs")
         L.append("   " + "-" * 75)
 
@@ -640,7 +646,9 @@ def report(res: dict[str, Any]) -> str:
 
         line("bdserver daemon startup (separate, not in the total)", mb("daemon_startup", b), b, "daemon_startup")
         line("bdserver mount REF DIR (cold chunk cache)", mb("mount", b), b, "mount")
+        line("  of which daemon CPU seconds", mb("daemon_cpu_mount", b), b, "daemon_cpu_mount")
         line("chroot DIR python3 -c 1", mb("python", b), b, "python")
+        line("  of which daemon CPU seconds", mb("daemon_cpu_python", b), b, "daemon_cpu_python")
         line("= bdserver cold start", mb("total", b), b, "total")
         line("pull: parallel GETs of the compressed layers", mb("pull", p), p, "pull")
         line("unpack: tar -xzf per layer", mb("unpack", p), p, "unpack")
