@@ -11,9 +11,11 @@ Per device (see shared/reference/tcmu-ublk.md, Part B):
    every COMMIT_AND_FETCH must come from it.
 4. START_DEV (it waits for all the FETCHes, then adds the disk and scans it through our queue).
 
-The ring thread never reads the device itself: a READ goes to a thread pool whose worker copies
-the bytes into the tag's buffer, queues (tag, result) and pokes an eventfd that the ring polls,
-so a miss waiting for the network never holds a cache hit behind it. Writes, discards and write
+A READ goes to a pool of worker threads: the worker copies the bytes into the tag's buffer,
+queues (tag, result) and bumps an eventfd that the ring has a READ outstanding on, so a miss
+waiting for the network never holds a cache hit behind it. A device that offers
+``read_cached(offset, length) -> bytes | None`` (local data only, never the network) gets its
+hits served by the ring thread itself, without the two thread hand-offs (they dominate latency). Writes, discards and write
 zeroes are refused with -EROFS (the disk is read-only anyway), a flush succeeds, a failed read is
 -EIO (base.checked_read is the one errno mapping). Detach is STOP_DEV (the kernel drains I/O
 through the still-running queue, then aborts the fetches), join, unmap, close, DEL_DEV.
@@ -33,10 +35,10 @@ import hashlib
 import logging
 import mmap
 import os
+import queue
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from typing import Any
 from bdserver.backends import ublk_abi as abi
 from bdserver.backends.base import Attached, Backend, Device, checked_read
 from bdserver.backends.uring import (
-    IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SQE128, IoUring, poll_add_sqe, supported, uring_cmd_sqe,
+    IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SQE128, IoUring, read_sqe, supported, uring_cmd_sqe,
 )
 from bdserver.errors import KernelError
 
@@ -57,7 +59,7 @@ IO_BUF_BYTES = 512 * 1024  # per tag; the largest request the kernel sends us
 READ_WORKERS = 16
 CTRL_TIMEOUT_S = 120.0  # START_DEV scans the disk through our queue: slow under qemu TCG
 NODE_WAIT_S = 60.0
-WAKE = 1 << 62  # user_data of the eventfd poll (tags are < QUEUE_DEPTH)
+WAKE = 1 << 62  # user_data of the eventfd read (tags are < QUEUE_DEPTH)
 
 
 def _dev_key(dev_id: str) -> int:
@@ -137,7 +139,7 @@ class QueueServer:
     """Serves queue 0 of one ublk device: a ring thread plus a pool of read workers."""
 
     def __init__(self, ublk_id: int, info: abi.DevInfo, device: Device, name: str,
-                 workers: int = READ_WORKERS) -> None:
+                 workers: int | None = None) -> None:
         self.ublk_id = ublk_id
         self.device = device
         self.depth = info.queue_depth
@@ -145,6 +147,11 @@ class QueueServer:
         self.encoded = bool(info.flags & abi.F_CMD_IOCTL_ENCODE)
         self.commands = 0
         self.read_errors = 0
+        self.inline_reads = 0
+        # Optional device hook: ``read_cached(offset, length) -> bytes | None`` answers from local
+        # data only and never waits for the network (None: not all local). Hits are then served by
+        # the ring thread itself, with no hand-off; everything else goes to the pool.
+        self._read_cached = getattr(device, "read_cached", None)
         self.error: str | None = None
         self._fetch_op = abi.U_IO_FETCH_REQ if self.encoded else abi.IO_FETCH_REQ
         self._commit_op = abi.U_IO_COMMIT_AND_FETCH_REQ if self.encoded else abi.IO_COMMIT_AND_FETCH_REQ
@@ -161,14 +168,21 @@ class QueueServer:
                                   mmap.PROT_READ | mmap.PROT_WRITE)
             self._buf_ref = ctypes.c_char.from_buffer(self.bufs)
             self._buf_base = ctypes.addressof(self._buf_ref)
-            self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            # blocking: io_uring's READ of it then waits (poll-armed) instead of failing EAGAIN
+            self.efd = os.eventfd(0, os.EFD_CLOEXEC)
+            self._efd_val = ctypes.c_uint64(0)
         except BaseException:
             self._release()
             raise
         self._done: collections.deque[tuple[int, int]] = collections.deque()
         self._stop = False
         self._ready = threading.Event()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{name}-read")
+        workers = READ_WORKERS if workers is None else workers
+        self._work: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
+        self._workers = [threading.Thread(target=self._worker, name=f"{name}-read{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._workers:
+            t.start()
         self._thread = threading.Thread(target=self._run, name=f"{name}-ring", daemon=True)
         self._thread.start()
         if not self._ready.wait(CTRL_TIMEOUT_S) or self.error:
@@ -194,7 +208,7 @@ class QueueServer:
                 ring = IoUring(entries, 0)
             for tag in range(self.depth):
                 ring.queue(self._io_sqe(self._fetch_op, tag))
-            ring.queue(poll_add_sqe(self.efd, WAKE))
+            ring.queue(self._wake_sqe())
             ring.submit()
             for cqe in ring.completions():  # FETCH errors complete at once; success completes later
                 if cqe.user_data != WAKE and cqe.res < 0:
@@ -215,12 +229,8 @@ class QueueServer:
         while live and not self._stop:
             ring.submit(1)
             for cqe in ring.completions():
-                if cqe.user_data == WAKE:
-                    try:
-                        os.eventfd_read(self.efd)
-                    except BlockingIOError:
-                        pass
-                    ring.queue(poll_add_sqe(self.efd, WAKE))
+                if cqe.user_data == WAKE:  # the read consumed the counter: just re-arm it
+                    ring.queue(self._wake_sqe())
                     continue
                 tag = cqe.user_data
                 if cqe.res == abi.IO_RES_OK:
@@ -243,7 +253,12 @@ class QueueServer:
             if d.length > self.buf_size:
                 ring.queue(self._io_sqe(self._commit_op, tag, -errno.EINVAL))
                 return
-            self._pool.submit(self._read, tag, d.offset, d.length)
+            if self._read_cached is not None and self._try_inline(ring, tag, d.offset, d.length):
+                return
+            if self._workers:
+                self._work.put((tag, d.offset, d.length))
+            else:  # no pool: serve in the ring thread (lowest latency, but a miss blocks the queue)
+                self._done.append((tag, self._read(tag, d.offset, d.length)))
         elif op == abi.OP_FLUSH:
             ring.queue(self._io_sqe(self._commit_op, tag, 0))
         elif op in (abi.OP_WRITE, abi.OP_DISCARD, abi.OP_WRITE_ZEROES, abi.OP_WRITE_SAME):
@@ -253,13 +268,45 @@ class QueueServer:
 
     # -- read workers --------------------------------------------------------------------------
 
-    def _read(self, tag: int, offset: int, length: int) -> None:
+    def _try_inline(self, ring: IoUring, tag: int, offset: int, length: int) -> bool:
+        size = self.device.size
+        if offset >= size:
+            return False  # let the pool path answer it the one way
         try:
-            data = checked_read(self.device, offset, length)
-            start = tag * self.buf_size
-            self.bufs[start:start + len(data)] = data
-            if len(data) < length:  # the last block past the device's bytes reads as zeros
-                self.bufs[start + len(data):start + length] = bytes(length - len(data))
+            data = self._read_cached(offset, min(length, size - offset))
+        except Exception:  # noqa: BLE001 - the pool path retries and maps the error
+            return False
+        if data is None or len(data) != min(length, size - offset):
+            return False
+        self._fill(tag, data, length)
+        self.inline_reads += 1
+        ring.queue(self._io_sqe(self._commit_op, tag, length))
+        return True
+
+    def _fill(self, tag: int, data: bytes, length: int) -> None:
+        start = tag * self.buf_size
+        self.bufs[start:start + len(data)] = data
+        if len(data) < length:  # the last block past the device's bytes reads as zeros
+            self.bufs[start + len(data):start + length] = bytes(length - len(data))
+
+    def _wake_sqe(self) -> bytes:
+        return read_sqe(self.efd, ctypes.addressof(self._efd_val), 8, WAKE)
+
+    def _worker(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            self._done.append((item[0], self._read(*item)))
+            try:
+                os.eventfd_write(self.efd, 1)
+            except OSError:
+                pass
+
+    def _read(self, tag: int, offset: int, length: int) -> int:
+        """Copy the device's bytes into the tag's buffer; the COMMIT result (bytes or -errno)."""
+        try:
+            self._fill(tag, checked_read(self.device, offset, length), length)
             result = length
         except OSError as exc:
             self.read_errors += 1
@@ -268,11 +315,7 @@ class QueueServer:
             self.read_errors += 1
             log.exception("ublk device %d: read at %d failed unexpectedly", self.ublk_id, offset)
             result = -errno.EIO
-        self._done.append((tag, result))
-        try:
-            os.eventfd_write(self.efd, 1)
-        except OSError:
-            pass
+        return result
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -289,7 +332,10 @@ class QueueServer:
             except OSError:
                 pass
             self.join(timeout)
-        self._pool.shutdown(wait=True)
+        for _ in self._workers:
+            self._work.put(None)
+        for t in self._workers:
+            t.join()
         self._release()
 
     def _release(self) -> None:
@@ -512,7 +558,8 @@ class UblkBackend(Backend):
         live = self._live.get(dev_id)
         if live is None:
             return {}
-        return {"commands": live.server.commands, "read_errors": live.server.read_errors}
+        s = live.server
+        return {"commands": s.commands, "read_errors": s.read_errors, "inline_reads": s.inline_reads}
 
     def close(self) -> None:
         """Stop serving every device. With user recovery the disks stay (their I/O waits) for the

@@ -42,6 +42,7 @@ IORING_OFF_SQES = 0x10000000
 
 IORING_OP_NOP = 0
 IORING_OP_POLL_ADD = 6
+IORING_OP_READ = 22
 IORING_OP_URING_CMD = 46
 
 POLLIN = 0x1
@@ -100,6 +101,11 @@ def uring_cmd_sqe(fd: int, cmd_op: int, payload: bytes, user_data: int, size: in
 def poll_add_sqe(fd: int, user_data: int, events: int = POLLIN, size: int = 64) -> bytes:
     """One-shot poll for ``events`` on ``fd`` (``poll32_events`` at byte 28)."""
     return sqe_bytes(IORING_OP_POLL_ADD, fd, op_flags=events, user_data=user_data, size=size)
+
+
+def read_sqe(fd: int, addr: int, length: int, user_data: int, off: int = 0, size: int = 64) -> bytes:
+    """IORING_OP_READ of ``length`` bytes into the buffer at ``addr`` (e.g. an eventfd's counter)."""
+    return sqe_bytes(IORING_OP_READ, fd, off=off, addr=addr, length=length, user_data=user_data, size=size)
 
 
 class IoUring:

@@ -33,7 +33,8 @@ def in_ublk_lab() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "not root"
     if not os.path.exists("/dev/ublk-control"):
-        subprocess.run(["modprobe", "ublk_drv"], capture_output=True, check=False)
+        if subprocess.run(["modprobe", "ublk_drv"], capture_output=True, check=False).returncode != 0:
+            return False, "kernel module ublk_drv is not available (run inside vagrant/lab)"
         for _ in range(100):
             if os.path.exists("/dev/ublk-control"):
                 break
@@ -202,6 +203,51 @@ def test_slow_read_does_not_block_others(ublk_backend, erofs_pair) -> None:
             r = dd([f"if={att.path}", f"bs={BS}", f"skip={fast_blk}", "count=1", "iflag=direct"])
             assert r.returncode == 0 and r.stdout == data[fast_blk * BS:(fast_blk + 1) * BS]
             assert slow.poll() is None  # the slow one is still waiting: the fast one overtook it
+        finally:
+            dev.release.set()
+            dev.park_range = None
+        assert slow.wait(60) == 0
+
+
+class CachedProbe(ProbeDevice):
+    """A ProbeDevice with the optional ``read_cached`` hook: everything is local except the fail
+    and park ranges, which stand for blocks that must come from the network."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.cached_hits = 0
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        if self._hits(self.fail_range, offset, length) or self._hits(self.park_range, offset, length):
+            return None
+        self.cached_hits += 1
+        return self.inner.read(offset, length)
+
+
+def test_hits_inline_misses_in_the_pool(ublk_backend, erofs_pair) -> None:
+    """With ``read_cached``, hits are answered by the ring thread; a miss parked in the pool does
+    not hold them up, and a failing miss is EIO."""
+    image, _ = erofs_pair
+    data = image.read_bytes()
+    dev = CachedProbe(VirtualDevice.from_files([str(image)]))
+    slow_blk, fast_blk, bad_blk = 3, len(data) // BS - 2, 5
+    with attached(ublk_backend, dev, "inline") as att:
+        r = dd([f"if={att.path}", "bs=1M", "iflag=direct"])
+        assert r.returncode == 0 and r.stdout == data
+        assert dev.cached_hits > 0 and ublk_backend.stats("inline")["inline_reads"] == dev.cached_hits
+        dev.fail_range = (bad_blk * BS, (bad_blk + 1) * BS)
+        r = dd([f"if={att.path}", "of=/dev/null", f"bs={BS}", f"skip={bad_blk}", "count=1", "iflag=direct"])
+        assert r.returncode != 0 and b"Input/output error" in r.stderr, r.stderr
+        dev.fail_range = None
+        dev.park_range = (slow_blk * BS, (slow_blk + 1) * BS)
+        slow = subprocess.Popen(["dd", f"if={att.path}", "of=/dev/null", f"bs={BS}", f"skip={slow_blk}",
+                                 "count=1", "iflag=direct", "status=none"])
+        try:
+            assert dev.parked.wait(20), "the slow read never reached the device"
+            hits = dev.cached_hits
+            r = dd([f"if={att.path}", f"bs={BS}", f"skip={fast_blk}", "count=1", "iflag=direct"])
+            assert r.returncode == 0 and r.stdout == data[fast_blk * BS:(fast_blk + 1) * BS]
+            assert dev.cached_hits > hits and slow.poll() is None  # the hit overtook the miss
         finally:
             dev.release.set()
             dev.park_range = None
