@@ -317,6 +317,15 @@ def backing_files(root: Path) -> list[Path]:
     return [p for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()]
 
 
+def cpu_pressure() -> float:
+    """% of the last 10 s in which some runnable task waited for a CPU (PSI), -1 if unknown."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return float(line.split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return -1.0
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads) so far."""
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -367,7 +376,7 @@ def warm_compare(dev_path: str, loop_dev: str, mnt_dev: Path, mnt_loop: Path, ru
                      "ratio": med(vals["dev"]) / med(vals["loop"]),
                      "ratio_best": max(vals["dev"]) / max(vals["loop"]),
                      "daemon_cpu_share": med([c / t for c, t in zip(cpu, secs)]) if cpu else None,
-                     "loadavg": os.getloadavg()[0]})
+                     "loadavg": os.getloadavg()[0], "cpu_pressure": cpu_pressure()})
         say(f"  {name}: dev {med(vals['dev']):.0f} loop {med(vals['loop']):.0f} {unit} "
             f"(dev {[round(v) for v in vals['dev']]}, loop {[round(v) for v in vals['loop']]}); daemon CPU "
             f"{rows[-1]['daemon_cpu_share'] or 0:.2f} cores; load {rows[-1]['loadavg']:.1f}")
@@ -449,6 +458,7 @@ def cold_bdserver(daemon: Daemon, wan: WanLink, ref: str, target: Path) -> dict[
     run(BD + ["umount", str(target)], timeout=60)
     return {"daemon_startup": startup, "mount": t1 - t0, "python": t2 - t1, "total": t2 - t0,
             "daemon_cpu_mount": c1 - c0, "daemon_cpu_python": c2 - c1, "loadavg": os.getloadavg()[0],
+            "cpu_pressure": cpu_pressure(),
             "fetched_bytes": fb, "fetches": fn, "device_bytes": sum(d.get("size") or 0 for d in st),
             "proxy_bytes": px["down_bytes"], "proxy_requests": px["requests"],
             "proxy_connections": px["connections"]}
@@ -627,16 +637,18 @@ def report(res: dict[str, Any]) -> str:
         L.append(f"   ({w['rows'][-1]['info']}; first full read of the device, cold over the unshaped link: "
                  f"{w['first_read_mb_s']:.1f} MB/s)")
         loads = [r["loadavg"] for r in w["rows"] if "loadavg" in r]
+        psi = [r["cpu_pressure"] for r in w["rows"] if "cpu_pressure" in r]
         L.append(f"   ratio = median/median; best/best = fastest run / fastest run (less sensitive to other load: "
-                 f"1-min load average {min(loads):.1f}-{max(loads):.1f} on {res['cpus']} CPUs); daemon CPU = "
-                 "bdserver daemon CPU time / wall time on the device side")
+                 f"1-min load average {min(loads):.1f}-{max(loads):.1f} on {res['cpus']} CPUs, CPU pressure "
+                 f"{min(psi):.0f}-{max(psi):.0f} %); daemon CPU = bdserver daemon CPU time / wall time, device side")
     if "cold" in res:
         c = res["cold"]
         b, p, s = c["bdserver"], c["pull"], c["stream"]
         mb = lambda k, rows: med([x[k] for x in rows])  # noqa: E731
         L.append("")
         L.append(f"2. Cold start over {c['link']} (netns + veth + tbf both ways + delay proxy); 1-min load average "
-                 f"{min(x['loadavg'] for x in b):.1f}-{max(x['loadavg'] for x in b):.1f} on {res['cpus']} CPUs")
+                 f"{min(x['loadavg'] for x in b):.1f}-{max(x['loadavg'] for x in b):.1f} on {res['cpus']} CPUs, "
+                 f"CPU pressure {min(x['cpu_pressure'] for x in b):.0f}-{max(x['cpu_pressure'] for x in b):.0f} %")
         L.append(f"   {'phase':52} {'median s':>9}   runs")
         L.append("   " + "-" * 75)
 
