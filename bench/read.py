@@ -455,10 +455,11 @@ def cold_bdserver(daemon: Daemon, wan: WanLink, ref: str, target: Path) -> dict[
     px = wan.stats()
     st = daemon.cli("stats")
     fb, fn = fetched(st)
+    rtt = wan.probe_rtt()
     run(BD + ["umount", str(target)], timeout=60)
     return {"daemon_startup": startup, "mount": t1 - t0, "python": t2 - t1, "total": t2 - t0,
             "daemon_cpu_mount": c1 - c0, "daemon_cpu_python": c2 - c1, "loadavg": os.getloadavg()[0],
-            "cpu_pressure": cpu_pressure(),
+            "cpu_pressure": cpu_pressure(), "observed_rtt": rtt,
             "fetched_bytes": fb, "fetches": fn, "device_bytes": sum(d.get("size") or 0 for d in st),
             "proxy_bytes": px["down_bytes"], "proxy_requests": px["requests"],
             "proxy_connections": px["connections"]}
@@ -669,6 +670,8 @@ def report(res: dict[str, Any]) -> str:
         if s:
             line("streamed: GET | tar -xz layer by layer, then python3", mb("total", s), s, "total")
         ratio = mb("total", b) / mb("total", p)
+        L.append(f"   observed request round trip through the link (GET /v2/, kept-alive): median "
+                 f"{1000 * mb('observed_rtt', b):.1f} ms (nominal {1000 * c['rtt_s']:g} ms)")
         L.append(f"   ratio bdserver / pull-and-unpack: {ratio:.3f}x   (target <= 0.25x)")
         if s:
             L.append(f"   ratio bdserver / streamed pull-and-unpack: {mb('total', b) / mb('total', s):.3f}x")
