@@ -177,3 +177,16 @@ def test_logs_are_json_and_scrub_credentials(daemon, erofs_image) -> None:
     recs = [json.loads(line) for line in lines]
     assert any(r["msg"].startswith("attached bd0") for r in recs)
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in recs)
+
+
+def test_backend_auto_picks_fuse_here_and_ublk_is_refused(daemon, erofs_image) -> None:
+    image, _ = erofs_image
+    cfg = daemon.base / "config.toml"
+    cfg.write_text(cfg.read_text().replace('backend = "fuse"', 'backend = "auto"'))
+    r = daemon.json("attach", f"file:{image}")  # config default: auto
+    assert r["backend"] == "fuse"
+    r = daemon.json("attach", f"file:{image}", "--backend", "auto")
+    assert r["backend"] == "fuse"
+    p = daemon.cli("attach", f"file:{image}", "--backend", "ublk", check=False)
+    assert p.returncode == 8 and "ublk" in p.stderr and p.stderr.count("\n") == 1
+    assert [d["backend"] for d in daemon.json("ls")] == ["fuse", "fuse"]
