@@ -166,6 +166,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trust(args: argparse.Namespace) -> int:
+    """Node trust in lazy images: `trust allow DIGEST` pins one in state_dir/trust/allowed."""
+    from bdserver.daemon.registry_source import trust_policy
+
+    policy = trust_policy(_cfg(args))
+    if args.action == "allow":
+        if not args.digest:
+            raise BadReference("trust allow needs the lazy manifest DIGEST (sha256:...)")
+        try:
+            policy.allow(args.digest)
+        except BdError as exc:
+            raise BadReference(str(exc)) from None
+    digests = sorted(policy.allowed_digests())
+    _emit(args, {"allowed": digests}, "\n".join(digests))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bdserver.runtime.adapters import inspect_image
 
@@ -221,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: from the state's status (creating -> createRuntime, stopped -> poststop)")
     sp = add("cache", cmd_cache, "manage the node chunk cache")
     sp.add_argument("action", choices=["prune"])
+    sp = add("trust", cmd_trust, "lazy images this node may use: allow a digest, or list them")
+    sp.add_argument("action", choices=["allow", "ls"])
+    sp.add_argument("digest", nargs="?", metavar="DIGEST")
     sp = add("inspect", cmd_inspect, "describe an EROFS image file or a lazy image reference")
     sp.add_argument("image", metavar="IMAGE")
     return p

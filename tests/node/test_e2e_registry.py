@@ -248,3 +248,14 @@ def test_untrusted_lazy_image_is_not_used(world: World, daemon, tmp_path: Path) 
     assert (target / "etc" / "image-name").read_text() == "one\n"
     daemon.cli("umount", str(target))
     daemon.cli("detach", r["id"])
+
+
+def test_trust_allow_makes_a_lazy_image_usable(world: World, daemon, tmp_path: Path) -> None:
+    daemon.write_config("[trust]\nallowed = []\n")
+    p = daemon.cli("trust", "allow", "not-a-digest", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    daemon.cli("trust", "allow", world.lazy["two"]["lazy"])
+    assert world.lazy["two"]["lazy"] in daemon.json("trust", "ls")["allowed"]
+    r = daemon.json("attach", f"{world.host}/two:v1")
+    assert r["kind"] == "lazy"
+    daemon.cli("detach", r["id"])
