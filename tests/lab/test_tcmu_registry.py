@@ -1,0 +1,165 @@
+"""A lazy image from a registry, served over TCMU by the real daemon and CLI (lab only).
+
+Everything runs inside the lab guest: Debian's docker-registry on 127.0.0.1, a fault proxy in front
+of it, `bdserver convert` to publish the lazy image, then a private daemon that attaches it with
+`--backend tcmu`; the kernel's EROFS driver mounts /dev/sdX."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.lab.helpers import configfs_residue, drop_caches, kernel_log, settle
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.usefixtures("tcmu_lab")]
+
+
+def _tar(path: Path, files: dict[str, bytes], whiteouts: tuple[str, ...] = ()) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        dirs = sorted({os.path.dirname(n) for n in list(files) + list(whiteouts)} - {""})
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            tf.addfile(ti)
+        for name, body in sorted(files.items()):
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime, ti.uid, ti.gid = len(body), 0o644, 1_700_000_000, 1000, 1000
+            tf.addfile(ti, io.BytesIO(body))
+        for name in whiteouts:
+            d, n = os.path.split(name)
+            ti = tarfile.TarInfo(os.path.join(d, ".wh." + n))
+            ti.mtime = 1_700_000_000
+            tf.addfile(ti, io.BytesIO(b""))
+    return path
+
+
+@dataclass
+class World:
+    base: Path
+    registry: object
+    layers: list[Path]
+    reference: Path
+    lazy_digest: str
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tcmu_lab) -> Iterator[World]:
+    from tests.fixtures.layers import build_oci_layout
+    from tests.fixtures.registry import start_registry
+    from tests.node.conftest import BDSERVER, REPO
+    from tests.node.reference import extract_layers
+
+    base = tmp_path_factory.mktemp("lazy")
+    rng = random.Random(5)
+    layers = [
+        _tar(base / "l1.tar", {"app/big": rng.randbytes(3_000_000), "app/second": rng.randbytes(1_500_000),
+                               "etc/name": b"lower\n", "etc/gone": b"bye\n"}),
+        _tar(base / "l2.tar", {"etc/name": b"upper\n", "app/small": rng.randbytes(5000)},
+             whiteouts=("etc/gone",)),
+    ]
+    build_oci_layout(layers, base / "layout")
+    reg = start_registry(base / "registry")
+    try:
+        reg.push_layout(base / "layout", "latest", "app", "v1")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
+        env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
+                   PYTHONPATH=str(REPO))
+        p = subprocess.run(BDSERVER + ["convert", f"{reg.host}/app:v1", "--json"], env=env, capture_output=True,
+                           text=True, timeout=900, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        lazy = json.loads(p.stdout)["lazy"]
+        yield World(base, reg, layers, extract_layers(layers, base / "reference"), lazy)
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def tcmu_daemon(tmp_path, world) -> Iterator[object]:
+    from tests.node.conftest import REPO, Daemon, cleanup_mounts
+
+    base = tmp_path / "d"
+    base.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
+    env["BDSERVER_CONFIG"] = str(base / "config.toml")
+    env["PYTHONPATH"] = str(REPO)
+    d = Daemon(base, env)
+    d.write_config(f'[trust]\nallowed = ["{world.lazy_digest}"]\n')
+    try:
+        yield d
+    finally:
+        cleanup_mounts(tmp_path)
+        if d.pid() is not None:
+            d.stop()
+
+
+def test_lazy_image_over_tcmu(world, tcmu_daemon, tmp_path) -> None:
+    from tests.fixtures.proxy import FaultProxy
+    from tests.node.reference import assert_same_tree
+
+    with FaultProxy(world.registry.url) as proxy:
+        info = tcmu_daemon.json("attach", f"{proxy.host}/app:v1", "--backend", "tcmu")
+        path = info["path"]
+        assert info["backend"] == "tcmu" and info["kind"] == "lazy" and path.startswith("/dev/sd")
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "erofs", "-o", "ro", path, str(mnt)], check=True)
+        # udev probes every new disk (blkid reads here and there); let that finish before counting
+        subprocess.run(["udevadm", "settle", "--timeout=180"], check=False)
+        settle(path)
+        try:
+            # the same device blocks read twice (O_DIRECT): the second time nothing is fetched
+            size = int(subprocess.run(["blockdev", "--getsize64", path], capture_output=True, text=True,
+                                      check=True).stdout)
+            skip = size // 2 // 4096
+            dd = ["dd", f"if={path}", "of=/dev/null", "bs=4096", f"skip={skip}", "count=32", "iflag=direct",
+                  "status=none"]
+            before = proxy.stats.bytes("/blobs/")
+            subprocess.run(dd, check=True)
+            assert proxy.stats.bytes("/blobs/") > before
+            fetched = proxy.stats.bytes("/blobs/")
+            n_entries = len(proxy.stats.entries)
+            subprocess.run(dd, check=True)
+            assert proxy.stats.bytes("/blobs/") == fetched, (
+                proxy.stats.entries[n_entries:], tcmu_daemon.json("stats", info["id"]))
+
+            # a file through the kernel's EROFS: read, then (page cache dropped) the same again
+            small = (mnt / "app" / "small").read_bytes()
+            assert small == (world.reference / "app" / "small").read_bytes()
+            drop_caches()
+            assert (mnt / "app" / "small").read_bytes() == small
+            settle(path)
+            fetched = proxy.stats.bytes("/blobs/")
+            drop_caches()  # same access pattern again: served from the node cache only
+            assert (mnt / "app" / "small").read_bytes() == small
+            settle(path)
+            assert proxy.stats.bytes("/blobs/") == fetched
+
+            # registry failure while a file is first read: EIO for the reader, MEDIUM ERROR logged
+            proxy.inject("status", status=503, count=1000, match=r"/blobs/")
+            with pytest.raises(OSError) as exc:
+                (mnt / "app" / "second").read_bytes()
+            assert exc.value.errno == 5
+            assert "Medium Error" in kernel_log()
+            proxy.clear_faults()
+            drop_caches()
+            assert (mnt / "app" / "second").read_bytes() == (world.reference / "app" / "second").read_bytes()
+            assert Path(f"/sys/block/{os.path.basename(path)}/device/state").read_text().strip() == "running"
+
+            # the whole tree equals the layers extracted with overlay semantics
+            assert assert_same_tree(world.reference, mnt) > 3
+            stats = tcmu_daemon.json("stats", info["id"])[0]["stats"]
+            assert stats["read_errors"] >= 1
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+        tcmu_daemon.cli("detach", info["id"])
+    assert configfs_residue() == []
+    assert not os.path.exists(path)
