@@ -82,6 +82,13 @@ def ublk_nodes() -> list[str]:
     return sorted(n for n in os.listdir("/dev") if n.startswith("ublkb") or n.startswith("ublkc"))
 
 
+def test_auto_picks_ublk(ublk_backend) -> None:
+    from bdserver.backends.base import describe_backends, pick_backend
+
+    assert pick_backend("auto").name == "ublk"
+    assert describe_backends()["ublk"]["available"] is True
+
+
 def test_mount_and_compare_tree(ublk_backend, erofs_pair, tmp_path) -> None:
     image, src = erofs_pair
     dev = file_device(image)
@@ -362,3 +369,48 @@ def test_restarted_server_adopts_device(ublk_backend, erofs_pair, tmp_path) -> N
             os.kill(holder.pid, signal.SIGKILL)
             holder.wait(60)
     assert path and not os.path.exists(path)
+
+
+def test_daemon_auto_attach_survives_a_crash(tmp_path) -> None:
+    """Through the real CLI and daemon: `auto` picks ublk; after the daemon is SIGKILLed and started
+    again, the device keeps its /dev/ublkbN (user recovery), its mount is redone and reads; detach
+    leaves nothing."""
+    from tests.lab.helpers import make_tree, mkfs_erofs
+    from tests.node.conftest import Daemon
+
+    src = make_tree(tmp_path / "src", seed=3)
+    image = mkfs_erofs(tmp_path / "img.erofs", src)
+    base = tmp_path / "d"
+    base.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
+    env["BDSERVER_CONFIG"] = str(base / "config.toml")
+    env["PYTHONPATH"] = str(REPO)
+    daemon = Daemon(base, env)
+    daemon.write_config()
+    target = tmp_path / "lower"
+    try:
+        a = daemon.json("attach", f"file:{image}", "--backend", "auto")
+        assert a["backend"] == "ublk" and a["path"].startswith("/dev/ublkb")
+        m = daemon.json("mount", f"file:{image}", str(target), "--backend", "ublk", "--lower-only")
+        assert m["path"].startswith("/dev/ublkb")
+        compare_trees(src, target)
+        daemon.kill()
+        daemon.start()  # (each CLI call is a fresh interpreter: slow under TCG, so few of them)
+        after = {d["id"]: (d["path"], d["status"]) for d in daemon.json("ls")}
+        assert after == {a["id"]: (a["path"], "attached"), m["id"]: (m["path"], "attached")}
+        drop_caches()
+        compare_trees(src, target)
+        daemon.cli("umount", str(target))
+        daemon.cli("detach", a["id"])
+        assert not os.path.exists(a["path"]) and not os.path.exists(m["path"])
+    finally:
+        subprocess.run(["umount", str(target)], check=False, capture_output=True)
+        pid = daemon.pid()
+        if pid is not None:
+            try:
+                daemon.stop()
+            except Exception:  # noqa: BLE001 - fall back to killing the daemon this test started
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
