@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bdserver.backends.base import Attached, Backend, Device, checked_read
 from bdserver.errors import KernelError
-from bdserver.runtime import mounts
+from bdserver import mounts
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from bdserver.daemon.metrics import MeteredDevice
 from bdserver.daemon.sources import OpenedDevice, open_source
 from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
 from bdserver.errors import BdError
-from bdserver.runtime import mounts
+from bdserver import mounts
 
 log = logging.getLogger(__name__)
 

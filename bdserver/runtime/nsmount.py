@@ -14,7 +14,7 @@ import ctypes
 import os
 import sys
 
-from bdserver.runtime import mounts
+from bdserver import mounts
 
 CLONE_NEWNS = 0x00020000
 MS_MOVE = 8192

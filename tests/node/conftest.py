@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from bdserver.runtime import mounts
+from bdserver import mounts
 
 REPO = Path(__file__).resolve().parents[2]
 BDSERVER = [sys.executable, "-m", "bdserver.cli"]

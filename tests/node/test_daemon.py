@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bdserver.runtime import mounts
+from bdserver import mounts
 from tests.node.conftest import REPO, compare_trees
 
 

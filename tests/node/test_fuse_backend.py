@@ -12,7 +12,7 @@ import pytest
 
 from bdserver.daemon.sources import FileDevice
 from bdserver.errors import FetchError, IntegrityError
-from bdserver.runtime import mounts
+from bdserver import mounts
 from tests.node.conftest import compare_trees, fuse_connections, loop_count
 
 MiB = 1024 * 1024

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bdserver.runtime import mounts
+from bdserver import mounts
 from tests.node.conftest import REPO, mkfs_erofs
 
 pytestmark = pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed")
