@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from bdserver.errors import NoSpaceError
+from bdserver.fsutil import fsync_dir  # noqa: F401  (re-exported for the cache modules)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -35,14 +36,6 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS):
         return False
     raise OSError(err, os.strerror(err))
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def allocated_bytes(path: str) -> int:

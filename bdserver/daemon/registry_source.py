@@ -24,6 +24,7 @@ from typing import Any
 from bdserver.daemon.config import Config
 from bdserver.daemon.sources import OpenedDevice
 from bdserver.errors import IntegrityError, NoLazyImageError
+from bdserver.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,7 @@ def _save_blob(cfg: Config, data: bytes) -> str:
     p = _blob_dir(cfg) / d.replace(":", "-")
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        atomic_write(p, data)
     return d
 
 

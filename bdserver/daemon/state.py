@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from bdserver.fsutil import atomic_write
 
 STATE_VERSION = 1
 
@@ -57,16 +58,4 @@ def load_state(path: str) -> dict[str, DeviceRecord]:
 def save_state(path: str, devices: dict[str, DeviceRecord]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     data = {"version": STATE_VERSION, "devices": {k: v.to_json() for k, v in sorted(devices.items())}}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".state.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, json.dumps(data, indent=1).encode())

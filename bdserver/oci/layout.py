@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from bdserver.errors import FormatError, IntegrityError, NotFoundError
+from bdserver.fsutil import atomic_write, fsync_dir
 from bdserver.oci import mediatypes as mt
 from bdserver.oci.digest import VerifyingReader, hasher, is_digest, parse_digest, verify_bytes
 from bdserver.oci.model import Descriptor, Index, canonical_json, detect_media_type
@@ -26,30 +27,6 @@ log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 class OCILayout:
@@ -197,7 +174,7 @@ class OCILayout:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def put_blob_bytes(self, data: bytes, digest: str | None = None) -> str:
         import io
