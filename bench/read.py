@@ -381,7 +381,7 @@ def warm_compare(dev_path: str, loop_dev: str, mnt_dev: Path, mnt_loop: Path, ru
             f"(dev {[round(v) for v in vals['dev']]}, loop {[round(v) for v in vals['loop']]}); daemon CPU "
             f"{rows[-1]['daemon_cpu_share'] or 0:.2f} cores; load {rows[-1]['loadavg']:.1f}")
     tr = tree_read(mnt_loop)
-    rows.append({"info": f"tree: {tr[2]} files, {tr[1] / 1e6:.1f} MB; device {os.path.getsize(dev_path) if os.path.isfile(dev_path) else 0}"})
+    rows.append({"info": f"tree: {tr[2]} files, {tr[1] / 1e6:.1f} MB in regular files"})
     return rows
 
 
