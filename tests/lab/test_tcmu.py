@@ -30,6 +30,9 @@ BS = 4096
 @contextmanager
 def attached(backend, device, dev_id: str) -> Iterator[object]:
     att = backend.attach(device, dev_id)
+    # udev probes every new disk (blkid reads); let it finish so tests see only their own reads
+    subprocess.run(["udevadm", "settle", "--timeout=120"], check=False)
+    settle(att.path)
     try:
         yield att
     finally:
