@@ -606,7 +606,8 @@ def cold_bench(daemon: Daemon, wan: WanLink, ref: str, work: Path, runs: int, st
 def report(res: dict[str, Any]) -> str:
     L: list[str] = []
     img = res["image"]
-    L.append(f"bdserver read benchmark: {res['kernel']}, {res['cpus']} CPUs; medians of {res.get('warm_runs', '-')} "
+    code = res["code"] if res["code"] == res.get("code_end", res["code"]) else f"{res['code']} -> {res['code_end']}"
+    L.append(f"bdserver read benchmark ({code}): {res['kernel']}, {res['cpus']} CPUs; medians of {res.get('warm_runs', '-')} "
              f"warm runs per test and side, {res['runs']} cold runs of each kind")
     L.append(f"image {img['ref']} ({img['kind']}): {len(img['layers'])} layers, "
              f"{img['compressed_bytes'] / 1e6:.1f} MB compressed "
@@ -689,6 +690,13 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
+def code_version() -> str:
+    """The commit measured, "+dirty" when bdserver/ has uncommitted changes (a shared working tree)."""
+    head = run(["git", "rev-parse", "--short", "HEAD"], check=False).stdout.strip() or "unknown"
+    dirty = run(["git", "status", "--porcelain", "--", "bdserver"], check=False).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
 # -- main --------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -718,7 +726,7 @@ def main() -> int:
     wan = WanLink(work / "wan")
     daemon: Daemon | None = None
     res: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count(), "runs": a.runs,
-                           "backend": a.backend}
+                           "backend": a.backend, "code": code_version()}
     try:
         layout = bench_image(a.image)
         layers = image_layers(layout)
@@ -772,6 +780,7 @@ def main() -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
             say(f"left {work} in place: something is still mounted under it")
+    res["code_end"] = code_version()
     res["device_bytes"] = res.get("warm", {}).get("device_bytes") or \
         (res["cold"]["bdserver"][0]["device_bytes"] if res.get("cold", {}).get("bdserver") else 0)
     text = report(res)
