@@ -36,6 +36,7 @@ import logging
 import mmap
 import os
 import queue
+import struct
 import subprocess
 import threading
 import time
@@ -46,7 +47,8 @@ from typing import Any
 from bdserver.backends import ublk_abi as abi
 from bdserver.backends.base import Attached, Backend, Device, checked_read
 from bdserver.backends.uring import (
-    IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SQE128, IoUring, read_sqe, supported, uring_cmd_sqe,
+    IORING_OP_URING_CMD, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SQE128, SQE_CMD16, IoUring, read_sqe,
+    supported, uring_cmd_sqe,
 )
 from bdserver.errors import KernelError
 
@@ -59,6 +61,7 @@ IO_BUF_BYTES = 512 * 1024  # per tag; the largest request the kernel sends us
 READ_WORKERS = 16
 CTRL_TIMEOUT_S = 120.0  # START_DEV scans the disk through our queue: slow under qemu TCG
 NODE_WAIT_S = 60.0
+_DESC = struct.Struct(abi.IoDesc.FMT)
 WAKE = 1 << 62  # user_data of the eventfd read (tags are < QUEUE_DEPTH)
 
 
@@ -190,11 +193,10 @@ class QueueServer:
             self.stop()
             raise KernelError(f"ublk queue of device {ublk_id} failed: {why}")
 
-    def _addr(self, tag: int) -> int:
-        return self._buf_base + tag * self.buf_size
-
-    def _io_sqe(self, op: int, tag: int, result: int = 0) -> bytes:
-        return uring_cmd_sqe(self.fd, op, abi.IoCmd(0, tag, result, self._addr(tag)).pack(), tag)
+    def _io_cmd(self, ring: IoUring, op: int, tag: int, result: int = 0) -> None:
+        """Queue FETCH or COMMIT_AND_FETCH for ``tag`` (an `abi.IoCmd` payload, packed in place)."""
+        ring.queue_struct(SQE_CMD16, IORING_OP_URING_CMD, 0, 0, self.fd, op, 0, 0, 0, tag, 0, 0, 0,
+                          0, tag, result, self._buf_base + tag * self.buf_size)
 
     # -- the ring thread -----------------------------------------------------------------------
 
@@ -207,7 +209,7 @@ class QueueServer:
             except OSError:
                 ring = IoUring(entries, 0)
             for tag in range(self.depth):
-                ring.queue(self._io_sqe(self._fetch_op, tag))
+                self._io_cmd(ring, self._fetch_op, tag)
             ring.queue(self._wake_sqe())
             ring.submit()
             for cqe in ring.completions():  # FETCH errors complete at once; success completes later
@@ -243,28 +245,29 @@ class QueueServer:
                     live.discard(tag)
             while self._done:
                 tag, result = self._done.popleft()
-                ring.queue(self._io_sqe(self._commit_op, tag, result))
+                self._io_cmd(ring, self._commit_op, tag, result)
 
     def _dispatch(self, ring: IoUring, tag: int) -> None:
         self.commands += 1
-        d = abi.IoDesc.unpack_from(self.desc, tag)
-        op = d.op
+        op_flags, nr_sectors, start_sector, _addr = _DESC.unpack_from(self.desc, tag * abi.IO_DESC_SIZE)
+        op = op_flags & 0xFF
         if op == abi.OP_READ:
-            if d.length > self.buf_size:
-                ring.queue(self._io_sqe(self._commit_op, tag, -errno.EINVAL))
+            offset, length = start_sector << 9, nr_sectors << 9
+            if length > self.buf_size:
+                self._io_cmd(ring, self._commit_op, tag, -errno.EINVAL)
                 return
-            if self._read_cached is not None and self._try_inline(ring, tag, d.offset, d.length):
+            if self._read_cached is not None and self._try_inline(ring, tag, offset, length):
                 return
             if self._workers:
-                self._work.put((tag, d.offset, d.length))
+                self._work.put((tag, offset, length))
             else:  # no pool: serve in the ring thread (lowest latency, but a miss blocks the queue)
-                self._done.append((tag, self._read(tag, d.offset, d.length)))
+                self._done.append((tag, self._read(tag, offset, length)))
         elif op == abi.OP_FLUSH:
-            ring.queue(self._io_sqe(self._commit_op, tag, 0))
+            self._io_cmd(ring, self._commit_op, tag, 0)
         elif op in (abi.OP_WRITE, abi.OP_DISCARD, abi.OP_WRITE_ZEROES, abi.OP_WRITE_SAME):
-            ring.queue(self._io_sqe(self._commit_op, tag, -errno.EROFS))
+            self._io_cmd(ring, self._commit_op, tag, -errno.EROFS)
         else:
-            ring.queue(self._io_sqe(self._commit_op, tag, -errno.EOPNOTSUPP))
+            self._io_cmd(ring, self._commit_op, tag, -errno.EOPNOTSUPP)
 
     # -- read workers --------------------------------------------------------------------------
 
@@ -280,7 +283,7 @@ class QueueServer:
             return False
         self._fill(tag, data, length)
         self.inline_reads += 1
-        ring.queue(self._io_sqe(self._commit_op, tag, length))
+        self._io_cmd(ring, self._commit_op, tag, length)
         return True
 
     def _fill(self, tag: int, data: bytes, length: int) -> None:

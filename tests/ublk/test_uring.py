@@ -64,3 +64,25 @@ def test_poll_on_eventfd_and_timeout() -> None:
     finally:
         os.close(efd)
         ring.close()
+
+
+def test_packed_cmd_sqe_equals_the_built_one() -> None:
+    """The hot path packs a URING_CMD SQE in one go; it must equal uring_cmd_sqe(IoCmd(...))."""
+    from bdserver.backends.ublk_abi import U_IO_COMMIT_AND_FETCH_REQ, IoCmd
+
+    built = uring.uring_cmd_sqe(7, U_IO_COMMIT_AND_FETCH_REQ, IoCmd(0, 9, -5, 0x7F00DEAD0000).pack(), 9)
+    packed = uring.SQE_CMD16.pack(uring.IORING_OP_URING_CMD, 0, 0, 7, U_IO_COMMIT_AND_FETCH_REQ, 0, 0, 0, 9,
+                                  0, 0, 0, 0, 9, -5, 0x7F00DEAD0000)
+    assert packed == built and len(packed) == 64
+
+
+def test_queue_struct_round_trip() -> None:
+    ring = _ring(4)
+    nop = struct.Struct("<BBHiQQIIQHHiQQ")
+    try:
+        for i in range(6):
+            ring.queue_struct(nop, uring.IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 1000 + i, 0, 0, 0, 0, 0)
+            cqe = ring.wait(1000 + i, 5.0)
+            assert cqe is not None and cqe.res == 0
+    finally:
+        ring.close()
