@@ -15,10 +15,11 @@ A READ goes to a pool of worker threads: the worker copies the bytes into the ta
 queues (tag, result) and bumps an eventfd that the ring has a READ outstanding on, so a miss
 waiting for the network never holds a cache hit behind it. A device that offers
 ``read_cached(offset, length) -> bytes | None`` (local data only, never the network) gets its
-hits served by the ring thread itself, without the two thread hand-offs (they dominate latency). Writes, discards and write
-zeroes are refused with -EROFS (the disk is read-only anyway), a flush succeeds, a failed read is
--EIO (base.checked_read is the one errno mapping). Detach is STOP_DEV (the kernel drains I/O
-through the still-running queue, then aborts the fetches), join, unmap, close, DEL_DEV.
+hits served by the ring thread itself, without the two thread hand-offs (they dominate latency).
+Writes, discards and write zeroes are refused with -EROFS (the disk is read-only anyway), a flush
+succeeds, a failed read is -EIO (base.checked_read is the one errno mapping). Detach is STOP_DEV
+(the kernel drains I/O through the still-running queue, then aborts the fetches), join, unmap,
+close, DEL_DEV.
 
 Restarts: devices are created with UBLK_F_USER_RECOVERY when the kernel has it. `close()` (daemon
 exit) stops serving but leaves the disk: its I/O waits. A later `attach` of the same dev_id and
@@ -95,6 +96,7 @@ class Control:
         self.encoded = True
         self._lock = threading.Lock()
         self._seq = 0
+        self._abandoned: list[Any] = []  # buffers of timed-out commands: the kernel may still write
 
     def command(self, op: int, dev_id: int, buf: bytearray | None = None, data0: int = 0,
                 timeout: float = CTRL_TIMEOUT_S) -> int:
@@ -108,6 +110,8 @@ class Control:
                 self._seq += 1
                 self.ring.queue(uring_cmd_sqe(self.fd, cmd_op, hdr.pack(), self._seq, size=128))
                 cqe = self.ring.wait(self._seq, timeout)
+                if cqe is None:
+                    self._abandoned.append((buf, cbuf))
             finally:
                 del cbuf
         if cqe is None:
