@@ -110,6 +110,30 @@ def _image_config(store: Any, config_digest: str, config_size: int, cfg: Config)
         return {}
 
 
+class _ManifestMemo:
+    """The store, remembering manifests fetched by digest (immutable content): the lazy manifest
+    fetched while discovering it is not fetched a second time to open it. Everything else is
+    passed through."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._memo: dict[str, tuple[bytes, Any]] = {}
+
+    def get_manifest(self, ref: str) -> tuple[bytes, Any]:
+        hit = self._memo.get(ref)
+        if hit is not None:
+            return hit
+        data, desc = self._store.get_manifest(ref)
+        digest = getattr(desc, "digest", None)
+        if isinstance(digest, str) and digest.startswith("sha256:") and \
+                "sha256:" + hashlib.sha256(data).hexdigest() == digest:
+            self._memo[digest] = (data, desc)
+        return data, desc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 def open_registry(ref: str, cfg: Config, pin: dict[str, Any] | None) -> OpenedDevice:
     from bdserver.oci.reference import parse_reference
 
@@ -118,7 +142,7 @@ def open_registry(ref: str, cfg: Config, pin: dict[str, Any] | None) -> OpenedDe
         return _open_converted(r, cfg, pin["source"], None)
     if pin and pin.get("kind") == "lazy":
         return _open_lazy(r, cfg, pin["lazy"], pin.get("source", ""), None)
-    store = open_store(r.with_tag(None) if not r.is_layout else r, cfg)
+    store = _ManifestMemo(open_store(r.with_tag(None) if not r.is_layout else r, cfg))
     from bdserver.oci.trust import discover_lazy_image
 
     try:
@@ -145,6 +169,11 @@ def _open_lazy(r: Any, cfg: Config, lazy_digest: str, source_digest: str, store:
         _save_blob(cfg, data)
     man = parse_manifest(data, "application/vnd.oci.image.manifest.v1+json")
     image_config = _image_config(store, man.config.digest, man.config.size, cfg)
+    note = getattr(store, "note_size", None)
+    if note is not None:  # sizes from the descriptors: no HEAD per blob before its ranged reads
+        for d in man.layers:
+            if d.size >= 0:
+                note(d.digest, d.size)
     dev = open_lazy_image(man, store.read_range, chunk_cache(cfg))
     pin = {"kind": "lazy", "lazy": lazy_digest, "source": source_digest}
     return OpenedDevice(dev, "lazy", pin, f"lazy image {lazy_digest} of {r}", dev.close, image_config)

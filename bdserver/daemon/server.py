@@ -85,6 +85,35 @@ def _bind(path: str) -> _Server:
     return srv
 
 
+# Imported when the daemon starts rather than inside the first attach/mount (~0.25 s of a cold
+# start's critical path otherwise).
+_PRELOAD = (
+    "bdserver.daemon.registry_source",
+    "bdserver.oci.reference",
+    "bdserver.oci.model",
+    "bdserver.oci.store",
+    "bdserver.oci.registry",
+    "bdserver.oci.trust",
+    "bdserver.oci.referrers",
+    "bdserver.cache",
+    "bdserver.blob.reader",
+    "bdserver.vdev",
+    "bdserver.vdev.lazyimage",
+    "bdserver.backends.fuse",
+    "httpcore",  # httpx imports it lazily, in its first transport
+)
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - imported again (and reported) where used
+            log.debug("preloading %s failed: %s", name, exc)
+
+
 def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT or a `shutdown` request. Returns the exit status."""
     if os.geteuid() != 0:
@@ -96,6 +125,7 @@ def serve(cfg: Config) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         raise DaemonError(f"another bdserver daemon already uses {cfg.state_dir}") from exc
+    _preload()
     mgr = DeviceManager(cfg)
     mgr.recover()
     srv = _bind(cfg.socket)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import random
 import re
 import ssl
@@ -214,12 +215,19 @@ class RegistryClient:
                     for cert, key in ep.client_certs:
                         ctx.load_cert_chain(cert, key)
                     verify = ctx
+                kw: dict[str, Any] = {}
+                if ep.scheme == "http" and not _env_proxies():
+                    # plain HTTP: do not build (and load CAs into) an SSL context up front; an
+                    # https redirect target still gets a fully verifying one, on first use
+                    kw["transport"] = _LazyTLSTransport(limits=self._limits)
+                    kw["mounts"] = {"http://": httpx.HTTPTransport(verify=False, limits=self._limits)}
                 c = httpx.Client(
                     verify=verify,
                     timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
                     limits=self._limits,
                     follow_redirects=False,
                     headers={"User-Agent": self._ua},
+                    **kw,
                 )
                 self._clients[ep] = c
             return c
@@ -398,6 +406,35 @@ class RegistryClient:
     def ping(self) -> None:
         """GET /v2/ (authenticating if challenged): raises if the registry is unusable."""
         self.request("resolve", "GET", "/", expect=(200,), exhausted=RegistryError)
+
+
+def _env_proxies() -> bool:
+    return any(os.environ.get(k) for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                                           "all_proxy"))
+
+
+class _LazyTLSTransport(httpx.BaseTransport):
+    """httpx's default (verifying) transport, built when the first request needs it."""
+
+    def __init__(self, **kw: Any) -> None:
+        self._kw = kw
+        self._t: httpx.HTTPTransport | None = None
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        t = self._t
+        if t is None:
+            with self._lock:
+                if self._t is None:
+                    self._t = httpx.HTTPTransport(verify=True, **self._kw)
+                t = self._t
+        return t.handle_request(request)
+
+    def close(self) -> None:
+        with self._lock:
+            t, self._t = self._t, None
+        if t is not None:
+            t.close()
 
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
