@@ -134,6 +134,22 @@ class _ManifestMemo:
         return getattr(self._store, name)
 
 
+def prefetcher() -> Any:
+    """Fetch-ahead for a device's misses; tunable by BDSERVER_PREFETCH_CHUNKS (0: off),
+    BDSERVER_PREFETCH_INFLIGHT and BDSERVER_PREFETCH_RUN (chunks per request)."""
+    from bdserver.vdev.sources import Prefetcher
+
+    def env(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            log.warning("%s=%r is not an integer; using %d", name, os.environ.get(name), default)
+            return default
+
+    return Prefetcher(chunks=env("BDSERVER_PREFETCH_CHUNKS", 12), max_inflight=env("BDSERVER_PREFETCH_INFLIGHT", 12),
+                      run=env("BDSERVER_PREFETCH_RUN", 1))
+
+
 def open_registry(ref: str, cfg: Config, pin: dict[str, Any] | None) -> OpenedDevice:
     from bdserver.oci.reference import parse_reference
 
@@ -174,7 +190,7 @@ def _open_lazy(r: Any, cfg: Config, lazy_digest: str, source_digest: str, store:
         for d in man.layers:
             if d.size >= 0:
                 note(d.digest, d.size)
-    dev = open_lazy_image(man, store.read_range, chunk_cache(cfg))
+    dev = open_lazy_image(man, store.read_range, chunk_cache(cfg), prefetch=prefetcher())
     pin = {"kind": "lazy", "lazy": lazy_digest, "source": source_digest}
     return OpenedDevice(dev, "lazy", pin, f"lazy image {lazy_digest} of {r}", dev.close, image_config)
 

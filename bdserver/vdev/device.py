@@ -167,7 +167,8 @@ class VirtualDevice:
         """Device-wide figures plus per-layer fetch figures (JSON-ready)."""
         layers = []
         totals = {"chunk_hits": 0, "chunk_misses": 0, "fetches": 0, "fetched_bytes": 0, "fetched_chunks": 0,
-                  "joined": 0, "fetch_errors": 0, "integrity_errors": 0, "cache_put_errors": 0}
+                  "joined": 0, "fetch_errors": 0, "integrity_errors": 0, "cache_put_errors": 0,
+                  "prefetches": 0, "prefetched_chunks": 0, "prefetch_errors": 0, "prefetch_used": 0}
         for s in self.segments:
             if isinstance(s.source, LazyBlobSource):
                 snap = s.source.stats.snapshot()

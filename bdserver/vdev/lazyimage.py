@@ -30,7 +30,7 @@ from bdserver.blob.reader import ChunkedBlob, index_from_payload, load_index, pa
 from bdserver.cache import ChunkCache
 from bdserver.errors import BdError, FetchError, FormatError
 from bdserver.vdev.device import BLOCK_SIZE, Segment, VirtualDevice, blocks_for
-from bdserver.vdev.sources import BytesSource, LazyBlobSource
+from bdserver.vdev.sources import BytesSource, LazyBlobSource, Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +207,15 @@ def open_lazy_image(
     *,
     parallel: int = 8,
     write_behind: bool = False,
+    prefetch: Prefetcher | None = None,
 ) -> VirtualDevice:
     """A VirtualDevice for a lazy image manifest (oci.model.Manifest, or its JSON as a dict).
 
     `fetch_range(digest, offset, length)` is the registry client's ranged blob read. Raises
     FormatError for a manifest that is not a bdserver lazy image, FetchError / IntegrityError when
     the metadata cannot be fetched or verified. `write_behind`: see LazyBlobSource (off: every
-    chunk handed out is already durable in the node cache).
+    chunk handed out is already durable in the node cache). `prefetch`: fetch-ahead on misses,
+    shared by the device's layers (see sources.Prefetcher; off by default).
     """
     layers = manifest["layers"] if isinstance(manifest, Mapping) else manifest.layers
     meta, plans = plan(layers)
@@ -236,7 +238,7 @@ def open_lazy_image(
             blocks = p.blocks if p.blocks is not None else blocks_for(index.uncompressed_size)
             d = p.desc
             blob = ChunkedBlob(index, lambda off, n, dg=d.digest: fetch_range(dg, off, n), name=f"layer {d.digest}")
-            src = LazyBlobSource(blob, d.digest, cache, name=d.digest, write_behind=write_behind)
+            src = LazyBlobSource(blob, d.digest, cache, name=d.digest, write_behind=write_behind, prefetcher=prefetch)
             sources.append(src)
             segs.append(Segment(p.start_block, blocks, src, d.digest))
             info_layers.append(

@@ -31,6 +31,50 @@ _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bdserver-fetch")
 # Cache writes (write + fdatasync + mark present) happen here, off the read path.
 _WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bdserver-cache-write")
 MAX_PENDING_BYTES = 64 << 20
+# Fetch-ahead requests run here, apart from _POOL: a demand miss never queues behind them.
+_PREFETCH_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="bdserver-prefetch")
+PREFETCH_CLOSE_WAIT = 30.0  # close() waits this long at most for fetch-aheads still on the wire
+
+
+class Prefetcher:
+    """Fetch-ahead shared by the sources of one device.
+
+    A cold start is round-trip bound: the kernel faults misses one after another. On a miss in
+    chunk i (and when a reader first uses a chunk that was fetched ahead, so the window slides
+    on) the next `chunks` chunks not yet present or in flight are claimed through the sources'
+    single-flight table and fetched in the background as separate requests of at most `run`
+    chunks each, so they travel concurrently and land in the cache before they are faulted.
+    At most `max_inflight` fetch-ahead requests per device are on the wire; beyond that the
+    fetch-ahead is skipped (never queued). Failures are logged and counted, never raised: a
+    reader that joined a failed fetch-ahead fetches the chunk itself.
+    """
+
+    def __init__(self, chunks: int = 12, max_inflight: int = 12, run: int = 1) -> None:
+        self.chunks = max(0, int(chunks))
+        self.max_inflight = max(0, int(max_inflight))
+        self.run = max(1, int(run))
+        self._lock = threading.Lock()
+        self._inflight = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.chunks > 0 and self.max_inflight > 0
+
+    def try_acquire(self, n: int) -> int:
+        """Reserve up to `n` request slots; returns how many were granted."""
+        with self._lock:
+            k = max(0, min(n, self.max_inflight - self._inflight))
+            self._inflight += k
+            return k
+
+    def release(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    @property
+    def inflight(self) -> int:
+        with self._lock:
+            return self._inflight
 
 
 class Source(Protocol):
@@ -92,8 +136,13 @@ class LazyBlobSource:
         *,
         name: str | None = None,
         write_behind: bool = False,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self.blob = blob
+        self.prefetcher = prefetcher if prefetcher is not None and prefetcher.enabled and cache is not None else None
+        self._prefetched: set[int] = set()  # fetched ahead, not yet asked for by a reader
+        self._prefetch_tasks: set[Future[None]] = set()
+        self._closed = False
         self.write_behind = write_behind
         self.digest = digest
         self.cache = cache
@@ -116,6 +165,14 @@ class LazyBlobSource:
                 log.warning("%s: cannot register in the cache: %s", self.name, e)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            tasks = list(self._prefetch_tasks)
+        for f in tasks:  # a fetch-ahead still on the wire must not write after the release
+            try:
+                f.result(timeout=PREFETCH_CLOSE_WAIT)
+            except BaseException:  # logged and counted where it happened, or a slow link
+                pass
         self.flush()
         if self.cache is not None and self._registered:
             self._registered = False
@@ -134,8 +191,11 @@ class LazyBlobSource:
             data = self._cached(first, rel, length)
             if data is not None:
                 self.stats.hit()
+                if self._prefetched and first in self._prefetched:
+                    self._used_prefetched([first])
                 return data
             self.stats.add(chunk_misses=1)
+            self._prefetch_after(first)
             return self._chunks([first])[first][rel : rel + length]
         last = index.chunk_at(end - 1)
         pieces: dict[int, bytes] = {}
@@ -150,8 +210,13 @@ class LazyBlobSource:
                 pieces[i] = data
         if pieces:
             self.stats.add(chunk_hits=len(pieces))
+            if self._prefetched:
+                used = [i for i in pieces if i in self._prefetched]
+                if used:
+                    self._used_prefetched(used)
         if missing:
             self.stats.add(chunk_misses=len(missing))
+            self._prefetch_after(missing[-1][0])
             full = self._chunks([i for i, _, _ in missing])
             for i, a, b in missing:
                 pieces[i] = full[i][a:b]
@@ -198,12 +263,21 @@ class LazyBlobSource:
                 got.update(self._fetch_claimed(mine))
             if joins:
                 self.stats.add(joined=len(joins))
+            retry: list[int] = []
             for i, f in joins.items():
                 try:
                     got[i] = f.result(timeout=JOIN_TIMEOUT)
                 except TimeoutError as e:
                     raise FetchError(f"{self.name}: chunk {i}: gave up waiting for its fetch") from e
-            pending = []
+                except BdError:
+                    if not getattr(f, "bd_prefetch", False):
+                        raise
+                    retry.append(i)  # a failed fetch-ahead never fails a reader: fetch it ourselves
+            if self._prefetched:
+                used = [i for i in joins if i in self._prefetched]
+                if used:
+                    self._used_prefetched(used)
+            pending = retry
             for i in recheck:
                 data = self._cached(i, 0)
                 if data is None:
@@ -213,6 +287,108 @@ class LazyBlobSource:
             if not pending:
                 return got
         raise FetchError(f"{self.name}: chunks {pending} keep disappearing from the cache")
+
+    # ---- fetch-ahead ----------------------------------------------------------------------
+
+    def _used_prefetched(self, idx: list[int]) -> None:
+        """A reader reached chunks fetched ahead: count them and slide the window on."""
+        with self._lock:
+            used = [i for i in idx if i in self._prefetched]
+            self._prefetched.difference_update(used)
+        if used:
+            self.stats.add(prefetch_used=len(used))
+            self._prefetch_after(max(used))
+
+    def _prefetch_after(self, i: int) -> None:
+        """Claim and fetch in the background the next chunks after `i` that are neither
+        present nor in flight. Never raises, never blocks on the network."""
+        pf = self.prefetcher
+        if pf is None:
+            return
+        try:
+            self._schedule_prefetch(pf, i)
+        except Exception as e:  # fetch-ahead is an optimisation: never fail the read for it
+            self.stats.add(prefetch_errors=1)
+            log.warning("%s: fetch-ahead after chunk %d not scheduled: %s", self.name, i, e)
+
+    def _schedule_prefetch(self, pf: Prefetcher, i: int) -> None:
+        n = len(self._offsets) - 1
+        hi = min(n, i + 1 + pf.chunks)
+        if i + 1 >= hi or self._closed:
+            return
+        cand = []
+        for j in range(i + 1, hi):
+            if j in self._inflight or j in self._pending:
+                continue
+            if self.cache is not None and self.cache.has(self.digest, j):
+                continue
+            cand.append(j)
+        if not cand:
+            return
+        runs: list[list[int]] = []
+        for j in cand:
+            if runs and runs[-1][-1] == j - 1 and len(runs[-1]) < pf.run:
+                runs[-1].append(j)
+            else:
+                runs.append([j])
+        granted = pf.try_acquire(len(runs))
+        if not granted:
+            return
+        claimed: list[list[int]] = []
+        with self._lock:
+            if not self._closed:
+                for r in runs[:granted]:
+                    mine: list[int] = []
+                    for j in r:  # the adjacent prefix still unclaimed: one run, one request
+                        if j in self._inflight or j in self._pending:
+                            break
+                        f: Future[bytes] = Future()
+                        f.set_running_or_notify_cancel()
+                        f.bd_prefetch = True  # type: ignore[attr-defined]
+                        self._inflight[j] = f
+                        self._prefetched.add(j)  # a reader joining it slides the window on too
+                        mine.append(j)
+                    if mine:
+                        claimed.append(mine)
+        for _ in range(granted - len(claimed)):
+            pf.release()
+        for r in claimed:
+            try:
+                task = _PREFETCH_POOL.submit(self._prefetch_run, r)
+            except RuntimeError as e:  # interpreter shutdown: give the claims back
+                with self._lock:
+                    self._prefetched.difference_update(r)
+                self._abandon(r, FetchError(f"{self.name}: fetch-ahead not started: {e}"))
+                pf.release()
+                continue
+            with self._lock:
+                self._prefetch_tasks.add(task)
+            task.add_done_callback(self._prefetch_task_done)
+
+    def _prefetch_task_done(self, fut: Future[None]) -> None:
+        with self._lock:
+            self._prefetch_tasks.discard(fut)
+
+    def _abandon(self, run: list[int], err: BaseException) -> None:
+        with self._lock:
+            for j in run:
+                f = self._inflight.pop(j, None)
+                if f is not None:
+                    f.set_exception(err)
+
+    def _prefetch_run(self, run: list[int]) -> None:
+        pf = self.prefetcher
+        try:
+            self._fetch_and_resolve(run)
+            self.stats.add(prefetches=1, prefetched_chunks=len(run))
+        except BaseException as e:  # resolved the claims with the error; readers retry
+            with self._lock:
+                self._prefetched.difference_update(run)
+            self.stats.add(prefetch_errors=1)
+            log.warning("%s: fetch-ahead of chunks %d..%d failed: %s", self.name, run[0], run[-1], e)
+        finally:
+            if pf is not None:
+                pf.release()
 
     def _fetch_claimed(self, mine: list[int]) -> dict[int, bytes]:
         """Fetch the chunks this thread claimed, one request per run of adjacent chunks; runs

@@ -20,6 +20,10 @@ class FetchStats:
     fetch_errors: int = 0
     integrity_errors: int = 0
     cache_put_errors: int = 0
+    prefetches: int = 0  # background fetch-ahead requests issued (also counted in `fetches`)
+    prefetched_chunks: int = 0
+    prefetch_errors: int = 0  # failed fetch-aheads: logged and counted, never raised to a reader
+    prefetch_used: int = 0  # prefetched chunks a reader later asked for
 
 
 class Counter:

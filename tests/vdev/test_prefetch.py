@@ -1,0 +1,207 @@
+"""Fetch-ahead: a miss in chunk i starts concurrent background fetches of the chunks after it,
+bounded per device, single-flight with demand reads, and never failing a demand read."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from bdserver.cache import ChunkCache
+from bdserver.errors import FetchError
+from bdserver.vdev import Prefetcher, open_lazy_image
+from tests.vdev.conftest import BS, CS, LazyImage
+
+WAIT = 60  # generous bound on Event waits; never asserted on
+
+
+@pytest.fixture
+def cache(tmp_path) -> ChunkCache:
+    c = ChunkCache(str(tmp_path / "cache"))
+    yield c
+    c.close()
+
+
+def chunk_offset(lazy: LazyImage, layer: int, chunk: int) -> int:
+    return lazy.layers[layer][2] * BS + chunk * CS
+
+
+class Tracker:
+    """Records which chunks of one blob are fetched, and how many fetches overlap."""
+
+    def __init__(self, lazy: LazyImage, src) -> None:
+        self.digest = src.digest
+        self.chunk_of = {src.blob.chunk_span(j)[0]: j for j in range(len(src.blob.index))}
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+        self.gated = 0  # fetches of gated chunks on the wire now
+        self.max_gated = 0
+        self.entered: list[int] = []
+        self.changed = threading.Condition(self.lock)
+        self.gate: set[int] = set()  # chunks whose fetch waits for `release`
+        self.release = threading.Event()
+        self.fail: set[int] = set()  # chunks whose fetch fails (once)
+
+    def hook(self, digest: str, off: int, n: int) -> None:
+        if digest != self.digest:
+            return
+        j = self.chunk_of[off]
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            if j in self.gate:
+                self.gated += 1
+                self.max_gated = max(self.max_gated, self.gated)
+            self.entered.append(j)
+            self.changed.notify_all()
+        try:
+            if j in self.gate:
+                self.release.wait(WAIT)
+            with self.lock:
+                if j in self.fail:
+                    self.fail.discard(j)
+                    raise FetchError(f"injected failure of chunk {j}")
+        finally:
+            with self.lock:
+                self.active -= 1
+                if j in self.gate:
+                    self.gated -= 1
+                self.changed.notify_all()
+
+    def wait_entered(self, chunks: set[int]) -> bool:
+        with self.lock:
+            return self.changed.wait_for(lambda: chunks <= set(self.entered), timeout=WAIT)
+
+    def wait_idle(self) -> bool:
+        with self.lock:
+            return self.changed.wait_for(lambda: self.active == 0, timeout=WAIT)
+
+
+def drain(src) -> None:
+    for _ in range(1000):  # bounded: wait for the fetch-ahead tasks known now
+        with src._lock:
+            tasks = list(src._prefetch_tasks)
+        if not tasks:
+            return
+        for t in tasks:
+            t.result(WAIT)
+
+
+def test_miss_fetches_the_next_chunks_concurrently(lazy: LazyImage, cache: ChunkCache) -> None:
+    k = 4
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, prefetch=Prefetcher(chunks=k, max_inflight=k))
+    src = dev.segments[1].source
+    tr = Tracker(lazy, src)
+    tr.gate = {2, 3, 4, 5}
+    lazy.registry.hook = tr.hook
+    o = chunk_offset(lazy, 0, 1)
+    assert dev.read(o, 100) == lazy.expected[o : o + 100]  # the demand read does not wait for them
+    assert tr.wait_entered({2, 3, 4, 5})  # all four are on the wire at once
+    with tr.lock:
+        assert tr.max_gated == k  # (the demand fetch of chunk 1 may have overlapped them too)
+    tr.release.set()
+    drain(src)
+    before = len(lazy.registry.calls)
+    o2 = chunk_offset(lazy, 0, 2)
+    assert dev.read(o2, 4 * CS) == lazy.expected[o2 : o2 + 4 * CS]
+    assert sorted(tr.entered[:5]) == [1, 2, 3, 4, 5]
+    s = dev.stats()
+    assert s["prefetches"] == 4 and s["prefetched_chunks"] == 4 and s["prefetch_errors"] == 0
+    assert s["prefetch_used"] >= 4
+    drain(src)
+    # every chunk fetched at most once (reading 2..5 slid the window on: 6..9 came ahead)
+    assert len(tr.entered) == len(set(tr.entered))
+    assert before <= len(lazy.registry.calls)
+    dev.close()
+
+
+def test_in_flight_fetch_aheads_are_bounded_and_never_duplicated(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, prefetch=Prefetcher(chunks=6, max_inflight=2))
+    src = dev.segments[1].source
+    tr = Tracker(lazy, src)
+    tr.gate = {1, 2, 3, 4, 5, 6}
+    lazy.registry.hook = tr.hook
+    o = chunk_offset(lazy, 0, 0)
+    assert dev.read(o, 10) == lazy.expected[o : o + 10]
+    assert tr.wait_entered({1, 2})
+    assert src.prefetcher.inflight == 2
+    # a second miss while the bound is reached starts no more fetch-aheads
+    o7 = chunk_offset(lazy, 0, 7)
+    assert dev.read(o7, 10) == lazy.expected[o7 : o7 + 10]
+    with tr.lock:
+        assert tr.max_gated <= 2
+        assert sorted(set(tr.entered)) == [0, 1, 2, 7]
+    tr.release.set()
+    drain(src)
+    assert src.prefetcher.inflight == 0
+    assert dev.read(0, dev.size) == lazy.expected
+    drain(src)
+    assert len(tr.entered) == len(set(tr.entered))  # never a chunk twice
+    dev.close()
+
+
+def test_a_failing_fetch_ahead_never_fails_a_read(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, prefetch=Prefetcher(chunks=3, max_inflight=3))
+    src = dev.segments[1].source
+    tr = Tracker(lazy, src)
+    tr.fail = {2, 3}
+    tr.gate = {3}
+    lazy.registry.hook = tr.hook
+    o = chunk_offset(lazy, 0, 1)
+    assert dev.read(o, 10) == lazy.expected[o : o + 10]
+    assert tr.wait_entered({2, 3, 4})
+    # a reader joins the parked fetch-ahead of chunk 3, which then fails: it fetches it itself
+    got: list[bytes] = []
+    errors: list[BaseException] = []
+    o3 = chunk_offset(lazy, 0, 3)
+
+    def reader() -> None:
+        try:
+            got.append(dev.read(o3, 100))
+        except BaseException as e:  # surfaced by the asserts below
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for _ in range(2000):  # bounded: let the reader find the in-flight fetch (not required to pass)
+        if src.stats.snapshot()["joined"] >= 1:
+            break
+        threading.Event().wait(0.005)
+    tr.release.set()
+    t.join(WAIT)
+    assert not errors and got == [lazy.expected[o3 : o3 + 100]]
+    drain(src)
+    o2 = chunk_offset(lazy, 0, 2)  # its fetch-ahead failed: the read fetches it
+    assert dev.read(o2, 100) == lazy.expected[o2 : o2 + 100]
+    s = dev.stats()
+    assert s["prefetch_errors"] >= 1
+    assert s["read_errors"] == 0
+    drain(src)
+    dev.close()
+
+
+def test_a_fetch_ahead_that_cannot_start_is_harmless(lazy: LazyImage, cache: ChunkCache, monkeypatch) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, prefetch=Prefetcher(chunks=3, max_inflight=3))
+    src = dev.segments[1].source
+
+    def boom(*a, **kw):
+        raise OSError("no")
+
+    monkeypatch.setattr(src, "_schedule_prefetch", boom)
+    o = chunk_offset(lazy, 0, 1)
+    assert dev.read(o, 10) == lazy.expected[o : o + 10]
+    assert dev.stats()["prefetch_errors"] == 1
+    dev.close()
+
+
+def test_off_without_a_prefetcher_or_a_cache(lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, None, prefetch=Prefetcher(chunks=4))
+    assert dev.segments[1].source.prefetcher is None  # nowhere to keep what it fetched
+    dev.close()
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    before = len(lazy.registry.calls)
+    o = chunk_offset(lazy, 0, 0)
+    dev.read(o, 10)
+    assert len(lazy.registry.calls) - before == 1
+    dev.close()
