@@ -351,13 +351,13 @@ class TcmuBackend(Backend):
             path = _wait_for(f"the sd disk of SCSI {address}:0",
                              lambda: self._disk_of(f"{address}:0"))
             _wait_for(path, lambda: os.path.exists(path))
-        except (RTSLibError, OSError, RingError, KernelError) as exc:
-            self._teardown(lun, tpg, target, server, so)
-            if isinstance(exc, KernelError):
-                raise
-            raise KernelError(f"tcmu attach of {dev_id} failed: {exc}") from exc
-        except BaseException:
-            self._teardown(lun, tpg, target, server, so)
+        except BaseException as exc:
+            try:
+                self._teardown(lun, tpg, target, server, so)
+            except KernelError as undo:  # report the cause, not the clean-up trouble
+                log.error("tcmu: cleaning up a failed attach of %s: %s", dev_id, undo)
+            if isinstance(exc, (RTSLibError, OSError, RingError)):
+                raise KernelError(f"tcmu attach of {dev_id} failed: {exc}") from exc
             raise
         extra = {
             "uio": node, "storage_object": so.path, "target": target.wwn, "scsi_address": f"{address}:0",
