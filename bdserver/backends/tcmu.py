@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bdserver.backends.base import Attached, Backend, Device, checked_read
+from bdserver.backends.base import Attached, Backend, Device, checked_read, wait_for
 from bdserver.backends.scsi import ReadRequest, Reply, ScsiDisk
 from bdserver.backends.tcmu_ring import Command, Ring, RingError
 from bdserver.errors import KernelError
@@ -92,16 +92,7 @@ def _target_of(so_path: Path) -> str:
 
 
 def _wait_for(what: str, probe, timeout: float = DISK_WAIT_S, step: float = 0.05):
-    """Poll ``probe()`` until it returns something truthy (bounded), else raise KernelError."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / step) + 2):
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(step)
-    raise KernelError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return wait_for(what, probe, timeout, step)
 
 
 class RingServer:

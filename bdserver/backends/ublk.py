@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bdserver.backends import ublk_abi as abi
-from bdserver.backends.base import Attached, Backend, Device, checked_read
+from bdserver.backends.base import Attached, Backend, Device, checked_read, wait_for
 from bdserver.backends.uring import (
     IORING_OP_URING_CMD, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SQE128, SQE_CMD16, IoUring, read_sqe,
     supported, uring_cmd_sqe,
@@ -72,15 +72,7 @@ def _dev_key(dev_id: str) -> int:
 
 
 def _wait_for(what: str, probe, timeout: float = NODE_WAIT_S, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / step) + 2):
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(step)
-    raise KernelError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return wait_for(what, probe, timeout, step)
 
 
 class Control:
