@@ -21,9 +21,9 @@ Run (root): ``.venv/bin/python bench/read.py [--quick] [--json] [--skip-wan] [--
 machine makes single runs noisy. Namespaces, mounts, loop devices and the daemon this run started are
 removed at the end, also on failure or Ctrl-C.
 
-Backends: `--backend fuse` (here). A TCMU/ublk variant only needs an `attach_<name>(ref)` context
-manager yielding a device path (block device or file) registered in ATTACHERS; the measurements take
-a path (`warm_compare(dev_path, ...)`), see bench/read_tcmu.py for the lab's TCMU numbers.
+Backends: `--backend fuse` (here); `--backend tcmu|ublk` in the lab (`vagrant/lab -- .venv/bin/python
+bench/read.py --backend tcmu --skip-wan`). The measurements take a device path (a file or a block
+device); bench/read_tcmu.py compares a raw TCMU disk with a loop device without the daemon.
 """
 
 from __future__ import annotations
@@ -385,17 +385,26 @@ def warm_compare(dev_path: str, loop_dev: str, mnt_dev: Path, mnt_loop: Path, ru
     return rows
 
 
-@contextlib.contextmanager
-def attach_fuse(daemon: Daemon, ref: str) -> Iterator[str]:
-    """`bdserver attach REF --backend fuse`: yields the device file, detaches at the end."""
-    r = daemon.cli("attach", ref, "--backend", "fuse")
-    try:
-        yield r["path"]
-    finally:
-        run(BD + ["detach", r["id"]], timeout=60, check=False)
+def attacher(backend: str) -> Callable[[Daemon, str], contextlib.AbstractContextManager[str]]:
+    """`bdserver attach REF --backend NAME`: yields the device (file or block device), detaches at the end.
+
+    fuse runs here; tcmu and ublk need the lab (`vagrant/lab -- .venv/bin/python bench/read.py
+    --backend tcmu --skip-wan`), whose kernel has their modules.
+    """
+
+    @contextlib.contextmanager
+    def attach(daemon: Daemon, ref: str) -> Iterator[str]:
+        r = daemon.cli("attach", ref, "--backend", backend)
+        try:
+            yield r["path"]
+        finally:
+            run(BD + ["detach", r["id"]], timeout=60, check=False)
+
+    return attach
 
 
-ATTACHERS: dict[str, Callable[[Daemon, str], contextlib.AbstractContextManager[str]]] = {"fuse": attach_fuse}
+ATTACHERS: dict[str, Callable[[Daemon, str], contextlib.AbstractContextManager[str]]] = {
+    name: attacher(name) for name in ("fuse", "tcmu", "ublk")}
 
 
 def warm_bench(daemon: Daemon, ref: str, work: Path, backend: str, runs: int, quick: bool) -> dict[str, Any]:
