@@ -150,6 +150,8 @@ class LazyBlobSource:
         self.size = blob.size
         self._offsets = blob.index.uncompressed_offsets()
         self._lock = threading.Lock()
+        self._active = 0  # _fetch_and_resolve calls under way (demand and fetch-ahead)
+        self._idle = threading.Condition(self._lock)
         self._inflight: dict[int, Future[bytes]] = {}
         self.stats = Counter()
         self.fetch_latency = LatencyWindow(2048)
@@ -167,6 +169,10 @@ class LazyBlobSource:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            # Reads still on the wire (the kernel's readahead often is, when a daemon stops) hand
+            # their chunks to the cache before it is flushed and released: a graceful restart
+            # must find every chunk that was fetched.
+            self._idle.wait_for(lambda: self._active == 0, timeout=PREFETCH_CLOSE_WAIT)
             tasks = list(self._prefetch_tasks)
         for f in tasks:  # a fetch-ahead still on the wire must not write after the release
             try:
@@ -422,6 +428,17 @@ class LazyBlobSource:
         other devices on the blob may fetch them again meanwhile. Past MAX_PENDING_BYTES of
         unwritten chunks the write is done inline (back-pressure).
         """
+        with self._lock:
+            self._active += 1
+        try:
+            return self._fetch_and_resolve_run(run)
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.notify_all()
+
+    def _fetch_and_resolve_run(self, run: list[int]) -> dict[int, bytes]:
         data: dict[int, bytes] = {}
         try:
             t0 = time.perf_counter()
