@@ -169,3 +169,35 @@ def uio_names() -> list[str]:
         except OSError:
             pass
     return out
+
+
+def parallel_direct_reads(path: str, data: bytes, *, threads: int = 8, reads: int = 25,
+                          sizes: tuple[int, ...] = (1, 2, 16, 64), block: int = 4096) -> list[str]:
+    """Many threads reading a block device with O_DIRECT at random blocks and sizes; returns the
+    mismatches (empty when every read returned the bytes of ``data``). Same check for any backend."""
+    import mmap
+
+    nblocks = len(data) // block
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, max(sizes) * block)
+        try:
+            rng = random.Random(seed)
+            for _ in range(reads):
+                blk = rng.randrange(nblocks)
+                n = min(rng.choice(sizes), nblocks - blk)
+                got = os.preadv(fd, [memoryview(buf)[:n * block]], blk * block)
+                if got != n * block or buf[:got] != data[blk * block:blk * block + got]:
+                    errors.append(f"mismatch at block {blk} (+{n})")
+        finally:
+            os.close(fd)
+            buf.close()
+
+    workers = [threading.Thread(target=reader, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return errors

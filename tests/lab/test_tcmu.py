@@ -8,7 +8,6 @@ import hashlib
 import os
 import struct
 import subprocess
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +19,7 @@ from bdserver.vdev.device import VirtualDevice
 from tests.lab.sgio import sg_io
 from tests.lab.helpers import (
     ProbeDevice, compare_trees, configfs_residue, dd, drop_caches, kernel_log, mounted, settle, uio_names,
-
+    parallel_direct_reads,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("tcmu_lab")]
@@ -225,30 +224,8 @@ def test_slow_read_does_not_block_others(tcmu_backend, erofs_pair) -> None:
 def test_parallel_readers(tcmu_backend, erofs_pair) -> None:
     """Many concurrent direct reads at random places return the right bytes."""
     image, _ = erofs_pair
-    data = image.read_bytes()
-    nblocks = len(data) // BS
-    errors: list[str] = []
     with attached(tcmu_backend, file_device(image), "par") as att:
-        def reader(seed: int) -> None:
-            fd = os.open(att.path, os.O_RDONLY | os.O_DIRECT)
-            buf = __import__("mmap").mmap(-1, 64 * 1024)
-            try:
-                rng = __import__("random").Random(seed)
-                for _ in range(25):
-                    blk = rng.randrange(nblocks)
-                    n = min(rng.choice((1, 2, 16)), nblocks - blk)
-                    got = os.preadv(fd, [memoryview(buf)[:n * BS]], blk * BS)
-                    if buf[:got] != data[blk * BS:blk * BS + got] or got != n * BS:
-                        errors.append(f"mismatch at block {blk}")
-            finally:
-                os.close(fd)
-                buf.close()
-
-        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = parallel_direct_reads(att.path, image.read_bytes(), sizes=(1, 2, 16), block=BS)
     assert errors == []
 
 

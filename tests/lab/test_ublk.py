@@ -7,13 +7,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import mmap
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +19,9 @@ from typing import Iterator
 import pytest
 
 from bdserver.vdev.device import VirtualDevice
-from tests.lab.helpers import REPO, ProbeDevice, compare_trees, dd, drop_caches, mounted, settle
+from tests.lab.helpers import (
+    REPO, ProbeDevice, compare_trees, dd, drop_caches, mounted, parallel_direct_reads, settle,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("ublk_lab")]
 BS = 4096
@@ -264,30 +263,8 @@ def test_hits_inline_misses_in_the_pool(ublk_backend, erofs_pair) -> None:
 def test_parallel_readers(ublk_backend, erofs_pair) -> None:
     """Many concurrent direct reads at random places and sizes return the right bytes."""
     image, _ = erofs_pair
-    data = image.read_bytes()
-    nblocks = len(data) // BS
-    errors: list[str] = []
     with attached(ublk_backend, file_device(image), "par") as att:
-        def reader(seed: int) -> None:
-            fd = os.open(att.path, os.O_RDONLY | os.O_DIRECT)
-            buf = mmap.mmap(-1, 256 * 1024)
-            try:
-                rng = random.Random(seed)
-                for _ in range(25):
-                    blk = rng.randrange(nblocks)
-                    n = min(rng.choice((1, 2, 16, 64)), nblocks - blk)
-                    got = os.preadv(fd, [memoryview(buf)[:n * BS]], blk * BS)
-                    if got != n * BS or buf[:got] != data[blk * BS:blk * BS + got]:
-                        errors.append(f"mismatch at block {blk} (+{n})")
-            finally:
-                os.close(fd)
-                buf.close()
-
-        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = parallel_direct_reads(att.path, image.read_bytes(), sizes=(1, 2, 16, 64), block=BS)
     assert errors == []
 
 
