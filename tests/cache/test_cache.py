@@ -363,11 +363,11 @@ def tiny_fs(tmp_path):
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
+        pytest.fail("needs root to mount a tmpfs")
     import subprocess
 
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
+        pytest.fail("cannot mount a tmpfs here")
     try:
         yield str(mnt)
     finally:

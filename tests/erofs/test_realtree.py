@@ -38,5 +38,5 @@ def test_debootstrap_rootfs(tmp_path: Path) -> None:
 
     rootfs = debootstrap_rootfs()
     if not os.access(rootfs, os.R_OK):
-        pytest.skip("no rootfs fixture")
+        pytest.fail("no rootfs fixture")
     _roundtrip(rootfs, tmp_path)

@@ -344,7 +344,7 @@ def test_output_on_another_filesystem(tmp_path: Path) -> None:
     import tempfile
 
     if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm")
+        pytest.fail("no /dev/shm")
     spool = Spool(tmp_path / "spool")
     root = edge_tree(spool)
     shm = Path(tempfile.mkdtemp(prefix="erofs-test-", dir="/dev/shm"))

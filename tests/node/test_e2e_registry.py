@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 import io
@@ -20,15 +19,12 @@ from tests.node.reference import assert_same_tree, extract_layers
 
 pytestmark = pytest.mark.slow
 
-try:
-    from tests.fixtures.layers import build_oci_layout, debian_layers, debian_oci_layout
-    from tests.fixtures.proxy import FaultProxy
-    from tests.fixtures.registry import start_registry
-except ImportError as exc:  # pragma: no cover - fixtures of other packages not there yet
-    pytest.skip(f"registry/layer fixtures unavailable: {exc}", allow_module_level=True)
+from tests.fixtures.layers import build_oci_layout, debian_layers, debian_oci_layout
+from tests.fixtures.proxy import FaultProxy
+from tests.fixtures.registry import REGISTRY_BIN, start_registry
 
-if shutil.which("docker-registry") is None and not os.path.exists("/usr/bin/docker-registry"):
-    pytest.skip("docker-registry is not installed", allow_module_level=True)
+if not os.path.exists(REGISTRY_BIN):  # installed by `make setup`: a missing one is a setup bug, not a skip
+    pytest.fail(f"{REGISTRY_BIN} is missing: run kernel-setup/install-packages", pytrace=False)
 
 
 def _tar_layer(path: Path, files: dict[str, bytes], whiteouts: tuple[str, ...] = ()) -> Path:

@@ -61,7 +61,7 @@ def test_skopeo_reads_our_layout(tmp_path):
     import subprocess
 
     if not shutil.which("skopeo"):
-        pytest.skip("skopeo missing")
+        pytest.fail("skopeo missing")
     lay = OCILayout(tmp_path / "lay")
     data, _ = _image(lay)
     desc = lay.put_manifest(data, mt.OCI_MANIFEST, tag="v1")

@@ -12,11 +12,9 @@ from bdserver.oci import mediatypes as mt
 from bdserver.oci.layout import OCILayout
 from bdserver.oci.referrers import list_referrers
 from bdserver.oci.trust import TrustPolicy, discover_lazy_image
-from tests.fixtures.registry import have_skopeo
 
 from .helpers import FAST_RETRY, client, lazy_manifest, push_image, rand_bytes, unique
 
-pytestmark = pytest.mark.skipif(not have_skopeo(), reason="skopeo missing")
 
 
 def _setup(registry, tmp_path):

@@ -14,7 +14,6 @@ from bdserver.oci.layout import OCILayout
 from bdserver.oci.model import Index, Platform, parse_manifest
 from bdserver.oci.referrers import add_referrer, list_referrers, referrers_tag, remove_referrer
 from bdserver.oci.trust import TrustPolicy, discover_lazy_image
-from tests.fixtures.registry import have_skopeo
 
 from .helpers import client, lazy_manifest, push_image, push_index, rand_bytes, unique
 
@@ -122,7 +121,6 @@ def test_discovery_through_multiplatform_index(registry_session, tmp_path):
     assert (s.digest, lz.digest) == (amd.digest, lz_amd.digest)
 
 
-@pytest.mark.skipif(not have_skopeo(), reason="skopeo missing")
 def test_skopeo_copy_keeps_lazy_image_discoverable(registry_session, tmp_path):
     """skopeo --preserve-digests copies the source and the lazy manifest byte-for-byte; with the
     referrers index copied too (skopeo 1.9 cannot: `copy --all --preserve-digests` of an index whose
