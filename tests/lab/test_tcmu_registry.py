@@ -6,40 +6,20 @@ of it, `bdserver convert` to publish the lazy image, then a private daemon that 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import subprocess
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from tests.fixtures.layers import small_tar_layer
 from tests.lab.helpers import configfs_residue, drop_caches, kernel_log, settle
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.usefixtures("tcmu_lab")]
-
-
-def _tar(path: Path, files: dict[str, bytes], whiteouts: tuple[str, ...] = ()) -> Path:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-        dirs = sorted({os.path.dirname(n) for n in list(files) + list(whiteouts)} - {""})
-        for d in dirs:
-            ti = tarfile.TarInfo(d)
-            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
-            tf.addfile(ti)
-        for name, body in sorted(files.items()):
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime, ti.uid, ti.gid = len(body), 0o644, 1_700_000_000, 1000, 1000
-            tf.addfile(ti, io.BytesIO(body))
-        for name in whiteouts:
-            d, n = os.path.split(name)
-            ti = tarfile.TarInfo(os.path.join(d, ".wh." + n))
-            ti.mtime = 1_700_000_000
-            tf.addfile(ti, io.BytesIO(b""))
-    return path
 
 
 @dataclass
@@ -61,9 +41,9 @@ def world(tmp_path_factory, tcmu_lab) -> Iterator[World]:
     base = tmp_path_factory.mktemp("lazy")
     rng = random.Random(5)
     layers = [
-        _tar(base / "l1.tar", {"app/big": rng.randbytes(3_000_000), "app/second": rng.randbytes(1_500_000),
+        small_tar_layer(base / "l1.tar", {"app/big": rng.randbytes(3_000_000), "app/second": rng.randbytes(1_500_000),
                                "etc/name": b"lower\n", "etc/gone": b"bye\n"}),
-        _tar(base / "l2.tar", {"etc/name": b"upper\n", "app/small": rng.randbytes(5000)},
+        small_tar_layer(base / "l2.tar", {"etc/name": b"upper\n", "app/small": rng.randbytes(5000)},
              whiteouts=("etc/gone",)),
     ]
     build_oci_layout(layers, base / "layout")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tarfile
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,30 +17,12 @@ from tests.node.reference import assert_same_tree, extract_layers
 
 pytestmark = pytest.mark.slow
 
-from tests.fixtures.layers import build_oci_layout, debian_layers, debian_oci_layout
+from tests.fixtures.layers import build_oci_layout, debian_layers, debian_oci_layout, small_tar_layer
 from tests.fixtures.proxy import FaultProxy
 from tests.fixtures.registry import REGISTRY_BIN, start_registry
 
 if not os.path.exists(REGISTRY_BIN):  # installed by `make setup`: a missing one is a setup bug, not a skip
     pytest.fail(f"{REGISTRY_BIN} is missing: run kernel-setup/install-packages", pytrace=False)
-
-
-def _tar_layer(path: Path, files: dict[str, bytes], whiteouts: tuple[str, ...] = ()) -> Path:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-        for name in sorted(set(os.path.dirname(n) for n in list(files) + list(whiteouts)) - {""}):
-            ti = tarfile.TarInfo(name)
-            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
-            tf.addfile(ti)
-        for name, body in sorted(files.items()):
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime, ti.uid, ti.gid = len(body), 0o644, 1_700_000_000, 1000, 1000
-            tf.addfile(ti, io.BytesIO(body))
-        for name in whiteouts:
-            d, n = os.path.split(name)
-            ti = tarfile.TarInfo(os.path.join(d, ".wh." + n))
-            ti.mtime = 1_700_000_000
-            tf.addfile(ti, io.BytesIO(b""))
-    return path
 
 
 @dataclass
@@ -80,15 +60,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         lazy = {"deb": _convert(base, f"{reg.host}/deb:v1")}
         shared = {}
         for name in ("one", "two", "three"):
-            top = _tar_layer(base / f"top-{name}.tar", {f"srv/{name}/id": name.encode() * 100,
+            top = small_tar_layer(base / f"top-{name}.tar", {f"srv/{name}/id": name.encode() * 100,
                                                          "etc/image-name": name.encode() + b"\n"})
             layers = [deb_layers[0], top]
             build_oci_layout(layers, base / f"layout-{name}")
             reg.push_layout(base / f"layout-{name}", "latest", name, "v1")
             lazy[name] = _convert(base, f"{reg.host}/{name}:v1")
             shared[name] = layers
-        plain = [_tar_layer(base / "plain1.tar", {"a/file": b"x" * 70_000, "a/gone": b"bye", "b/keep": b"k"}),
-                 _tar_layer(base / "plain2.tar", {"a/new": b"new\n"}, whiteouts=("a/gone",))]
+        plain = [small_tar_layer(base / "plain1.tar", {"a/file": b"x" * 70_000, "a/gone": b"bye", "b/keep": b"k"}),
+                 small_tar_layer(base / "plain2.tar", {"a/new": b"new\n"}, whiteouts=("a/gone",))]
         build_oci_layout(plain, base / "layout-plain")
         reg.push_layout(base / "layout-plain", "latest", "plain", "v1")
         yield World(base, reg, reg.host, deb_layers, lazy, shared, plain)
