@@ -201,3 +201,33 @@ def parallel_direct_reads(path: str, data: bytes, *, threads: int = 8, reads: in
     for t in workers:
         t.join()
     return errors
+
+
+_HOLDER = """
+import json, sys
+from bdserver.backends.base import get_backend
+from bdserver.vdev.device import VirtualDevice
+att = get_backend(sys.argv[3]).attach(VirtualDevice.from_files([sys.argv[1]]), sys.argv[2])
+print(json.dumps(att.to_json()), flush=True)
+sys.stdin.read()  # hold the device until killed
+"""
+
+
+@contextmanager
+def device_holder(backend: str, image: Path, dev_id: str) -> Iterator[tuple[subprocess.Popen, dict]]:
+    """Attach ``image`` over ``backend`` from a process of its own, which a test kills to play a
+    crashed daemon; yields the process and its `Attached` as JSON, kills it at the end if alive."""
+    import json
+    import signal
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(image), dev_id, backend], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, cwd=str(REPO))
+    try:
+        line = holder.stdout.readline() if holder.stdout else b""
+        assert line, "holder process failed to attach"
+        yield holder, json.loads(line)
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGKILL)  # the process this helper started
+            holder.wait(60)

@@ -19,7 +19,7 @@ from bdserver.vdev.device import VirtualDevice
 from tests.lab.sgio import sg_io
 from tests.lab.helpers import (
     ProbeDevice, compare_trees, configfs_residue, dd, drop_caches, kernel_log, mounted, settle, uio_names,
-    parallel_direct_reads,
+    parallel_direct_reads, device_holder,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("tcmu_lab")]
@@ -229,32 +229,15 @@ def test_parallel_readers(tcmu_backend, erofs_pair) -> None:
     assert errors == []
 
 
-HOLDER = """
-import json, sys, time
-from bdserver.backends.tcmu import TcmuBackend
-from bdserver.backends.tcmu import MAX_SECTORS
-from bdserver.vdev.device import VirtualDevice
-att = TcmuBackend().attach(VirtualDevice.from_files([sys.argv[1]]), sys.argv[2])
-print(json.dumps(att.to_json()), flush=True)
-sys.stdin.read()  # hold the device until killed
-"""
-
-
 def test_restarted_handler_adopts_device(tcmu_backend, erofs_pair, tmp_path) -> None:
     """A handler process dies with the disk mounted and a read in flight; a new handler adopts
     the same /dev/sdX (ring reset: the stuck read is retried and served), the mount keeps working."""
-    import json
     import signal
-    import sys
 
     image, src = erofs_pair
     data = image.read_bytes()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(image), "adopt"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, cwd=str(Path(__file__).resolve().parents[2]))
-    try:
-        line = holder.stdout.readline()
-        assert line, "holder process failed to attach"
-        path = json.loads(line)["path"]
+    with device_holder("tcmu", image, "adopt") as (holder, first):
+        path = first["path"]
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         subprocess.run(["mount", "-t", "erofs", "-o", "ro", path, str(mnt)], check=True)
@@ -284,9 +267,5 @@ def test_restarted_handler_adopts_device(tcmu_backend, erofs_pair, tmp_path) -> 
                 tcmu_backend.detach(att)
         finally:
             subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
-    finally:
-        if holder.poll() is None:
-            os.kill(holder.pid, signal.SIGKILL)
-            holder.wait(60)
     assert configfs_residue() == []
     assert not os.path.exists(path)

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 
 from bdserver.vdev.device import VirtualDevice
 from tests.lab.helpers import (
-    REPO, ProbeDevice, compare_trees, dd, drop_caches, mounted, parallel_direct_reads, settle,
+    ProbeDevice, compare_trees, dd, device_holder, drop_caches, mounted, parallel_direct_reads, settle,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("ublk_lab")]
@@ -294,56 +292,39 @@ def test_detach_leaves_no_residue(ublk_backend, erofs_pair, tmp_path) -> None:
     ublk_backend.detach(att)  # idempotent
 
 
-HOLDER = """
-import json, sys
-from bdserver.backends.ublk import UblkBackend
-from bdserver.vdev.device import VirtualDevice
-att = UblkBackend().attach(VirtualDevice.from_files([sys.argv[1]]), sys.argv[2])
-print(json.dumps(att.to_json()), flush=True)
-sys.stdin.read()  # hold the device until killed
-"""
-
-
 def test_restarted_server_adopts_device(ublk_backend, erofs_pair, tmp_path) -> None:
     """The serving process dies with the disk mounted; a read issued meanwhile waits (user
     recovery); a new server adopts the same /dev/ublkbN, the waiting read completes, and the mount
     keeps working."""
     image, src = erofs_pair
     data = image.read_bytes()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(image), "adopt"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, cwd=str(REPO))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     path = ""
-    try:
-        line = holder.stdout.readline()
-        assert line, "holder process failed to attach"
-        first = json.loads(line)
-        path = first["path"]
-        assert first["extra"]["recovery"]
-        subprocess.run(["mount", "-t", "erofs", "-o", "ro", path, str(mnt)], check=True)
-        assert (mnt / "text").read_text() == (src / "text").read_text()
-        os.kill(holder.pid, signal.SIGKILL)  # the process this test started
-        holder.wait(60)
-        blk = len(data) // BS - 3
-        stuck = subprocess.Popen(["dd", f"if={path}", f"bs={BS}", f"skip={blk}", "count=1", "iflag=direct",
-                                  "status=none"], stdout=subprocess.PIPE)
-        dev = file_device(image)
-        att = ublk_backend.attach(dev, "adopt")
+    with device_holder("ublk", image, "adopt") as (holder, first):
         try:
-            assert att.path == path and att.extra.get("adopted")
-            out, _ = stuck.communicate(timeout=120)
-            assert stuck.returncode == 0 and out == data[blk * BS:(blk + 1) * BS]
-            drop_caches()
-            compare_trees(src, mnt)  # the old mount reads through the new server
-            assert dev.read_count() > 0
-        finally:
-            subprocess.run(["umount", str(mnt)], check=False)
-            ublk_backend.detach(att)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
-        if holder.poll() is None:
-            os.kill(holder.pid, signal.SIGKILL)
+            path = first["path"]
+            assert first["extra"]["recovery"]
+            subprocess.run(["mount", "-t", "erofs", "-o", "ro", path, str(mnt)], check=True)
+            assert (mnt / "text").read_text() == (src / "text").read_text()
+            os.kill(holder.pid, signal.SIGKILL)  # the process this test started
             holder.wait(60)
+            blk = len(data) // BS - 3
+            stuck = subprocess.Popen(["dd", f"if={path}", f"bs={BS}", f"skip={blk}", "count=1", "iflag=direct",
+                                      "status=none"], stdout=subprocess.PIPE)
+            dev = file_device(image)
+            att = ublk_backend.attach(dev, "adopt")
+            try:
+                assert att.path == path and att.extra.get("adopted")
+                out, _ = stuck.communicate(timeout=120)
+                assert stuck.returncode == 0 and out == data[blk * BS:(blk + 1) * BS]
+                drop_caches()
+                compare_trees(src, mnt)  # the old mount reads through the new server
+                assert dev.read_count() > 0
+            finally:
+                subprocess.run(["umount", str(mnt)], check=False)
+                ublk_backend.detach(att)
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
     assert path and not os.path.exists(path)
 
