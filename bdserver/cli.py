@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from bdserver.daemon.client import request
 from bdserver.daemon.config import Config, load_config
-from bdserver.errors import BdError
+from bdserver.errors import BadReference, BdError
 
 BACKENDS = ["auto", "ublk", "tcmu", "fuse"]
 
@@ -33,17 +33,6 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
 def _note(args: argparse.Namespace, message: str) -> None:
     if message and not getattr(args, "json", False):
         print(message, file=sys.stderr)
-
-
-class BadReference(BdError):
-    exit_code = 2
-    hint = "write HOST[:PORT]/REPO[:TAG|@DIGEST], oci:PATH[:TAG] or file:PATH"
-
-
-_HINTS = {
-    "RegistryError": "is the registry up and reachable? mirrors and TLS settings come from hosts.toml",
-    "FetchError": "is the registry up and reachable? mirrors and TLS settings come from hosts.toml",
-}
 
 
 def _check_ref(ref: str) -> str:
@@ -252,13 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BdError as exc:
-        kind = getattr(exc, "type_name", type(exc).__name__)
-        if not exc.hint and kind in _HINTS:
-            exc.hint = _HINTS[kind]  # type: ignore[misc]
         if getattr(args, "json", False):
-            kind = getattr(exc, "type_name", type(exc).__name__)
-            print(json.dumps({"ok": False, "error": {"type": kind, "message": str(exc),
-                                                     "hint": exc.hint, "exit_code": exc.exit_code}}))
+            print(json.dumps({"ok": False, "error": exc.to_wire()}))
         else:
             print(f"bdserver {args.command}: {exc.user_message()}", file=sys.stderr)
         return exc.exit_code

@@ -34,7 +34,6 @@ import re
 import select
 import subprocess
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,7 +360,7 @@ class TcmuBackend(Backend):
 
     def _adopt(self, so_path: Path, device: Device, dev_id: str) -> Attached:
         """Serve a device a previous (dead) handler left behind: same LUN, same /dev/sdX."""
-        from rtslib_fb import LUN, TPG, FabricModule, Target, UserBackedStorageObject
+        from rtslib_fb import FabricModule, Target, UserBackedStorageObject
 
         size = -(-device.size // BLOCK_SIZE) * BLOCK_SIZE
         have = int((so_path / "attrib" / "dev_size").read_text().strip() or 0) if \

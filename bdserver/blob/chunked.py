@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 import zstandard
 
+from bdserver.digest import sha256_digest
 from bdserver.blob.chunkindex import (
     COMPRESSION_NONE,
     COMPRESSION_ZSTD,
@@ -157,7 +158,7 @@ def write_chunked_zstd(
         uncompressed_digest="sha256:" + usha.hexdigest(),
         uncompressed_size=usize,
         index_range=(start, w.pos),
-        index_digest="sha256:" + hashlib.sha256(payload).hexdigest(),
+        index_digest=sha256_digest(payload),
         chunk_count=len(entries),
         chunk_size=chunk_size,
     )
@@ -194,7 +195,7 @@ def write_chunked_raw(src: BinaryIO, out: BinaryIO, *, chunk_size: int = DEFAULT
         uncompressed_digest=digest,
         uncompressed_size=usize,
         index_range=(usize, w.pos),
-        index_digest="sha256:" + hashlib.sha256(payload).hexdigest(),
+        index_digest=sha256_digest(payload),
         chunk_count=len(entries),
         chunk_size=chunk_size,
     )

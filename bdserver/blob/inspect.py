@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from bdserver.digest import sha256_digest
 from bdserver.blob.chunked import ANN_INDEX_DIGEST, ANN_INDEX_RANGE, MEDIA_TYPE_RAW, MEDIA_TYPE_ZSTD, SKIPPABLE_HEADER, is_skippable_magic
 from bdserver.blob.chunkindex import HEADER_SIZE, MAGIC, ChunkIndexHeader
 from bdserver.blob.reader import ChunkedBlob, load_index
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             start, mt = locate_index(read_at, size)
         section = read_at(start, size - start)
         payload = section[8:] if mt == MEDIA_TYPE_ZSTD else section
-        ann = {ANN_INDEX_RANGE: f"{start}:{size}", ANN_INDEX_DIGEST: "sha256:" + hashlib.sha256(payload).hexdigest()}
+        ann = {ANN_INDEX_RANGE: f"{start}:{size}", ANN_INDEX_DIGEST: sha256_digest(payload)}
         index = load_index(read_at, size, ann, media_type=mt)
         h = index.header
         out = {

@@ -6,7 +6,6 @@ reach the decompressor, let alone a caller; the decompressed length must match t
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Callable, Mapping
 
@@ -27,29 +26,14 @@ from bdserver.blob.chunkindex import (
     MEDIA_TYPE as CHUNK_INDEX_MEDIA_TYPE,
     ChunkIndex,
 )
+from bdserver.digest import parse_digest, verify_bytes
 from bdserver.errors import BdError, FetchError, FormatError, IntegrityError
 
 FetchRange = Callable[[int, int], bytes]  # (offset, length) -> exactly `length` bytes
 
-_DIGEST_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
 _RANGE_RE = re.compile(r"^([0-9]+)(?::([0-9]+))?$")
-_DIGEST_LEN = {"sha256": 64, "sha512": 128}
 # A generous ceiling on an index payload (~1.4M entries): refuse before fetching absurd ranges.
 MAX_INDEX_SIZE = 64 << 20
-
-
-def parse_digest(digest: str) -> tuple[str, str]:
-    """Split `algo:hex`, refusing anything but well-formed sha256/sha512 digests."""
-    m = _DIGEST_RE.match(digest or "")
-    if not m or len(m.group(2)) != _DIGEST_LEN[m.group(1)]:
-        raise FormatError(f"malformed digest {digest!r}")
-    return m.group(1), m.group(2)
-
-
-def verify_digest(data: bytes, digest: str, what: str) -> None:
-    algo, hexd = parse_digest(digest)
-    if hashlib.new(algo, data).hexdigest() != hexd:
-        raise IntegrityError(f"{what}: content does not match {digest}")
 
 
 def parse_range(value: str, blob_size: int) -> tuple[int, int]:
@@ -249,7 +233,7 @@ def index_from_payload(
     Lets callers that cached the payload (content-addressed by its digest) skip the fetch.
     """
     if digest is not None:
-        verify_digest(payload, digest, f"{name} chunk index")
+        verify_bytes(payload, digest, what=f"{name} chunk index")
     index = ChunkIndex.parse(payload, data_end=data_end)
     if index.compression != compression:
         raise FormatError(f"{name}: CompressionType {index.compression} does not fit the layer's media type")

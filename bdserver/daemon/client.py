@@ -10,13 +10,9 @@ from typing import Any
 
 from bdserver.daemon.config import Config
 from bdserver.daemon.protocol import call
-from bdserver.errors import DaemonError
+from bdserver.errors import DaemonError, DaemonNotRunning
 
 START_WAIT_S = 30.0
-
-
-class DaemonNotRunning(DaemonError):
-    hint = "start it with `bdserver serve` or `systemctl start bdserver`"
 
 
 def request(cfg: Config, op: str, args: dict[str, Any] | None = None, *, autostart: bool = False) -> Any:

@@ -29,14 +29,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bdserver.errors import BdError
+from bdserver.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/bdserver/config.toml"
-
-
-class ConfigError(BdError):
-    exit_code = 2
-    hint = "fix the config file (TOML or JSON; keys: state_dir, run_dir, socket, cache_dir, ...)"
 
 
 @dataclass

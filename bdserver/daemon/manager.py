@@ -20,25 +20,10 @@ from bdserver.daemon.config import Config
 from bdserver.daemon.metrics import MeteredDevice
 from bdserver.daemon.sources import OpenedDevice, open_source
 from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
-from bdserver.errors import BdError
+from bdserver.errors import BadTarget, BdError, DeviceBusy, NoSuchDevice
 from bdserver import mounts
 
 log = logging.getLogger(__name__)
-
-
-class NoSuchDevice(BdError):
-    exit_code = 2
-    hint = "see `bdserver ls` for attached devices and mounts"
-
-
-class BadTarget(BdError):
-    exit_code = 2
-    hint = "choose a TARGET directory (it is created if missing) on a local, writable filesystem"
-
-
-class DeviceBusy(BdError):
-    exit_code = 10
-    hint = "unmount it first with `bdserver umount TARGET`"
 
 
 @dataclass

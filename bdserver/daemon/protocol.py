@@ -11,8 +11,7 @@ import json
 import socket
 from typing import Any
 
-from bdserver import errors
-from bdserver.errors import BdError, DaemonError
+from bdserver.errors import BdError, DaemonError, from_wire
 
 MAX_LINE = 16 * 1024 * 1024
 
@@ -22,36 +21,9 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, BdError):
-        return {
-            "ok": False,
-            "error": {"type": type(exc).__name__, "message": str(exc), "hint": exc.hint,
-                      "exit_code": exc.exit_code},
-        }
-    return {"ok": False, "error": {"type": "DaemonError", "message": f"internal error: {exc!r}",
-                                   "hint": DaemonError.hint, "exit_code": DaemonError.exit_code}}
-
-
-class RemoteError(BdError):
-    """A BdError raised in the daemon, rebuilt in the client with the same message, hint and code."""
-
-    def __init__(self, type_name: str, message: str, hint: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.hint = hint
-        self.exit_code = exit_code
-
-
-def raise_remote(err: dict[str, Any]) -> None:
-    cls = getattr(errors, err.get("type", ""), None)
-    msg = err.get("message", "daemon error")
-    if isinstance(cls, type) and issubclass(cls, BdError):
-        exc = cls.__new__(cls)
-        BdError.__init__(exc, msg)
-        if err.get("hint") != cls.hint:
-            exc.hint = err.get("hint", "")  # type: ignore[misc]
-        raise exc
-    raise RemoteError(err.get("type", "DaemonError"), msg, err.get("hint", ""), int(err.get("exit_code", 7)))
+    if not isinstance(exc, BdError):
+        exc = DaemonError(f"internal error: {exc!r}")
+    return {"ok": False, "error": exc.to_wire()}
 
 
 def read_line(sock: socket.socket) -> bytes:
@@ -87,5 +59,5 @@ def call(socket_path: str, op: str, args: dict[str, Any] | None = None, timeout:
         raise DaemonError(f"the daemon at {socket_path} closed the connection during {op!r}")
     reply = json.loads(line)
     if not reply.get("ok"):
-        raise_remote(reply.get("error", {}))
+        raise from_wire(reply.get("error") or {})
     return reply.get("result")

@@ -12,7 +12,6 @@ device ``[meta | layer 1 | ... | layer N]``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from bdserver.digest import sha256_digest
 from bdserver.daemon.config import Config
 from bdserver.daemon.sources import OpenedDevice
 from bdserver.errors import IntegrityError, NoLazyImageError
@@ -77,7 +77,7 @@ def _blob_dir(cfg: Config) -> Path:
 
 
 def _save_blob(cfg: Config, data: bytes) -> str:
-    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    d = sha256_digest(data)
     p = _blob_dir(cfg) / d.replace(":", "-")
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def _load_blob(cfg: Config, digest: str) -> bytes | None:
         data = p.read_bytes()
     except FileNotFoundError:
         return None
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+    if sha256_digest(data) != digest:
         raise IntegrityError(f"saved manifest {p} does not match its digest")
     return data
 
@@ -101,7 +101,7 @@ def _image_config(store: Any, config_digest: str, config_size: int, cfg: Config)
     if data is None:
         with store.open_blob(config_digest, config_size) as f:
             data = f.read()
-        if "sha256:" + hashlib.sha256(data).hexdigest() != config_digest:
+        if sha256_digest(data) != config_digest:
             raise IntegrityError(f"image config {config_digest} does not match its digest")
         _save_blob(cfg, data)
     try:
@@ -126,7 +126,7 @@ class _ManifestMemo:
         data, desc = self._store.get_manifest(ref)
         digest = getattr(desc, "digest", None)
         if isinstance(digest, str) and digest.startswith("sha256:") and \
-                "sha256:" + hashlib.sha256(data).hexdigest() == digest:
+                sha256_digest(data) == digest:
             self._memo[digest] = (data, desc)
         return data, desc
 
@@ -158,7 +158,7 @@ def open_registry(ref: str, cfg: Config, pin: dict[str, Any] | None) -> OpenedDe
         return _open_converted(r, cfg, pin["source"], None)
     if pin and pin.get("kind") == "lazy":
         return _open_lazy(r, cfg, pin["lazy"], pin.get("source", ""), None)
-    store = _ManifestMemo(open_store(r.with_tag(None) if not r.is_layout else r, cfg))
+    store = _ManifestMemo(open_store(r.store_ref(), cfg))
     from bdserver.oci.trust import discover_lazy_image
 
     try:
@@ -176,11 +176,11 @@ def _open_lazy(r: Any, cfg: Config, lazy_digest: str, source_digest: str, store:
     from bdserver.oci.model import parse_manifest
     from bdserver.vdev.lazyimage import open_lazy_image
 
-    store = store or open_store(r.with_tag(None) if not r.is_layout else r, cfg)
+    store = store or open_store(r.store_ref(), cfg)
     data = _load_blob(cfg, lazy_digest)
     if data is None:
         data, desc = store.get_manifest(lazy_digest)
-        if "sha256:" + hashlib.sha256(data).hexdigest() != lazy_digest:
+        if sha256_digest(data) != lazy_digest:
             raise IntegrityError(f"lazy manifest {lazy_digest} does not match its digest")
         _save_blob(cfg, data)
     man = parse_manifest(data, "application/vnd.oci.image.manifest.v1+json")
@@ -206,7 +206,7 @@ def _open_converted(r: Any, cfg: Config, source_digest: str, store: Any, why: st
         if not done.exists():
             from bdserver.convert.image import convert_layers_to_device, resolve_image_manifest
 
-            store = store or open_store(r.with_tag(None) if not r.is_layout else r, cfg)
+            store = store or open_store(r.store_ref(), cfg)
             tmp = base.with_name(hexd + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             local = convert_layers_to_device(store, source_digest, tmp)

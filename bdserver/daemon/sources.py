@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from bdserver.backends.base import Device
 from bdserver.daemon.config import Config
-from bdserver.errors import BdError, NotFoundError
+from bdserver.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,3 @@ def open_source(ref: str, cfg: Config, pin: dict[str, Any] | None = None) -> Ope
     from bdserver.daemon import registry_source  # late: needs oci/, vdev/, convert/
 
     return registry_source.open_registry(ref, cfg, pin)
-
-
-def describe_error(exc: BaseException) -> BdError:
-    return exc if isinstance(exc, BdError) else BdError(str(exc))

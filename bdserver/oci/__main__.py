@@ -36,7 +36,7 @@ def _kw(a: argparse.Namespace) -> dict:
 
 def _store(ref: str, a: argparse.Namespace, create: bool = False):
     r = parse_reference(ref)
-    return r, open_store(r.with_tag(None) if not r.is_layout else r, create=create,
+    return r, open_store(r.store_ref(), create=create,
                          **({} if r.is_layout else _kw(a)))
 
 

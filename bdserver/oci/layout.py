@@ -20,7 +20,7 @@ from typing import BinaryIO, Iterator
 from bdserver.errors import FormatError, IntegrityError, NotFoundError
 from bdserver.fsutil import atomic_write, fsync_dir
 from bdserver.oci import mediatypes as mt
-from bdserver.oci.digest import VerifyingReader, hasher, is_digest, parse_digest, verify_bytes
+from bdserver.digest import VerifyingReader, hasher, is_digest, parse_digest, verify_bytes
 from bdserver.oci.model import Descriptor, Index, canonical_json, detect_media_type
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class OCILayout:
     def put_blob_bytes(self, data: bytes, digest: str | None = None) -> str:
         import io
 
-        from bdserver.oci.digest import sha256_digest
+        from bdserver.digest import sha256_digest
 
         digest = digest or sha256_digest(data)
         self.put_blob(io.BytesIO(data), digest, len(data))
@@ -189,7 +189,7 @@ class OCILayout:
         """Store the bytes; list them in index.json (replacing an older holder of ``tag``)."""
         import io
 
-        from bdserver.oci.digest import sha256_digest
+        from bdserver.digest import sha256_digest
         from bdserver.oci.model import parse_manifest
 
         parsed = parse_manifest(data, media_type)  # refuse garbage before it is listed

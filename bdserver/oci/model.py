@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from bdserver.errors import FormatError, NotFoundError
 from bdserver.oci import mediatypes as mt
-from bdserver.oci.digest import parse_digest, sha256_digest
+from bdserver.digest import parse_digest, sha256_digest
 
 
 def canonical_json(obj: Any) -> bytes:

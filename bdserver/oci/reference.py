@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 
 from bdserver.errors import FormatError
-from bdserver.oci.digest import is_digest
+from bdserver.digest import is_digest
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -83,6 +83,10 @@ class Reference:
 
     def with_tag(self, tag: str | None) -> "Reference":
         return replace(self, tag=tag, digest=None)
+
+    def store_ref(self) -> "Reference":
+        """Where the image lives: its repository (tag and digest dropped), or the OCI layout as given."""
+        return self if self.is_layout else self.with_tag(None)
 
     def with_repository(self, repository: str) -> "Reference":
         return replace(self, repository=repository)

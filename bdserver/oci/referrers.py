@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 from bdserver.errors import FormatError, NotFoundError, RegistryError
 from bdserver.oci import mediatypes as mt
-from bdserver.oci.digest import parse_digest, sha256_digest
+from bdserver.digest import parse_digest, sha256_digest
 from bdserver.oci.model import Descriptor, Index, Manifest, parse_manifest
 from bdserver.oci.store import ImageStore
 

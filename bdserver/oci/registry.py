@@ -28,7 +28,7 @@ import httpx
 from bdserver.errors import AuthError, FetchError, FormatError, IntegrityError, NotFoundError, RegistryError
 from bdserver.oci import mediatypes as mt
 from bdserver.oci.auth import Authorizer, CredentialStore, scope_for
-from bdserver.oci.digest import VerifyingReader, hasher, is_digest, parse_digest, sha256_digest
+from bdserver.digest import VerifyingReader, hasher, is_digest, parse_digest, sha256_digest
 from bdserver.oci.hosts import RegistryHost, load_hosts
 from bdserver.oci.model import Descriptor, Index, detect_media_type, parse_manifest
 from bdserver.oci.reference import Reference, parse_reference

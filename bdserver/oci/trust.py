@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bdserver.errors import BdError, FormatError, NoLazyImageError, NotFoundError
 from bdserver.oci import mediatypes as mt
-from bdserver.oci.digest import is_digest, parse_digest
+from bdserver.digest import is_digest, parse_digest
 from bdserver.fsutil import atomic_write
 from bdserver.oci.model import Descriptor, Index, Manifest, Platform, parse_manifest
 from bdserver.oci.reference import Reference, parse_reference

@@ -22,7 +22,7 @@ def convert(cfg: Config, source: str, dest: str | None) -> dict[str, Any]:
     from bdserver.oci.reference import parse_reference
 
     r = parse_reference(source)
-    src = open_store(r.with_tag(None) if not r.is_layout else r, cfg)
+    src = open_store(r.store_ref(), cfg)
     os.makedirs(cfg.state_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="convert-", dir=cfg.state_dir) as td:
         lay = OCILayout(os.path.join(td, "layout"))
@@ -54,7 +54,7 @@ def inspect_image(cfg: Config, image: str) -> dict[str, Any]:
     from bdserver.oci.trust import discover_lazy_image
 
     r = parse_reference(image)
-    store = open_store(r.with_tag(None) if not r.is_layout else r, cfg)
+    store = open_store(r.store_ref(), cfg)
     try:
         source, lazy = discover_lazy_image(store, r, trust_policy(cfg))
     except NoLazyImageError as exc:

@@ -9,7 +9,6 @@ several request sizes, and warm 4 KiB random reads across threads.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import random
@@ -17,6 +16,7 @@ import tempfile
 import threading
 import time
 
+from bdserver.digest import sha256_digest
 from bdserver.blob.chunked import annotations, write_chunked_zstd
 from bdserver.cache import ChunkCache
 from bdserver.vdev.lazyimage import layout_fetcher, open_lazy_image
@@ -50,7 +50,7 @@ def main() -> None:
         with open(os.path.join(blobs, "sha256", info.digest.split(":")[1]), "wb") as f:
             f.write(out.getvalue())
         meta = b"\0" * 4096
-        md = "sha256:" + hashlib.sha256(meta).hexdigest()
+        md = sha256_digest(meta)
         with open(os.path.join(blobs, "sha256", md.split(":")[1]), "wb") as f:
             f.write(meta)
         ann = dict(annotations(info), **{"org.erofs.role": "device", "org.bdserver.mapped-blkaddr": "1"})

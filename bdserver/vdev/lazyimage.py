@@ -26,7 +26,8 @@ import zstandard
 from bdserver.blob.chunked import ANN_INDEX_DIGEST, ANN_INDEX_RANGE, ANN_UNCOMPRESSED_DIGEST, MEDIA_TYPE_RAW, MEDIA_TYPE_ZSTD
 from bdserver.blob.chunkindex import COMPRESSION_NONE, COMPRESSION_ZSTD, MEDIA_TYPE as CHUNK_INDEX_MEDIA_TYPE
 from bdserver.blob.chunkindex import ChunkIndex
-from bdserver.blob.reader import ChunkedBlob, index_from_payload, load_index, parse_digest, parse_range, verify_digest
+from bdserver.blob.reader import ChunkedBlob, index_from_payload, load_index, parse_range
+from bdserver.digest import parse_digest, verify_bytes
 from bdserver.cache import ChunkCache
 from bdserver.errors import BdError, FetchError, FormatError
 from bdserver.vdev.device import BLOCK_SIZE, Segment, VirtualDevice, blocks_for
@@ -136,7 +137,7 @@ def _fetch_whole(fetch_range: FetchBlobRange, d: LayerDesc) -> bytes:
         raise FetchError(f"{d.digest}: fetch failed: {e}") from e
     if len(data) != d.size:
         raise FetchError(f"{d.digest}: got {len(data)} of {d.size} bytes")
-    verify_digest(bytes(data), d.digest, f"blob {d.digest}")
+    verify_bytes(bytes(data), d.digest, what=f"blob {d.digest}")
     return bytes(data)
 
 
@@ -161,7 +162,7 @@ def load_meta(meta: LayerDesc, fetch_range: FetchBlobRange, cache: ChunkCache | 
         raise FormatError(f"merged metadata {meta.digest}: decompresses to more than {MAX_META_SIZE} bytes")
     ud = meta.annotations.get(ANN_UNCOMPRESSED_DIGEST)
     if ud is not None:
-        verify_digest(data, ud, f"merged metadata {meta.digest} (uncompressed)")
+        verify_bytes(data, ud, what=f"merged metadata {meta.digest} (uncompressed)")
     return data
 
 

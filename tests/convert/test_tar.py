@@ -375,7 +375,7 @@ def test_blob_digest_mismatch_is_integrity_error(how: str, tmp_path: Path) -> No
     """A layer streamed through a verifying reader (as from a registry): altered or truncated
     bytes surface as IntegrityError, never as a converted layer."""
     from bdserver.errors import IntegrityError
-    from bdserver.oci.digest import VerifyingReader
+    from bdserver.digest import VerifyingReader
 
     raw = _sample()
     blob = gzip.compress(raw) if how == "gzip" else raw

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from bdserver import mounts
+from bdserver.errors import BadTarget, NoSuchDevice
 from tests.node.conftest import REPO, compare_trees
 
 
@@ -113,12 +114,13 @@ def test_errors_are_one_line_with_exit_codes(daemon, tmp_path: Path) -> None:
     p = daemon.cli("attach", f"file:{tmp_path}/missing.erofs", check=False)  # starts the daemon
     assert p.returncode == 5 and p.stderr.count("\n") == 1 and "missing.erofs" in p.stderr
     p = daemon.cli("detach", "bd42", check=False)
-    assert p.returncode == 2 and p.stderr.startswith("bdserver detach: no device") and p.stderr.count("\n") == 1
+    assert p.returncode == NoSuchDevice.exit_code and p.stderr.startswith("bdserver detach: no device")
+    assert p.stderr.count("\n") == 1
     p = daemon.cli("detach", "bd42", "--json", check=False)
     err = json.loads(p.stdout)
-    assert p.returncode == 2 and err["ok"] is False and err["error"]["type"] == "NoSuchDevice"
+    assert p.returncode == NoSuchDevice.exit_code and err["ok"] is False and err["error"]["type"] == "NoSuchDevice"
     p = daemon.cli("umount", str(tmp_path), check=False)
-    assert p.returncode == 2 and "not mounted by bdserver" in p.stderr
+    assert p.returncode == NoSuchDevice.exit_code and "not mounted by bdserver" in p.stderr
     p = daemon.cli("attach", "file:/etc/hostname", "--backend", "tcmu", check=False)
     assert p.returncode == 8 and p.stderr.count("\n") == 1  # KernelError: tcmu is not on this host
     p = subprocess.run([sys.executable, "-m", "bdserver.cli", "attach"], capture_output=True, text=True, cwd=REPO)
@@ -160,7 +162,7 @@ def test_more_error_messages(daemon, erofs_image, tmp_path: Path) -> None:
     p = daemon.cli("attach", "Bad Ref!!", check=False)
     assert p.returncode == 2 and "HOST[:PORT]/REPO" in p.stderr and p.stderr.count("\n") == 1
     p = daemon.cli("mount", f"file:{image}", "/proc/nonexistent/x", check=False)
-    assert p.returncode == 2 and "cannot create mount point" in p.stderr and p.stderr.count("\n") == 1
+    assert p.returncode == BadTarget.exit_code and "cannot create mount point" in p.stderr and p.stderr.count("\n") == 1
     assert daemon.json("ls") == []  # nothing left attached by the failed mount
     p = daemon.cli("attach", "127.0.0.1:1/nothing/here:v1", check=False)  # nobody listens on port 1
     assert p.returncode == 5 and "reachable" in p.stderr and p.stderr.count("\n") == 1

@@ -7,7 +7,7 @@ import pytest
 
 from bdserver.errors import IntegrityError, NotFoundError
 from bdserver.oci import mediatypes as mt
-from bdserver.oci.digest import sha256_digest
+from bdserver.digest import sha256_digest
 from bdserver.oci.layout import OCILayout
 from bdserver.oci.model import Descriptor, Manifest, parse_manifest
 from bdserver.oci.store import ImageStore, open_store

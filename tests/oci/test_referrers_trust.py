@@ -9,7 +9,7 @@ import pytest
 
 from bdserver.errors import NoLazyImageError
 from bdserver.oci import mediatypes as mt
-from bdserver.oci.digest import sha256_digest
+from bdserver.digest import sha256_digest
 from bdserver.oci.layout import OCILayout
 from bdserver.oci.model import Index, Platform, parse_manifest
 from bdserver.oci.referrers import add_referrer, list_referrers, referrers_tag, remove_referrer

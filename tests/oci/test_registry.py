@@ -12,7 +12,7 @@ import pytest
 
 from bdserver.errors import AuthError, FetchError, IntegrityError, NotFoundError, RegistryError
 from bdserver.oci import mediatypes as mt
-from bdserver.oci.digest import sha256_digest
+from bdserver.digest import sha256_digest
 from bdserver.oci.model import parse_manifest
 from bdserver.oci.store import ImageStore, open_store
 from tests.fixtures.proxy import FaultProxy

@@ -1,4 +1,5 @@
-"""Content digests and a reader that verifies a blob while it streams.
+"""Content digests (the one place they are parsed and checked) and a reader that verifies a blob
+while it streams. A leaf module: blob/, oci/, vdev/ and the daemon all use it.
 
 Every blob bdserver reads is content-addressed; verifying on the fly (instead of after a
 download to disk) lets callers stream layers straight into the converter and still never
@@ -43,15 +44,18 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def verify_bytes(data: bytes, digest: str, size: int | None = None) -> bytes:
-    """Return ``data`` if it has ``digest`` (and ``size``), else raise IntegrityError."""
+def verify_bytes(data: bytes, digest: str, size: int | None = None, *, what: str = "") -> bytes:
+    """Return ``data`` if it has ``digest`` (and ``size``), else raise IntegrityError.
+
+    ``what`` names the object in the error ("merged metadata ...", "chunk index of ...")."""
+    what = what or digest
     if size is not None and len(data) != size:
-        raise IntegrityError(f"{digest}: got {len(data)} bytes, expected {size}")
+        raise IntegrityError(f"{what}: got {len(data)} bytes, expected {size}")
     h = hasher(digest)
     h.update(data)
     got = f"{h.name}:{h.hexdigest()}"
     if got != digest:
-        raise IntegrityError(f"content digest mismatch: expected {digest}, got {got}")
+        raise IntegrityError(f"{what}: content does not match {digest} (got {got})")
     return data
 
 
