@@ -10,11 +10,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from bdserver.config import Config, load_config
 from bdserver.daemon.client import request
-from bdserver.daemon.config import Config, load_config
-from bdserver.errors import BadReference, BdError
+from bdserver.errors import BadReference, BdError, DaemonNotRunning
+
+if TYPE_CHECKING:
+    from bdserver.images.services import NodeServices
 
 BACKENDS = ["auto", "ublk", "tcmu", "fuse"]
 
@@ -37,14 +40,9 @@ def _note(args: argparse.Namespace, message: str) -> None:
 
 def _check_ref(ref: str) -> str:
     """Catch typos here, with a hint about the syntax, before the daemon is involved."""
-    if ref.startswith("file:") or (ref.startswith("/") and os.path.isfile(ref)):
-        return ref
-    from bdserver.oci.reference import parse_reference
+    from bdserver.images.refs import Origin, check_reference
 
-    try:
-        parse_reference(ref)
-    except BdError as exc:
-        raise BadReference(str(exc)) from None
+    check_reference(ref, Origin.ADMIN)
     return ref
 
 
@@ -126,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bdserver.runtime.run import run_container
 
     cmd = [c for c in args.cmd if c != "--"] if args.cmd[:1] == ["--"] else args.cmd
-    return run_container(_cfg(args), _check_ref(args.ref), cmd, backend=args.backend)
+    return run_container(_cfg(args), _check_ref(args.ref), cmd, backend=args.backend, unsafe_chroot=args.unsafe_chroot)
 
 
 def cmd_hook(args: argparse.Namespace) -> int:
@@ -135,10 +133,16 @@ def cmd_hook(args: argparse.Namespace) -> int:
     return hook_main(_cfg(args), args.stage, sys.stdin, sys.stdout)
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from bdserver.runtime.adapters import convert
+def _services(args: argparse.Namespace) -> "NodeServices":
+    from bdserver.images.services import NodeServices
 
-    r = convert(_cfg(args), args.source, args.dest)
+    return NodeServices.from_config(_cfg(args))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bdserver.images.commands import convert
+
+    r = convert(_services(args), args.source, args.dest)
     _emit(args, r, r.get("summary", ""))
     return 0
 
@@ -147,19 +151,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     try:
         r = request(cfg, "cache_prune")
-    except BdError:
-        from bdserver.daemon.registry_source import prune_cache
-
-        r = prune_cache(cfg)
+    except DaemonNotRunning:
+        r = _services(args).prune_cache()
     _emit(args, r, f"pruned {r.get('pruned_bytes', 0)} bytes")
     return 0
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
     """Node trust in lazy images: `trust allow DIGEST` pins one in state_dir/trust/allowed."""
-    from bdserver.daemon.registry_source import trust_policy
-
-    policy = trust_policy(_cfg(args))
+    policy = _services(args).trust
     if args.action == "allow":
         if not args.digest:
             raise BadReference("trust allow needs the lazy manifest DIGEST (sha256:...)")
@@ -173,9 +173,9 @@ def cmd_trust(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from bdserver.runtime.adapters import inspect_image
+    from bdserver.images.commands import inspect
 
-    r = inspect_image(_cfg(args), args.image)
+    r = inspect(_services(args), args.image)
     _emit(args, r, r.get("summary", json.dumps(r, indent=1, default=str)))
     return 0
 
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("run", cmd_run, "run a container (runc) on a lazily mounted rootfs")
     sp.add_argument("ref", metavar="REF")
     sp.add_argument("--backend", choices=BACKENDS, default="", help="default: the config's backend (auto)")
+    sp.add_argument("--unsafe-chroot", action="store_true",
+                    help="no runc: run the command as host root in a plain chroot, with NO isolation "
+                         "(no namespaces, cgroups, seccomp or capability limits); for debugging only")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...")
     add("serve", cmd_serve, "run the daemon in the foreground")
     add("stop", cmd_stop, "ask the daemon to exit (devices stay in state and come back with it)")

@@ -141,7 +141,7 @@ class Daemon:
     def start(self, fresh_cache: bool = True) -> float:
         """Start the daemon; seconds until it answers on its socket."""
         from bdserver.daemon.client import ping
-        from bdserver.daemon.config import load_config
+        from bdserver.config import load_config
 
         self.starts += 1
         if fresh_cache or self.cache_dir is None:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from bdserver.daemon.config import Config
+from bdserver.config import Config
 from bdserver.daemon.protocol import call
 from bdserver.errors import DaemonError, DaemonNotRunning
 

@@ -15,13 +15,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bdserver import mounts
 from bdserver.backends.base import Attached, Backend, get_backend, pick_backend
-from bdserver.daemon.config import Config
+from bdserver.config import Config
 from bdserver.daemon.metrics import MeteredDevice
-from bdserver.daemon.sources import OpenedDevice, open_source
 from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
 from bdserver.errors import BadTarget, BdError, DeviceBusy, NoSuchDevice
-from bdserver import mounts
+from bdserver.images.opener import OpenedImage, open_image
+from bdserver.images.refs import Origin
+from bdserver.images.services import NodeServices
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +31,21 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Live:
     record: DeviceRecord
-    opened: OpenedDevice
+    opened: OpenedImage
     metered: MeteredDevice
     backend: Backend
     attached: Attached
 
 
 class DeviceManager:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, services: NodeServices) -> None:
         self.cfg = cfg
+        self.services = services
         self.lock = threading.RLock()
         self.records: dict[str, DeviceRecord] = {}
         self.live: dict[str, _Live] = {}
         self.pending: set[str] = set()
+        self.pending_targets: set[str] = set()  # mount targets claimed by a mount still attaching
 
     # -- helpers -------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -71,15 +75,14 @@ class DeviceManager:
                     return r
         raise NoSuchDevice(f"no device {key!r}")
 
-    def _attach_record(self, rec: DeviceRecord, pin: dict[str, Any] | None) -> tuple[_Live, OpenedDevice]:
-        opened = open_source(rec.ref, self.cfg, pin)
-        backend = self._backend(rec.backend)
-        metered = MeteredDevice(opened.device)
+    def _attach_record(self, rec: DeviceRecord, pin: dict[str, Any] | None) -> tuple[_Live, OpenedImage]:
+        opened = open_image(rec.ref, self.services, pin, origin=Origin(rec.origin))
         try:
+            backend = self._backend(rec.backend)
+            metered = MeteredDevice(opened.device)
             attached = backend.attach(metered, rec.id)
         except BaseException:
-            if opened.close:
-                opened.close()
+            opened.close()
             raise
         rec.backend = backend.name
         rec.path = attached.path
@@ -89,13 +92,16 @@ class DeviceManager:
         return live, opened
 
     # -- operations ----------------------------------------------------------------------------
-    def attach(self, ref: str, backend: str = "", owned_by_mount: bool = False) -> dict[str, Any]:
+    def attach(self, ref: str, backend: str = "", owned_by_mount: bool = False,
+               origin: str = Origin.ADMIN.value) -> dict[str, Any]:
+        """Attach ``ref``; ``origin`` "pod" when a pod author chose it (registry images only)."""
+        origin = Origin(origin).value
         with self.lock:
             dev_id = self._new_id()
             self.pending.add(dev_id)
         try:
             rec = DeviceRecord(id=dev_id, ref=ref, backend=backend or self.cfg.backend, created=time.time(),
-                               owned_by_mount=owned_by_mount)
+                               owned_by_mount=owned_by_mount, origin=origin)
             live, opened = self._attach_record(rec, None)
             with self.lock:
                 self.records[dev_id] = rec
@@ -107,27 +113,41 @@ class DeviceManager:
         log.info("attached %s ref=%s backend=%s path=%s kind=%s", dev_id, ref, rec.backend, rec.path, rec.kind)
         return {**self._describe(rec), "message": opened.message, "image_config": opened.image_config}
 
-    def mount(self, ref: str, target: str, backend: str = "", lower_only: bool = False) -> dict[str, Any]:
-        target = os.path.abspath(target)
-        if mounts.is_mountpoint(target):
-            raise DeviceBusy(f"{target} is already a mount point")
-        try:
-            os.makedirs(target, exist_ok=True)
-        except OSError as exc:
-            raise BadTarget(f"cannot create mount point {target}: {exc.strerror}") from None
-        if not os.path.isdir(target):
-            raise BadTarget(f"{target} is not a directory")
-        info = self.attach(ref, backend, owned_by_mount=True)
-        dev_id = info["id"]
-        rec = self.records[dev_id]
-        try:
-            m = self._do_mount(rec, target, lower_only)
-        except BaseException:
-            self.detach(dev_id, force=True)
-            raise
+    def _claim_target(self, target: str) -> None:
+        """Reserve ``target`` for one mount: checked and claimed under the lock, so two concurrent
+        mounts (a slow attach in between) can never stack on one directory."""
         with self.lock:
-            rec.mounts.append(m)
-            self._save()
+            busy = target in self.pending_targets or any(
+                os.path.realpath(m.target) == os.path.realpath(target) for r in self.records.values() for m in r.mounts)
+            if busy or mounts.is_mountpoint(target):
+                raise DeviceBusy(f"{target} is already a mount point")
+            self.pending_targets.add(target)
+
+    def mount(self, ref: str, target: str, backend: str = "", lower_only: bool = False,
+              origin: str = Origin.ADMIN.value) -> dict[str, Any]:
+        target = os.path.abspath(target)
+        self._claim_target(target)
+        try:
+            try:
+                os.makedirs(target, exist_ok=True)
+            except OSError as exc:
+                raise BadTarget(f"cannot create mount point {target}: {exc.strerror}") from None
+            if not os.path.isdir(target) or os.path.islink(target):
+                raise BadTarget(f"{target} is not a directory")
+            info = self.attach(ref, backend, owned_by_mount=True, origin=origin)
+            dev_id = info["id"]
+            rec = self.records[dev_id]
+            try:
+                m = self._do_mount(rec, target, lower_only)
+            except BaseException:
+                self.detach(dev_id, force=True)
+                raise
+            with self.lock:
+                rec.mounts.append(m)
+                self._save()
+        finally:
+            with self.lock:
+                self.pending_targets.discard(target)
         log.info("mounted %s at %s lower_only=%s", dev_id, target, lower_only)
         return {**self._describe(rec), "target": target, "message": info.get("message", ""),
                 "image_config": info.get("image_config", {})}
@@ -195,11 +215,12 @@ class DeviceManager:
             self.records.pop(rec.id, None)
         if live is not None:
             live.backend.detach(live.attached)
-            if live.opened.close:
-                live.opened.close()
+            live.opened.close()
         with self.lock:
             self._save()
         log.info("detached %s", rec.id)
+        if rec.kind == "converted-on-node":
+            self.collect_conversions()
         return {"id": rec.id, "path": rec.path}
 
     def _describe(self, rec: DeviceRecord) -> dict[str, Any]:
@@ -259,6 +280,17 @@ class DeviceManager:
                 rec.status, rec.error = "error", str(exc)
                 log.error("recover %s failed: %s", rec.id, exc)
         self._save()
+        self.collect_conversions()
+
+    def collect_conversions(self) -> None:
+        """Drop on-node conversions that no device uses and that were unused for a while."""
+        with self.lock:
+            in_use = {r.pin["source"] for r in self.records.values()
+                      if r.pin.get("kind") == "converted-on-node" and r.pin.get("source")}
+        try:
+            self.services.conversions.collect(in_use)
+        except OSError as exc:
+            log.warning("collecting on-node conversions: %s", exc)
 
     def shutdown(self) -> None:
         """Stop serving (devices stay in state, to be re-attached by the next daemon)."""
@@ -267,11 +299,10 @@ class DeviceManager:
             self.live.clear()
         seen: set[int] = set()
         for live in lives:
-            if live.opened.close:
-                try:
-                    live.opened.close()
-                except Exception:  # noqa: BLE001
-                    pass
+            try:
+                live.opened.close()
+            except Exception:  # noqa: BLE001
+                pass
             if id(live.backend) not in seen:
                 seen.add(id(live.backend))
         for name in ("fuse", "tcmu", "ublk"):

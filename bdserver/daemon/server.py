@@ -17,10 +17,11 @@ import struct
 import threading
 from typing import Any, Callable
 
-from bdserver.daemon.config import Config
+from bdserver.config import Config
 from bdserver.daemon.manager import DeviceManager
 from bdserver.daemon.protocol import encode, error_reply, read_line
 from bdserver.errors import BdError, DaemonError, KernelError
+from bdserver.images.services import NodeServices
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ def _bind(path: str) -> _Server:
 # Imported when the daemon starts rather than inside the first attach/mount (~0.25 s of a cold
 # start's critical path otherwise).
 _PRELOAD = (
-    "bdserver.daemon.registry_source",
     "bdserver.oci.reference",
     "bdserver.oci.model",
     "bdserver.oci.store",
@@ -126,7 +126,8 @@ def serve(cfg: Config) -> int:
     except BlockingIOError as exc:
         raise DaemonError(f"another bdserver daemon already uses {cfg.state_dir}") from exc
     _preload()
-    mgr = DeviceManager(cfg)
+    services = NodeServices.from_config(cfg)
+    mgr = DeviceManager(cfg, services)
     mgr.recover()
     srv = _bind(cfg.socket)
     stop = threading.Event()
@@ -145,7 +146,7 @@ def serve(cfg: Config) -> int:
         "ls": mgr.ls,
         "stats": mgr.stats,
         "shutdown": shutdown,
-        "cache_prune": lambda **kw: _cache_prune(cfg, **kw),
+        "cache_prune": services.prune_cache,
     }
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -173,9 +174,3 @@ def serve(cfg: Config) -> int:
             pass
         log.info("stopped")
     return 0
-
-
-def _cache_prune(cfg: Config, **_: Any) -> dict[str, Any]:
-    from bdserver.daemon import registry_source
-
-    return registry_source.prune_cache(cfg)

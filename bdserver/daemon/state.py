@@ -31,6 +31,7 @@ class DeviceRecord:
     pin: dict[str, Any] = field(default_factory=dict)
     created: float = 0.0
     owned_by_mount: bool = False  # attached by `mount`: `umount` detaches it too
+    origin: str = "admin"  # "pod": a pod author chose the reference (images.opener.Origin)
     mounts: list[MountRecord] = field(default_factory=list)
     status: str = "attached"  # attached | error
     error: str = ""

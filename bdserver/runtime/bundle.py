@@ -10,13 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from bdserver.errors import BdError
+from bdserver.runtime.inroot import read_in_root
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def _image_file(rootfs: Path, rel: str) -> str:
+    """A file of the image, resolved inside it (a symlink in the image never reads a host file)."""
+    return read_in_root(str(rootfs), rel).decode(errors="replace")
+
+
 def _lookup(rootfs: Path, file: str, name: str, field: int = 2) -> int | None:
     try:
-        for line in (rootfs / "etc" / file).read_text().splitlines():
+        for line in _image_file(rootfs, f"etc/{file}").splitlines():
             parts = line.split(":")
             if parts and parts[0] == name and len(parts) > field:
                 return int(parts[field])
@@ -40,7 +46,7 @@ def resolve_user(rootfs: Path, user: str) -> tuple[int, int]:
     else:
         gid = 0
         try:
-            for line in (rootfs / "etc" / "passwd").read_text().splitlines():
+            for line in _image_file(rootfs, "etc/passwd").splitlines():
                 p = line.split(":")
                 if len(p) > 3 and p[2] == str(uid):
                     gid = int(p[3])

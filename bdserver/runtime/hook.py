@@ -5,6 +5,10 @@ device: ``createRuntime`` (or deprecated ``prestart``) attaches REF through the 
 overlay inside the container's mount namespace onto its rootfs (runtime/nsmount.py); ``poststop``
 detaches the device and drops the upper dir. ``precreate`` (podman) instead mounts on the host and
 rewrites ``root.path`` in the config it echoes. Containers without the annotation pass untouched.
+
+The annotation is written by a pod author, not the node admin: it is sent to the daemon with
+origin "pod", so it may only name a registry image (never ``file:`` or ``oci:`` paths on the
+node) and a pinned digest does not make a lazy image trusted (images/refs.py).
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
 from bdserver.daemon.client import request
-from bdserver.daemon.config import Config
-from bdserver.errors import BdError, DaemonError, KernelError
+from bdserver.config import Config
+from bdserver.errors import BadReference, BdError, DaemonError, KernelError
+from bdserver.images.refs import Origin, check_reference
 
 ANNOTATION = "org.bdserver.image"
 BACKEND_ANNOTATION = "org.bdserver.backend"
@@ -43,7 +49,8 @@ def create_runtime(cfg: Config, state: dict[str, Any]) -> None:
         return
     bundle = Path(state["bundle"])
     pid = int(state["pid"])
-    r = request(cfg, "attach", {"ref": ref, "backend": ann.get(BACKEND_ANNOTATION, "")}, autostart=True)
+    check_reference(ref, Origin.POD)  # refuse early, before the daemon starts; it checks again
+    r = request(cfg, "attach", {"ref": ref, "backend": _backend(ann), "origin": Origin.POD.value}, autostart=True)
     cdir = Path(cfg.state_dir) / "containers" / f"hook-{_safe(state['id'])}"
     (cdir / "upper").mkdir(parents=True, exist_ok=True)
     (cdir / "work").mkdir(parents=True, exist_ok=True)
@@ -81,15 +88,21 @@ def precreate(cfg: Config, config: dict[str, Any]) -> dict[str, Any]:
     ref = (config.get("annotations") or {}).get(ANNOTATION)
     if not ref:
         return config
+    check_reference(ref, Origin.POD)
     base = Path(cfg.run_dir) / "precreate"
-    base.mkdir(parents=True, exist_ok=True)
-    n = 0
-    while (base / f"r{n}").exists():
-        n += 1
-    target = base / f"r{n}" / "rootfs"
-    request(cfg, "mount", {"ref": ref, "target": str(target)}, autostart=True)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix="r", dir=base)) / "rootfs"  # atomic: never shared by two starts
+    request(cfg, "mount", {"ref": ref, "target": str(target), "backend": _backend(config.get("annotations") or {}),
+                           "origin": Origin.POD.value}, autostart=True)
     config.setdefault("root", {})["path"] = str(target)
     return config
+
+
+def _backend(annotations: dict[str, Any]) -> str:
+    name = annotations.get(BACKEND_ANNOTATION, "")
+    if name not in ("", "auto", "ublk", "tcmu", "fuse"):
+        raise BadReference(f"{BACKEND_ANNOTATION}={name!r}: choose auto, ublk, tcmu or fuse")
+    return name
 
 
 def _pkg_root() -> str:
@@ -111,11 +124,17 @@ def hook_main(cfg: Config, stage: str, stdin: TextIO, stdout: TextIO) -> int:
             root = _rootfs(Path(data["bundle"])) if data.get("bundle") else None
         except (OSError, ValueError):
             root = None
-        if root is not None and str(root).startswith(str(Path(cfg.run_dir) / "precreate")):
+        base = Path(cfg.run_dir) / "precreate"
+        if root is not None and root.parent.parent == base:
             try:
                 request(cfg, "umount", {"target": str(root)})
             except BdError:
                 pass
+            for d in (root, root.parent):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
     elif stage == "precreate":
         json.dump(precreate(cfg, data), stdout)
     else:

@@ -5,6 +5,10 @@ EROFS device file (opened before setns, so the host path need not be visible in 
 overlay on a staging dir, move every mount runc placed under the rootfs (proc, dev, sys, binds) into it,
 then move the staging overlay onto the rootfs. The mounts die with the container's namespace.
 (See shared/reference/registry-runtime.md §5.4: a host-namespace mount is not seen by the container.)
+
+The staging overlay is image content, so every path inside it is resolved inside it (inroot.py):
+an image whose ``/etc`` is a symlink to ``/tmp/victim`` gets runc's ``/etc/hosts`` bind inside
+the image, never a new file on the host.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import sys
 
 from bdserver import mounts
+from bdserver.runtime import inroot
 
 CLONE_NEWNS = 0x00020000
 MS_MOVE = 8192
@@ -56,14 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     for t in subs:
         if not any(t.startswith(p + "/") for p in top):
             top.append(t)
-    for t in top:
-        dest = os.path.join(merged, os.path.relpath(t, rootfs))
-        if os.path.isdir(t) and not os.path.lexists(dest):
-            os.makedirs(dest, exist_ok=True)
-        elif not os.path.lexists(dest):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            open(dest, "a").close()
-        mounts.sys_mount(t, dest, "", MS_MOVE)
+    with inroot.root_fd(merged) as mfd:
+        for t in top:
+            dest = inroot.make_in_root(mfd, os.path.relpath(t, rootfs), directory=os.path.isdir(t))
+            try:
+                inroot.move_mount_to_fd(t, dest)
+            finally:
+                os.close(dest)
     mounts.sys_mount(merged, rootfs, "", MS_MOVE)
     return 0
 

@@ -1,6 +1,8 @@
 """`bdserver run REF -- CMD...`: lazily mount REF, make an OCI bundle on it, run it with runc, clean up.
 
-runc needs cgroups; if it fails for want of them, run falls back to a plain chroot and says so.
+runc's exit status is passed through whatever the container printed: nothing the container
+writes can change what bdserver does next (its stderr is its own, and is never parsed). The only
+way to run without runc's namespaces is `--unsafe-chroot`, which says what it gives up.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import uuid
 from pathlib import Path
 
 from bdserver.daemon.client import request
-from bdserver.daemon.config import Config
-from bdserver.errors import BdError
+from bdserver.config import Config
+from bdserver.errors import BdError, KernelError
 from bdserver.runtime.bundle import process_args, write_bundle
 
 
-def run_container(cfg: Config, ref: str, cmd: list[str], backend: str = "auto") -> int:
+UNSAFE_CHROOT_WARNING = ("bdserver run: --unsafe-chroot: running the image's command as host root in a plain "
+                         "chroot: no namespaces, no cgroups, no seccomp, no capability limits")
+
+
+def run_container(cfg: Config, ref: str, cmd: list[str], backend: str = "auto", *, unsafe_chroot: bool = False) -> int:
     cid = f"bdserver-{uuid.uuid4().hex[:12]}"
     bundle = Path(cfg.run_dir) / "bundles" / cid
     rootfs = bundle / "rootfs"
@@ -30,19 +36,17 @@ def run_container(cfg: Config, ref: str, cmd: list[str], backend: str = "auto") 
         image_config = r.get("image_config") or {}
         args = process_args(image_config, cmd)
         write_bundle(bundle, rootfs, args, image_config, hostname=cid[:20])
+        if unsafe_chroot:
+            return _chroot(rootfs, args, image_config)
         runc = shutil.which("runc")
-        if runc is None or os.environ.get("BDSERVER_RUNTIME") == "chroot":
-            return _chroot(rootfs, args, image_config, "runc is not installed" if runc is None else "requested")
+        if runc is None:
+            raise KernelError("runc is not installed (apt-get install runc); bdserver run needs it")
         root = Path(cfg.run_dir) / "runc"
-        p = subprocess.run([runc, "--root", str(root), "run", "--bundle", str(bundle), cid],
-                           stdin=sys.stdin if sys.stdin and sys.stdin.isatty() else subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-        if p.returncode != 0 and "cgroup" in (p.stderr or "") and "container_linux.go" in p.stderr:
-            sys.stderr.write(p.stderr)
-            return _chroot(rootfs, args, image_config, "runc could not set up cgroups on this host")
-        if p.stderr:
-            sys.stderr.write(p.stderr)
-        subprocess.run([runc, "--root", str(root), "delete", "--force", cid], capture_output=True)
+        try:
+            p = subprocess.run([runc, "--root", str(root), "run", "--bundle", str(bundle), cid],
+                               stdin=sys.stdin if sys.stdin and sys.stdin.isatty() else subprocess.DEVNULL)
+        finally:
+            subprocess.run([runc, "--root", str(root), "delete", "--force", cid], capture_output=True)
         return p.returncode
     finally:
         if mounted:
@@ -53,8 +57,8 @@ def run_container(cfg: Config, ref: str, cmd: list[str], backend: str = "auto") 
         shutil.rmtree(bundle, ignore_errors=True)
 
 
-def _chroot(rootfs: Path, args: list[str], image_config: dict, why: str) -> int:
-    print(f"bdserver run: {why}; running in a plain chroot (no namespaces, no cgroups)", file=sys.stderr)
+def _chroot(rootfs: Path, args: list[str], image_config: dict) -> int:
+    print(UNSAFE_CHROOT_WARNING, file=sys.stderr)
     env = {}
     for e in image_config.get("Env") or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]:
         k, _, v = e.partition("=")

@@ -191,7 +191,7 @@ class Daemon:
 
     def start(self) -> None:
         from bdserver.daemon.client import start_daemon
-        from bdserver.daemon.config import load_config
+        from bdserver.config import load_config
 
         old = dict(os.environ)
         os.environ.update(self.env)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from bdserver import mounts
-from bdserver.errors import BadTarget, NoSuchDevice
+from bdserver.errors import BadTarget, FormatError, NoSuchDevice
 from tests.node.conftest import REPO, compare_trees
 
 
@@ -107,7 +107,7 @@ def test_restart_reattaches_from_state(daemon, erofs_image, tmp_path: Path) -> N
     assert daemon.json("ls") == []
 
 
-def test_errors_are_one_line_with_exit_codes(daemon, tmp_path: Path) -> None:
+def test_errors_are_one_line_with_exit_codes(daemon, erofs_image, tmp_path: Path) -> None:
     p = daemon.cli("ls", check=False)  # no daemon yet, and ls does not start one
     assert p.returncode == 7 and p.stderr.count("\n") == 1 and "not running" in p.stderr
     assert "bdserver serve" in p.stderr
@@ -121,7 +121,7 @@ def test_errors_are_one_line_with_exit_codes(daemon, tmp_path: Path) -> None:
     assert p.returncode == NoSuchDevice.exit_code and err["ok"] is False and err["error"]["type"] == "NoSuchDevice"
     p = daemon.cli("umount", str(tmp_path), check=False)
     assert p.returncode == NoSuchDevice.exit_code and "not mounted by bdserver" in p.stderr
-    p = daemon.cli("attach", "file:/etc/hostname", "--backend", "tcmu", check=False)
+    p = daemon.cli("attach", f"file:{erofs_image[0]}", "--backend", "tcmu", check=False)
     assert p.returncode == 8 and p.stderr.count("\n") == 1  # KernelError: tcmu is not on this host
     p = subprocess.run([sys.executable, "-m", "bdserver.cli", "attach"], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2  # usage error
@@ -155,6 +155,14 @@ def test_kernel_check_reports_fuse_and_file_backed_erofs() -> None:
     assert r["auto"] == "fuse" and not r["backends"]["ublk"]["available"]
     assert "auto picks" in subprocess.run([str(REPO / "kernel-setup" / "check")], capture_output=True,
                                           text=True).stdout
+
+
+def test_a_file_that_is_not_erofs_is_refused_before_anything_is_attached(daemon, tmp_path: Path) -> None:
+    for path in ("/etc/passwd", "/etc/hostname"):
+        p = daemon.cli("mount", f"file:{path}", str(tmp_path / "t"), check=False)
+        assert p.returncode == FormatError.exit_code and "not an EROFS image" in p.stderr, p.stderr
+        assert daemon.json("ls") == []
+        assert not mounts.is_mountpoint(str(tmp_path / "t"))
 
 
 def test_more_error_messages(daemon, erofs_image, tmp_path: Path) -> None:

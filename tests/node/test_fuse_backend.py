@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bdserver.daemon.sources import FileDevice
+from bdserver.vdev import VirtualDevice
 from bdserver.errors import FetchError, IntegrityError
 from bdserver import mounts
 from tests.node.conftest import compare_trees, fuse_connections, loop_count
@@ -40,7 +40,7 @@ class FaultyDevice:
 def test_erofs_mount_of_fuse_file_equals_source(fuse_backend, erofs_image, tmp_path: Path) -> None:
     image, src = erofs_image
     loops = loop_count()
-    dev = FileDevice(str(image))
+    dev = VirtualDevice.from_files([str(image)])
     att = fuse_backend.attach(dev, "t0")
     assert os.stat(att.path).st_size == image.stat().st_size
     conn = fuse_backend.connection_id()
@@ -63,10 +63,18 @@ def test_erofs_mount_of_fuse_file_equals_source(fuse_backend, erofs_image, tmp_p
 
 
 def test_file_semantics_and_read_only(fuse_backend, tmp_path: Path) -> None:
-    data = os.urandom(3 * 4096 + 100)
-    f = tmp_path / "raw"
-    f.write_bytes(data)
-    dev = FileDevice(str(f))
+    data = os.urandom(3 * 4096 + 100)  # not block-aligned: the file ends where the device does
+
+    class BytesDevice:
+        size = len(data)
+
+        def read(self, offset: int, length: int) -> bytes:
+            return data[offset : offset + length]
+
+        def close(self) -> None:
+            pass
+
+    dev = BytesDevice()
     att = fuse_backend.attach(dev, "t1")
     try:
         with open(att.path, "rb") as fh:
@@ -95,7 +103,7 @@ def test_slow_miss_does_not_block_hits(fuse_backend, tmp_path: Path) -> None:
     data = f.read_bytes()
     gate = threading.Event()
     slow_at = 28 * MiB
-    dev = FaultyDevice(FileDevice(str(f)), slow_at, slow_at + 4096, gate=gate)
+    dev = FaultyDevice(VirtualDevice.from_files([str(f)]), slow_at, slow_at + 4096, gate=gate)
     att = fuse_backend.attach(dev, "slow")
     results: dict[int, bytes] = {}
     errors: list[BaseException] = []
@@ -139,7 +147,7 @@ def test_failed_read_is_eio(fuse_backend, tmp_path: Path, exc: Exception) -> Non
     data = os.urandom(4 * MiB)
     f.write_bytes(data)
     bad = 2 * MiB
-    dev = FaultyDevice(FileDevice(str(f)), bad, bad + 4096, error=exc)
+    dev = FaultyDevice(VirtualDevice.from_files([str(f)]), bad, bad + 4096, error=exc)
     att = fuse_backend.attach(dev, "bad")
     try:
         fd = os.open(att.path, os.O_RDONLY)
@@ -162,7 +170,7 @@ def test_erofs_over_failing_device_gives_eio_to_reader(fuse_backend, erofs_image
     big = (src / "dir" / "big").read_bytes()
     pos = raw.find(big[:8192])
     assert pos > 0 and pos % 4096 == 0
-    dev = FaultyDevice(FileDevice(str(image)), pos + 1024 * 1024, pos + 1024 * 1024 + 4096,
+    dev = FaultyDevice(VirtualDevice.from_files([str(image)]), pos + 1024 * 1024, pos + 1024 * 1024 + 4096,
                        error=FetchError("network down"))
     att = fuse_backend.attach(dev, "e1")
     target = tmp_path / "mnt" / "e1"

@@ -1,7 +1,7 @@
-"""Thin glue for the CLI commands that run in-process: `convert` and `inspect`.
+"""The CLI commands that run in-process rather than in the daemon: `convert` and `inspect`.
 
-Kept here (not in convert/ or erofs/) because they combine several packages with the node's
-config: the trust record of "converted here" lives in the daemon's state dir.
+They combine several packages with the node's configuration (the "converted here" trust record
+lives in the state dir), so they live beside the opener rather than in convert/ or erofs/.
 """
 
 from __future__ import annotations
@@ -10,25 +10,27 @@ import os
 import tempfile
 from typing import Any
 
-from bdserver.daemon.config import Config
+from bdserver.convert.image import convert_image
+from bdserver.convert.publish import publish
+from bdserver.errors import NoLazyImageError
+from bdserver.images.services import NodeServices
+from bdserver.oci.layout import OCILayout
+from bdserver.oci.model import parse_manifest
+from bdserver.oci.reference import parse_reference
+from bdserver.oci.trust import discover_lazy_image
 
 
-def convert(cfg: Config, source: str, dest: str | None) -> dict[str, Any]:
+def convert(services: NodeServices, source: str, dest: str | None) -> dict[str, Any]:
     """Convert SOURCE to its lazy image; push it as a referrer of SOURCE (or to DEST)."""
-    from bdserver.convert.image import convert_image
-    from bdserver.convert.publish import publish
-    from bdserver.daemon.registry_source import open_store, registry_kw, trust_policy
-    from bdserver.oci.layout import OCILayout
-    from bdserver.oci.reference import parse_reference
-
     r = parse_reference(source)
-    src = open_store(r.store_ref(), cfg)
-    os.makedirs(cfg.state_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="convert-", dir=cfg.state_dir) as td:
+    src = services.source_store(r)
+    state_dir = services.cfg.state_dir
+    os.makedirs(state_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="convert-", dir=state_dir) as td:
         lay = OCILayout(os.path.join(td, "layout"))
         res = convert_image(src, r.target or "latest", lay, None, tmpdir=td)
-        pub = publish(lay, res.digest, source=r, dest=dest, progress=False, registry_kw=registry_kw(cfg))
-    trust_policy(cfg).record_converted(res.digest, res.subject.digest, source)
+        pub = publish(lay, res.digest, source=r, dest=dest, progress=False, registry_kw=services.registry)
+    services.trust.record_converted(res.digest, res.subject.digest, source)
     return {
         "lazy": res.digest,
         "source": res.subject.digest,
@@ -40,23 +42,17 @@ def convert(cfg: Config, source: str, dest: str | None) -> dict[str, Any]:
     }
 
 
-def inspect_image(cfg: Config, image: str) -> dict[str, Any]:
+def inspect(services: NodeServices, image: str) -> dict[str, Any]:
     """An EROFS image file: its superblock and tree summary; a reference: its trusted lazy image."""
     if os.path.exists(image):
         from bdserver.erofs.inspect import format_summary, inspect_path
 
         s = inspect_path(image)
         return {**s, "summary": format_summary(s)}
-    from bdserver.daemon.registry_source import open_store, trust_policy
-    from bdserver.errors import NoLazyImageError
-    from bdserver.oci.model import parse_manifest
-    from bdserver.oci.reference import parse_reference
-    from bdserver.oci.trust import discover_lazy_image
-
     r = parse_reference(image)
-    store = open_store(r.store_ref(), cfg)
+    store = services.source_store(r)
     try:
-        source, lazy = discover_lazy_image(store, r, trust_policy(cfg))
+        source, lazy = discover_lazy_image(store, r, services.trust)
     except NoLazyImageError as exc:
         return {"reference": str(r), "lazy": None, "summary": f"{r}: {exc}"}
     data, _ = store.get_manifest(lazy.digest)

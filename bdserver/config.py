@@ -1,8 +1,10 @@
-"""Daemon configuration: defaults < config file (TOML or JSON) < environment.
+"""The node's configuration: defaults < config file (TOML or JSON) < environment.
 
-Environment: BDSERVER_CONFIG (file), BDSERVER_STATE_DIR, BDSERVER_RUN_DIR, BDSERVER_SOCKET,
-BDSERVER_CACHE_DIR. Tests give every daemon its own state dir, run dir and socket this way.
-The CLI reads the same file to find the socket. Example ``/etc/bdserver/config.toml``::
+The daemon, the CLI (to find the socket) and the in-process commands (convert, inspect) read the
+same file. It fails closed: an unknown key or a value of the wrong type is a ConfigError naming
+it, never a silent default. Environment: BDSERVER_CONFIG (file), BDSERVER_STATE_DIR,
+BDSERVER_RUN_DIR, BDSERVER_SOCKET, BDSERVER_CACHE_DIR (tests give every daemon its own dirs this
+way). Example ``/etc/bdserver/config.toml``::
 
     state_dir = "/var/lib/bdserver"      # state.json, logs, on-node conversions, trust records
     run_dir = "/run/bdserver"            # socket, FUSE mount, EROFS lower mounts
@@ -12,12 +14,14 @@ The CLI reads the same file to find the socket. Example ``/etc/bdserver/config.t
     docker_config = "/root/.docker/config.json"
     backend = "auto"                     # auto | ublk | tcmu | fuse
     log_level = "INFO"
+    fetch_deadline_s = 30.0              # a fetch that takes longer fails the read with EIO
+    prefetch_chunks = 12                 # fetch-ahead after a miss (0: off)
+    prefetch_inflight = 12               # fetch-ahead requests on the wire per device
+    prefetch_run = 1                     # chunks per fetch-ahead request
+    converted_keep_s = 604800            # on-node conversions unused this long are removed
 
-    [trust]                              # which lazy images (referrers) may be used
-    allowed = ["sha256:..."]             # lazy manifest digests
-    allow_files = ["/etc/bdserver/allowed-digests"]
-    converted_here = true                # images this node converted (state_dir/trust/converted)
-    pinned_reference = true              # REF@<lazy manifest digest>
+    [trust]                              # which lazy images (referrers) may be used; see
+    allowed = ["sha256:..."]             # bdserver/oci/README.md for every key
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from bdserver.errors import ConfigError
 
@@ -43,10 +47,15 @@ class Config:
     cache_max_bytes: int = 20 * 1024**3
     hosts_dir: str = "/etc/bdserver/certs.d"  # containerd-style hosts.toml tree
     docker_config: str = ""  # default: ~/.docker/config.json
-    trust: dict[str, Any] = field(default_factory=lambda: {"mode": "converted-here"})
+    trust: dict[str, Any] = field(default_factory=dict)  # validated by oci.trust.TrustPolicy.from_config
     backend: str = "auto"
     log_file: str = ""  # default: <state_dir>/bdserver.log
     log_level: str = "INFO"
+    fetch_deadline_s: float = 30.0
+    prefetch_chunks: int = 12
+    prefetch_inflight: int = 12
+    prefetch_run: int = 1
+    converted_keep_s: float = 7 * 24 * 3600.0
     source_path: str = ""  # the file this config came from (for spawning the daemon with it)
 
     def __post_init__(self) -> None:
@@ -95,13 +104,29 @@ def load_config(path: str | None = None) -> Config:
             values = json.loads(text) if src.endswith(".json") else tomllib.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config {src} is not valid: {exc}") from exc
-    known = {f.name for f in fields(Config)}
+    known = {f.name for f in fields(Config)} - {"source_path"}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"config {src}: unknown keys {sorted(unknown)}")
+    _check_types(values, src)
     for env, key in _ENV.items():
         if os.environ.get(env):
             values[key] = os.environ[env]
     values["source_path"] = src
-    cfg = Config(**values)
-    return cfg
+    return Config(**values)
+
+
+def _check_types(values: dict[str, Any], src: str) -> None:
+    hints = get_type_hints(Config)
+    for key, value in values.items():
+        want = hints[key]
+        origin = getattr(want, "__origin__", want)
+        ok = isinstance(value, origin) and not (origin in (int, float) and isinstance(value, bool))
+        if origin is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+            ok = True
+        if not ok:
+            raise ConfigError(f"config {src}: {key} must be {getattr(origin, '__name__', origin)}, "
+                              f"not {type(value).__name__} {value!r}")
+        if origin in (int, float) and value < 0:
+            raise ConfigError(f"config {src}: {key} must not be negative")

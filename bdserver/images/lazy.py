@@ -1,0 +1,83 @@
+"""Open the trusted lazy image of a reference: ranged registry reads behind the node chunk cache.
+
+tag -> source manifest -> (trust policy) lazy manifest -> `vdev.lazyimage.open_lazy_image`. The
+lazy manifest and the image config are saved by digest (saved.py), so that a restarted daemon
+re-attaches without a registry request when the cache holds the chunks it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bdserver.errors import FormatError
+from bdserver.images.saved import read_small_blob
+from bdserver.images.services import NodeServices
+from bdserver.oci.model import Manifest, parse_manifest
+from bdserver.oci.store import ImageStore
+from bdserver.vdev.device import VirtualDevice
+from bdserver.vdev.lazyimage import open_lazy_image
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+class ManifestMemo:
+    """An ImageStore that remembers manifests fetched by digest (immutable content): the lazy
+    manifest fetched while discovering it is not fetched again to open it."""
+
+    def __init__(self, store: ImageStore) -> None:
+        self._store = store
+        self._memo: dict[str, tuple[bytes, Any]] = {}
+
+    def get_manifest(self, ref: str) -> tuple[bytes, Any]:
+        hit = self._memo.get(ref)
+        if hit is not None:
+            return hit
+        data, desc = self._store.get_manifest(ref)  # the store verifies bytes against a digest ref
+        digest = getattr(desc, "digest", "")
+        if ref == digest:
+            self._memo[digest] = (data, desc)
+        return data, desc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@dataclass
+class LazyDevice:
+    device: VirtualDevice
+    manifest: Manifest
+    image_config: dict[str, Any]
+
+
+def open_lazy(services: NodeServices, store: ImageStore | None, lazy_digest: str,
+              open_store: Any) -> LazyDevice:
+    """The device of lazy manifest ``lazy_digest``; ``store`` (or ``open_store()``, called only if
+    something must be fetched) is where its blobs live."""
+    holder: dict[str, ImageStore] = {}
+
+    def s() -> ImageStore:
+        if "s" not in holder:
+            holder["s"] = store if store is not None else open_store()
+        return holder["s"]
+
+    data = services.saved.get(lazy_digest, lambda: s().get_manifest(lazy_digest)[0])
+    man = parse_manifest(data, OCI_MANIFEST)
+    if not isinstance(man, Manifest):
+        raise FormatError(f"lazy image {lazy_digest} is not an image manifest")
+    image_config = services.saved.image_config(
+        man.config.digest, lambda: read_small_blob(s(), man.config.digest, man.config.size))
+    noted: list[bool] = []
+
+    def fetch_range(digest: str, offset: int, length: int) -> bytes:
+        st = s()
+        if not noted:  # sizes from the descriptors: no HEAD per blob before its ranged reads
+            noted.append(True)
+            note = getattr(st, "note_size", None)
+            for d in man.layers if note is not None else ():
+                if d.size >= 0:
+                    note(d.digest, d.size)
+        return st.read_range(digest, offset, length)
+
+    dev = open_lazy_image(man, fetch_range, services.cache, prefetch=services.prefetcher())
+    return LazyDevice(dev, man, image_config)

@@ -1,0 +1,117 @@
+"""`open_image`: one reference -> one opened device, under the node's policy.
+
+Three kinds, decided here and nowhere else:
+
+* ``file:PATH`` (node admin only): a local EROFS image; refused unless it starts with an EROFS
+  superblock, so `bdserver mount file:/etc/passwd` fails before anything is attached.
+* a registry or ``oci:`` reference with a trusted lazy image: served lazily (lazy.py).
+* no trusted lazy image: converted on the node (onnode.py), still ONE device.
+
+`Origin.POD` marks references a pod author chose (a runtime annotation, a snapshotter label):
+those may only name a registry image, and pinning a digest does not make a lazy image trusted.
+Everything needed to reopen the SAME bytes after a restart is returned in ``pin``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from bdserver.convert.image import convert_layers_to_device, resolve_image_manifest
+from bdserver.erofs.reader import ErofsImage
+from bdserver.errors import FormatError, NoLazyImageError, NotFoundError
+from bdserver.images.lazy import ManifestMemo, open_lazy
+from bdserver.images.refs import Origin, check_reference
+from bdserver.images.saved import read_small_blob, run_config
+from bdserver.images.services import NodeServices
+from bdserver.oci.reference import Reference
+from bdserver.oci.trust import discover_lazy_image
+from bdserver.vdev.device import VirtualDevice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenedImage:
+    device: VirtualDevice
+    kind: str  # "file" | "lazy" | "converted-on-node"
+    pin: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+    image_config: dict[str, Any] = field(default_factory=dict)  # OCI config "config" (Env, Cmd, ...)
+
+    def close(self) -> None:
+        self.device.close()
+
+
+def open_image(ref: str, services: NodeServices, pin: dict[str, Any] | None = None, *,
+               origin: Origin = Origin.ADMIN) -> OpenedImage:
+    """Open ``ref`` as a device. ``pin`` (from saved state) forces the exact images opened before."""
+    target = check_reference(ref, origin)
+    if isinstance(target, str):
+        return _open_file(target)
+    r = target
+    if pin and pin.get("kind") == "converted-on-node":
+        return _open_converted(r, services, pin["source"], lambda: services.source_store(r))
+    if pin and pin.get("kind") == "lazy":
+        return _finish_lazy(r, services, None, pin["lazy"], pin.get("source", ""))
+    store = ManifestMemo(services.source_store(r))
+    policy = services.trust
+    if origin is Origin.POD:  # a pod author pinning a digest proves nothing about its origin
+        policy = dataclasses.replace(policy, trust_pinned_reference=False)
+    try:
+        source, lazy = discover_lazy_image(store, r, policy)
+    except NoLazyImageError as exc:
+        log.info("%s: no trusted lazy image (%s); converting on the node", ref, exc)
+        _, src_desc = resolve_image_manifest(store, r.target or "latest")
+        return _open_converted(r, services, src_desc.digest, lambda: store, why=str(exc))
+    return _finish_lazy(r, services, store, lazy.digest, source.digest)
+
+
+def _open_file(path: str) -> OpenedImage:
+    if not os.path.isfile(path):
+        raise NotFoundError(f"no such image file: {path}")
+    dev = VirtualDevice.from_files([path])
+    try:
+        if dev.size < 4096:
+            raise FormatError(f"{path} is not an EROFS image (only {dev.size} bytes)")
+        ErofsImage(lambda off, n: dev.read(off, min(n, dev.size - off)))  # superblock and checksum
+    except FormatError as exc:
+        dev.close()
+        raise FormatError(f"{path}: {exc}") from None
+    except BaseException:
+        dev.close()
+        raise
+    return OpenedImage(dev, "file", {"path": os.path.abspath(path)}, f"local image {path}")
+
+
+def _finish_lazy(r: Reference, services: NodeServices, store: Any, lazy_digest: str,
+                 source_digest: str) -> OpenedImage:
+    opened = open_lazy(services, store, lazy_digest, lambda: services.source_store(r))
+    pin = {"kind": "lazy", "lazy": lazy_digest, "source": source_digest}
+    return OpenedImage(opened.device, "lazy", pin, f"lazy image {lazy_digest} of {r}", opened.image_config)
+
+
+def _open_converted(r: Reference, services: NodeServices, source_digest: str,
+                    store: Callable[[], Any], why: str = "") -> OpenedImage:
+    """Download + convert once per source manifest; the result stays under the state dir."""
+
+    def convert(workdir: Any) -> tuple[Any, str]:
+        st = store()
+        local = convert_layers_to_device(st, source_digest, workdir)
+        m, _ = resolve_image_manifest(st, source_digest)
+        config = read_small_blob(st, m.config.digest, m.config.size)
+        return local, services.saved.save(config)
+
+    conv, converted = services.conversions.get_or_convert(source_digest, convert)
+    data = services.saved.load(conv.config_digest)
+    image_config = run_config(data, conv.config_digest) if data is not None else {}
+    dev = conv.open_device()
+    if converted:
+        msg = f"converted on the node: no trusted lazy image for {r} ({why}); layers were downloaded whole"
+    else:
+        msg = f"using the on-node conversion of {r} ({source_digest})"
+    pin = {"kind": "converted-on-node", "source": source_digest}
+    return OpenedImage(dev, "converted-on-node", pin, msg, image_config)
