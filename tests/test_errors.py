@@ -65,3 +65,9 @@ def test_a_non_bdserver_exception_crosses_as_a_daemon_error() -> None:
     err = error_reply(RuntimeError("boom"))["error"]
     exc = errors.from_wire(err)
     assert type(exc) is errors.DaemonError and "boom" in str(exc)
+
+
+def test_the_readme_table_is_the_catalogue() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for code, meaning in errors.EXIT_CODES.items():
+        assert f"| {code} | {meaning} |" in readme

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bdserver.errors import FetchError
+from tests.fixtures.trees import assert_same_tree, make_tree, mkfs_erofs  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,60 +63,6 @@ class ProbeDevice:
     def read_count(self) -> int:
         with self._lock:
             return len(self.reads)
-
-
-def make_tree(root: Path, seed: int = 1) -> Path:
-    """A varied tree: sizes around block boundaries, a multi-MiB file, dirs, symlinks, a hardlink."""
-    rng = random.Random(seed)
-    (root / "d" / "sub").mkdir(parents=True)
-    sizes = {"empty": 0, "one": 1, "block": 4096, "block1": 4097, "mid": 300_000, "d/big": 3_000_000,
-             "d/sub/tail": 70_001}
-    for name, size in sizes.items():
-        (root / name).write_bytes(rng.randbytes(size))
-    for i in range(40):
-        (root / "d" / f"small{i:02d}").write_bytes(rng.randbytes(rng.randrange(1, 9000)))
-    (root / "text").write_text(f"hello bdserver {seed}\n")
-    os.symlink("text", root / "link")
-    os.symlink("/nonexistent/target", root / "d" / "dangling")
-    os.link(root / "mid", root / "d" / "hard")
-    os.chmod(root / "one", 0o640)
-    os.chmod(root / "d" / "sub", 0o711)
-    return root
-
-
-def mkfs_erofs(image: Path, src: Path) -> Path:
-    subprocess.run(["mkfs.erofs", "--quiet", "-T0", str(image), str(src)], check=True,
-                   stdout=subprocess.DEVNULL)
-    return image
-
-
-def tree_listing(root: Path) -> dict[str, tuple]:
-    """name -> (type, mode, uid, gid, size, content or link target, hardlink group leader)."""
-    out: dict[str, tuple] = {}
-    first_by_inode: dict[int, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in sorted(dirnames + filenames):
-            p = Path(dirpath) / n
-            rel = str(p.relative_to(root))
-            st = p.lstat()
-            if p.is_symlink():
-                out[rel] = ("l", os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("d", st.st_mode, st.st_uid, st.st_gid)
-            else:
-                leader = first_by_inode.setdefault(st.st_ino, rel)
-                out[rel] = ("f", st.st_mode, st.st_uid, st.st_gid, st.st_size, p.read_bytes(), st.st_nlink,
-                            leader)
-    return out
-
-
-def compare_trees(a: Path, b: Path) -> None:
-    la, lb = tree_listing(a), tree_listing(b)
-    assert sorted(la) == sorted(lb)
-    for k in la:
-        assert la[k][:7] == lb[k][:7], k
-        # the same hardlink groups (leader names may differ by walk order, sizes do not)
-        assert (la[k][-1] == k) == (lb[k][-1] == k) or la[k][0] != "f", k
 
 
 @contextmanager

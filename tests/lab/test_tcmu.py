@@ -18,7 +18,7 @@ from bdserver.backends.tcmu import MAX_SECTORS
 from bdserver.vdev.device import VirtualDevice
 from tests.lab.sgio import sg_io
 from tests.lab.helpers import (
-    ProbeDevice, compare_trees, configfs_residue, dd, drop_caches, kernel_log, mounted, settle, uio_names,
+    ProbeDevice, assert_same_tree, configfs_residue, dd, drop_caches, kernel_log, mounted, settle, uio_names,
     parallel_direct_reads, device_holder,
 )
 
@@ -52,7 +52,7 @@ def test_mount_and_compare_tree(tcmu_backend, erofs_pair, tmp_path) -> None:
     with attached(tcmu_backend, dev, "tree") as att:
         assert att.path.startswith("/dev/sd") and att.backend == "tcmu"
         with mounted(att.path, tmp_path / "mnt") as mnt:
-            compare_trees(src, mnt)
+            assert_same_tree(src, mnt)
     assert dev.read_count() > 0
 
 
@@ -159,8 +159,8 @@ def test_two_devices_two_disks(tcmu_backend, erofs_pair, erofs_pair2, tmp_path) 
         assert a1.path != a2.path
         assert a1.extra["wwid"] != a2.extra["wwid"]
         with mounted(a1.path, tmp_path / "m1") as m1, mounted(a2.path, tmp_path / "m2") as m2:
-            compare_trees(src1, m1)
-            compare_trees(src2, m2)
+            assert_same_tree(src1, m1)
+            assert_same_tree(src2, m2)
     assert configfs_residue() == []
 
 
@@ -260,7 +260,7 @@ def test_restarted_handler_adopts_device(tcmu_backend, erofs_pair, tmp_path) -> 
                 out, _ = stuck.communicate(timeout=120)
                 assert stuck.returncode == 0 and out == data[blk * BS:(blk + 1) * BS]
                 drop_caches()
-                compare_trees(src, mnt)  # the old mount reads through the new handler
+                assert_same_tree(src, mnt)  # the old mount reads through the new handler
                 assert dev.read_count() > 0
             finally:
                 subprocess.run(["umount", str(mnt)], check=False)

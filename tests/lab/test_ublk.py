@@ -18,7 +18,7 @@ import pytest
 
 from bdserver.vdev.device import VirtualDevice
 from tests.lab.helpers import (
-    ProbeDevice, compare_trees, dd, device_holder, drop_caches, mounted, parallel_direct_reads, settle,
+    ProbeDevice, assert_same_tree, dd, device_holder, drop_caches, mounted, parallel_direct_reads, settle,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("ublk_lab")]
@@ -92,7 +92,7 @@ def test_mount_and_compare_tree(ublk_backend, erofs_pair, tmp_path) -> None:
     with attached(ublk_backend, dev, "tree") as att:
         assert att.path.startswith("/dev/ublkb") and att.backend == "ublk"
         with mounted(att.path, tmp_path / "mnt") as mnt:
-            compare_trees(src, mnt)
+            assert_same_tree(src, mnt)
     assert dev.read_count() > 0
 
 
@@ -272,8 +272,8 @@ def test_two_devices_at_once(ublk_backend, erofs_pair, erofs_pair2, tmp_path) ->
             attached(ublk_backend, file_device(img2), "two") as a2:
         assert a1.path != a2.path
         with mounted(a1.path, tmp_path / "m1") as m1, mounted(a2.path, tmp_path / "m2") as m2:
-            compare_trees(src1, m1)
-            compare_trees(src2, m2)
+            assert_same_tree(src1, m1)
+            assert_same_tree(src2, m2)
     assert not os.path.exists(a1.path) and not os.path.exists(a2.path)
 
 
@@ -319,7 +319,7 @@ def test_restarted_server_adopts_device(ublk_backend, erofs_pair, tmp_path) -> N
                 out, _ = stuck.communicate(timeout=120)
                 assert stuck.returncode == 0 and out == data[blk * BS:(blk + 1) * BS]
                 drop_caches()
-                compare_trees(src, mnt)  # the old mount reads through the new server
+                assert_same_tree(src, mnt)  # the old mount reads through the new server
                 assert dev.read_count() > 0
             finally:
                 subprocess.run(["umount", str(mnt)], check=False)

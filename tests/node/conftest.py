@@ -19,31 +19,13 @@ from typing import Iterator
 import pytest
 
 from bdserver import mounts
+from tests.fixtures.trees import assert_same_tree, make_tree, mkfs_erofs  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 BDSERVER = [sys.executable, "-m", "bdserver.cli"]
 
 if os.geteuid() != 0:  # pragma: no cover  (CI and `make test` run as root)
     pytest.fail("node tests need root (mounts, FUSE): run them as root", pytrace=False)
-
-
-def make_tree(root: Path) -> Path:
-    """A small but varied tree: sizes around block and chunk boundaries, dirs, symlink, hardlink."""
-    rng = __import__("random").Random(42)
-    (root / "dir" / "sub").mkdir(parents=True)
-    for name, size in [("empty", 0), ("one", 1), ("block", 4096), ("block1", 4097), ("mid", 300_000),
-                       ("dir/big", 3_000_000), ("dir/sub/tail", 70_001)]:
-        (root / name).write_bytes(rng.randbytes(size))
-    (root / "text").write_text("hello bdserver\n")
-    os.symlink("text", root / "link")
-    os.link(root / "mid", root / "dir" / "hard")
-    os.chmod(root / "one", 0o640)
-    return root
-
-
-def mkfs_erofs(image: Path, src: Path) -> Path:
-    subprocess.run(["mkfs.erofs", "--quiet", "-T0", str(image), str(src)], check=True, stdout=subprocess.DEVNULL)
-    return image
 
 
 @pytest.fixture
@@ -93,31 +75,6 @@ def fuse_connections() -> set[str]:
     if not any(m.target == d for m in mounts.list_mounts()):
         subprocess.run(["mount", "-t", "fusectl", "fusectl", d], check=False)
     return set(os.listdir(d))
-
-
-def compare_trees(a: Path, b: Path) -> None:
-    """Same names, types, modes, sizes, contents, symlink targets and hardlink groups."""
-    def walk(root: Path) -> dict[str, tuple]:
-        out = {}
-        inodes: dict[int, str] = {}
-        for dirpath, dirnames, filenames in os.walk(root):
-            for n in dirnames + filenames:
-                p = Path(dirpath) / n
-                rel = str(p.relative_to(root))
-                st = p.lstat()
-                if p.is_symlink():
-                    out[rel] = ("l", os.readlink(p))
-                elif p.is_dir():
-                    out[rel] = ("d", st.st_mode)
-                else:
-                    first = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 else rel
-                    out[rel] = ("f", st.st_mode, st.st_size, p.read_bytes(), st.st_nlink, first == rel)
-        return out
-
-    wa, wb = walk(a), walk(b)
-    assert sorted(wa) == sorted(wb)
-    for k in wa:
-        assert wa[k][:5] == wb[k][:5], k
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Iterator
 import pytest
 
 from tests.node.conftest import BDSERVER, REPO
-from tests.node.reference import assert_same_tree, extract_layers
+from tests.fixtures.reftree import reference_tree
+from tests.fixtures.trees import assert_same_tree
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 @pytest.fixture(scope="module")
 def deb_reference(world: World) -> Path:
-    return extract_layers(world.deb_layers, world.base / "deb-reference")
+    return reference_tree(world.deb_layers, world.base / "deb-reference", world.base / "deb-reference-work")
 
 
 @pytest.fixture
@@ -112,8 +113,8 @@ def test_mount_equals_reference_tree(world: World, daemon, deb_reference: Path, 
     target = tmp_path / "deb"
     r = daemon.json("mount", f"{world.host}/deb:v1", str(target), "--lower-only")
     assert r["kind"] == "lazy" and r["backend"] == "fuse"
-    n = assert_same_tree(deb_reference, target)
-    assert n > 1000
+    assert_same_tree(target, deb_reference)
+    assert sum(1 for _ in target.rglob("*")) > 1000
     st = daemon.json("stats", r["id"])[0]["stats"]
     assert st["device"]["misses"] > 0 and st["read_errors"] == 0
     daemon.cli("umount", str(target))
@@ -204,8 +205,8 @@ def test_attach_without_lazy_image_converts_on_node(world: World, daemon, tmp_pa
     assert "on-node conversion" in p.stderr or "converted on the node" in p.stderr
     target = tmp_path / "plain"
     daemon.cli("mount", f"{world.host}/plain:v1", str(target), "--lower-only")
-    ref = extract_layers(world.plain_layers, tmp_path / "plain-ref")
-    assert_same_tree(ref, target)
+    ref = reference_tree(world.plain_layers, tmp_path / "plain-ref", tmp_path / "plain-work")
+    assert_same_tree(target, ref)
     assert not (target / "a" / "gone").exists() and (target / "a" / "new").read_text() == "new\n"
     # still ONE device per container
     assert len([d for d in daemon.json("ls") if d["mounts"]]) == 1
@@ -235,3 +236,18 @@ def test_trust_allow_makes_a_lazy_image_usable(world: World, daemon, tmp_path: P
     r = daemon.json("attach", f"{world.host}/two:v1")
     assert r["kind"] == "lazy"
     daemon.cli("detach", r["id"])
+
+
+def test_cache_prune_evicts_down_to_a_lowered_cap(world: World, daemon, tmp_path: Path) -> None:
+    daemon.write_config(world.trust_toml())
+    target = tmp_path / "deb"
+    daemon.cli("mount", f"{world.host}/deb:v1", str(target), "--lower-only")
+    _read_all(target, "usr/lib")
+    daemon.cli("umount", str(target))
+    daemon.stop()
+    used = sum(f.stat().st_blocks * 512 for f in (daemon.base / "cache").rglob("*") if f.is_file())
+    assert used > 4 << 20
+    cap = used // 4
+    daemon.write_config(f"cache_max_bytes = {cap}\n" + world.trust_toml())  # before the [trust] table
+    r = daemon.json("cache", "prune")  # no daemon running: done in-process
+    assert r["pruned_bytes"] > 0 and r["used_bytes"] <= cap

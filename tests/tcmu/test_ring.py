@@ -1,4 +1,8 @@
-"""The TCMU ring protocol against a fake kernel producer in a bytearray (no UIO needed)."""
+"""The TCMU ring protocol against a fake kernel producer in a bytearray (no UIO needed).
+
+The fake shares the production layout tables, so each test names the lab test (tests/lab/,
+Debian's 6.12 kernel) that checks the same behaviour against the real target_core_user.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import pytest
 
 from bdserver.backends import scsi
 from bdserver.backends.scsi import ReadRequest, ScsiDisk
-from bdserver.backends.tcmu_ring import FakeKernel, Ring, RingError, format_empty_ring
+from bdserver.backends.tcmu_ring import Ring, RingError, format_empty_ring
+from tests.tcmu.fake_kernel import FakeKernel
 
 CMDR = 4096
 DATA_BLOCKS = 64
@@ -26,6 +31,7 @@ def read10(lba: int, blocks: int) -> bytes:
 
 
 def test_mailbox_checks() -> None:
+    """Real kernel: every lab TCMU test starts by accepting the kernel's mailbox (test_tcmu.py)."""
     buf = bytearray(128 + CMDR)
     format_empty_ring(buf, CMDR)
     struct.pack_into("<H", buf, 0, 1)
@@ -40,6 +46,7 @@ def test_mailbox_checks() -> None:
 
 
 def test_in_order_roundtrip() -> None:
+    """Real kernel: test_tcmu.py::test_disk_identity_in_sysfs (INQUIRY data through the ring)."""
     _buf, kernel, ring = make()
     cid = kernel.submit(bytes([0x12, 0, 0, 0, 36, 0]), 36)
     (cmd,) = ring.take()
@@ -52,7 +59,9 @@ def test_in_order_roundtrip() -> None:
 
 def test_out_of_order_completion_and_pad_wrap() -> None:
     """Many commands across several ring wraps, completed in random order: each gets its own
-    data and status; PAD entries at the wrap are skipped on both sides."""
+    data and status; PAD entries at the wrap are skipped on both sides. Real kernel:
+    test_tcmu.py::test_slow_read_does_not_block_others (out of order), ::test_whole_disk_equals_image
+    and ::test_parallel_readers (many wraps), ::test_read_fault_is_medium_error_then_heals (sense)."""
     _buf, kernel, ring = make()
     disk = ScsiDisk(size=DATA_BLOCKS * 4096, serial="ring")
     rng = random.Random(7)
@@ -87,6 +96,7 @@ def test_out_of_order_completion_and_pad_wrap() -> None:
 
 
 def test_short_data_in_uses_read_len() -> None:
+    """Real kernel: test_tcmu.py::test_disk_identity_in_sysfs (VPD pages shorter than allocated)."""
     _buf, kernel, ring = make()
     cid = kernel.submit(bytes([0x12, 1, 0x80, 0, 255, 0]), 255)
     (cmd,) = ring.take()
@@ -96,6 +106,7 @@ def test_short_data_in_uses_read_len() -> None:
 
 
 def test_iovec_outside_data_area_is_refused() -> None:
+    """No real-kernel twin: a correct kernel never sends this; the handler must not trust it."""
     buf, kernel, ring = make()
     kernel.submit(read10(0, 1), 4096)
     # point the iovec into the command ring: touching it would corrupt the ring (or SIGBUS)
@@ -105,6 +116,7 @@ def test_iovec_outside_data_area_is_refused() -> None:
 
 
 def test_completion_without_command_is_refused() -> None:
+    """No real-kernel twin: the handler's own invariant (completing what it never took)."""
     _buf, _kernel, ring = make()
     with pytest.raises(RingError):
         ring.complete(1, scsi.GOOD)
