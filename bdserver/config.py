@@ -56,6 +56,7 @@ class Config:
     prefetch_inflight: int = 12
     prefetch_run: int = 1
     converted_keep_s: float = 7 * 24 * 3600.0
+    daemon_start_wait_s: float = 30.0  # how long attach/mount wait for a daemon they started
     source_path: str = ""  # the file this config came from (for spawning the daemon with it)
 
     def __post_init__(self) -> None:

@@ -70,6 +70,12 @@ class Backend(ABC):
     def detach(self, attached: Attached) -> None:
         """Remove the device; idempotent; nothing of it is left in the kernel afterwards."""
 
+    def discard(self, dev_id: str) -> None:
+        """Remove what the kernel still holds of ``dev_id`` that this process does not serve (a
+        restarted daemon that cannot reopen the device's source): its queued and future I/O fails
+        with EIO instead of waiting for a server that will never come, and the device goes.
+        Idempotent; nothing of ``dev_id`` is left afterwards."""
+
     def configure(self, **options: Any) -> None:
         """Daemon-wide settings (e.g. ``run_dir`` for scratch mounts); unknown keys are ignored."""
 

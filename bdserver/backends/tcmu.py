@@ -463,6 +463,20 @@ class TcmuBackend(Backend):
         if errors:
             raise KernelError("tcmu teardown incomplete: " + "; ".join(errors))
 
+    def discard(self, dev_id: str) -> None:
+        """A backstore whose handler died and will not be replaced: its ring is failed (CHECK
+        CONDITION for what it holds, BUSY for new commands) and the LUN and backstore go."""
+        with self._lock:
+            if dev_id in self._live:
+                raise KernelError(f"{dev_id} is served by this process: detach it instead")
+        if not TARGET.is_dir():
+            return
+        so = _find_storage_object(_safe_name(dev_id))
+        if so is None:
+            return
+        self._detach_leftover(Attached("", self.name, dev_id, {"storage_object": str(so), "target": _target_of(so)}))
+        log.info("tcmu: discarded %s of %s (its I/O fails)", so, dev_id)
+
     def _detach_leftover(self, attached: Attached) -> None:
         """Detach a device this process did not attach (a restarted daemon cleaning up)."""
         from rtslib_fb import FabricModule, Target, UserBackedStorageObject

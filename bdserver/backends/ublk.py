@@ -527,6 +527,20 @@ class UblkBackend(Backend):
         self._teardown(ctrl, live.ublk_id, live.server, True)
         log.info("ublk: %s detached (%s)", attached.dev_id, live.path)
 
+    def discard(self, dev_id: str) -> None:
+        """A quiesced device (its server died) that no daemon will serve again: STOP_DEV fails its
+        queued I/O (the kernel unquiesces and aborts with EIO) and DEL_DEV removes it."""
+        with self._lock:
+            if dev_id in self._live:
+                raise KernelError(f"{dev_id} is served by this process: detach it instead")
+        if not self.available()[0]:
+            return
+        ctrl = self._ctrl()
+        for n, info in self._ublk_devices(ctrl):
+            if info.ublksrv_flags == _dev_key(dev_id):
+                self._delete(ctrl, n)
+                log.info("ublk: discarded ublk%d of %s (its I/O fails with EIO)", n, dev_id)
+
     def _teardown(self, ctrl: Control, n: int, server: QueueServer | None, started: bool) -> None:
         """STOP_DEV while the queue still serves (the kernel drains I/O through it), then the queue
         exits on the aborted fetches; unmap and close everything of ours; DEL_DEV (which waits

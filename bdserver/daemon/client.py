@@ -12,7 +12,6 @@ from bdserver.config import Config
 from bdserver.daemon.protocol import call
 from bdserver.errors import DaemonError, DaemonNotRunning
 
-START_WAIT_S = 30.0
 
 
 def request(cfg: Config, op: str, args: dict[str, Any] | None = None, *, autostart: bool = False) -> Any:
@@ -45,7 +44,7 @@ def start_daemon(cfg: Config) -> int:
     with open(out_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                                 close_fds=True)
-    deadline = time.monotonic() + START_WAIT_S
+    deadline = time.monotonic() + cfg.daemon_start_wait_s
     while time.monotonic() < deadline:
         if ping(cfg) is not None:
             return proc.pid
@@ -54,7 +53,7 @@ def start_daemon(cfg: Config) -> int:
             if "already uses" not in tail:  # lost a start race: the winner will answer soon
                 raise DaemonError(f"the daemon exited while starting (status {proc.returncode}): {tail}")
         time.sleep(0.1)
-    raise DaemonError(f"the daemon did not answer on {cfg.socket} within {START_WAIT_S:.0f}s (pid {proc.pid})")
+    raise DaemonError(f"the daemon did not answer on {cfg.socket} within {cfg.daemon_start_wait_s:.0f}s (pid {proc.pid})")
 
 
 def _tail(path: str) -> str:

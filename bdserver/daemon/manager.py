@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bdserver import mounts
-from bdserver.backends.base import Attached, Backend, get_backend, pick_backend
+from bdserver.backends.base import BACKEND_NAMES, Attached, Backend, get_backend, pick_backend
 from bdserver.config import Config
 from bdserver.daemon.metrics import MeteredDevice
 from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
@@ -216,12 +216,23 @@ class DeviceManager:
         if live is not None:
             live.backend.detach(live.attached)
             live.opened.close()
+        else:
+            self._discard(rec)
         with self.lock:
             self._save()
         log.info("detached %s", rec.id)
         if rec.kind == "converted-on-node":
             self.collect_conversions()
         return {"id": rec.id, "path": rec.path}
+
+    def _discard(self, rec: DeviceRecord) -> None:
+        """The kernel device of a record nobody serves: fail its I/O (EIO) and delete it, so that
+        no reader waits forever on a device whose source cannot be reopened."""
+        try:
+            if rec.backend in BACKEND_NAMES:
+                get_backend(rec.backend).discard(rec.id)
+        except Exception as exc:  # noqa: BLE001 - reported; detach retries
+            log.error("discarding the kernel device of %s failed: %s", rec.id, exc)
 
     def _describe(self, rec: DeviceRecord) -> dict[str, Any]:
         live = self.live.get(rec.id)
@@ -279,6 +290,7 @@ class DeviceManager:
             except Exception as exc:  # noqa: BLE001 - one bad device must not stop the others
                 rec.status, rec.error = "error", str(exc)
                 log.error("recover %s failed: %s", rec.id, exc)
+                self._discard(rec)
         self._save()
         self.collect_conversions()
 

@@ -71,9 +71,9 @@ def tcmu_daemon(tmp_path, world) -> Iterator[object]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
     env["BDSERVER_CONFIG"] = str(base / "config.toml")
     env["PYTHONPATH"] = str(REPO)
-    env["BDSERVER_PREFETCH_CHUNKS"] = "0"  # no fetch-ahead: this test counts exactly what reads fetch
     d = Daemon(base, env)
-    d.write_config(f'[trust]\nallowed = ["{world.lazy_digest}"]\n')
+    # no fetch-ahead: this test counts exactly what reads fetch
+    d.write_config(f'prefetch_chunks = 0\n[trust]\nallowed = ["{world.lazy_digest}"]\n')
     try:
         yield d
     finally:
