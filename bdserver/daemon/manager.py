@@ -203,7 +203,7 @@ class DeviceManager:
 
     def detach(self, key: str, force: bool = False) -> dict[str, Any]:
         rec = self.find(key)
-        if rec.mounts and not force:
+        if rec.mounts and not force and rec.status != "error":  # a dead device's mounts are only in the way
             raise DeviceBusy(f"device {rec.id} is mounted at {', '.join(m.target for m in rec.mounts)}")
         for m in list(rec.mounts):
             try:

@@ -57,8 +57,12 @@ def world(tmp_path_factory, tcmu_lab) -> Iterator[World]:
                            text=True, timeout=900, cwd=REPO)
         assert p.returncode == 0, p.stderr
         lazy = json.loads(p.stdout)["lazy"]
-        yield World(base, reg, layers, reference_tree(layers, base / "reference", base / "reference-work"), lazy)
+        # the reference needs whiteout device nodes and trusted.* xattrs: build it on a tmpfs
+        (base / "ref").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "bdserver-ref", str(base / "ref")], check=True)
+        yield World(base, reg, layers, reference_tree(layers, base / "ref" / "tree", base / "ref" / "work"), lazy)
     finally:
+        subprocess.run(["umount", "-l", str(base / "ref")], check=False, capture_output=True)
         reg.stop()
 
 
