@@ -1,10 +1,11 @@
 """Which lazy images a node may use, and finding the trusted one for a reference.
 
 Anyone who can push to a repository can attach a referrer, so a lazy image is used only if the
-policy accepts it: its digest is pinned in an allow-list, or this node converted it itself
-(a record under the state dir), or the reference pins the lazy manifest's digest, or a
-configured key signed it for this source (signing.py). Discovery
-failures raise NoLazyImageError, which callers treat as "fall back" (convert here or pull).
+policy accepts it: its digest is in an allow-list, or this node converted it itself (a record
+under the state dir), or a configured key signed it for this source (signing.py), or (only where
+the node admin opts in) the reference pins the lazy manifest's digest. The ``[trust]`` config
+table is read by `TrustPolicy.from_config`, which fails closed. Discovery failures raise
+NoLazyImageError, which callers treat as "fall back" (convert here or pull).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
-from bdserver.errors import BdError, FormatError, NoLazyImageError, NotFoundError
+from bdserver.errors import BdError, ConfigError, FormatError, NoLazyImageError, NotFoundError
 from bdserver.oci import mediatypes as mt
 from bdserver.digest import is_digest, parse_digest
 from bdserver.fsutil import atomic_write
@@ -47,21 +49,81 @@ def _read_digest_list(path: Path) -> set[str]:
     return out
 
 
+def _config_list(table: Mapping[str, Any], key: str) -> list[str]:
+    v = table.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"[trust] {key} must be a list of non-empty strings, not {v!r}")
+    return list(v)
+
+
+def _config_bool(table: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = table.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"[trust] {key} must be true or false, not {v!r}")
+    return v
+
+
 @dataclass
 class TrustPolicy:
-    """Accept a lazy image if pinned (allow-list), converted on this node, or pinned by the reference.
+    """Accept a lazy image if allow-listed, converted on this node, signed by a configured key, or
+    (opt-in) pinned by the reference.
 
     ``state_dir/trust/allowed`` (one digest a line, ``#`` comments) and ``allow_files`` extend
-    ``allowed``; ``state_dir/trust/converted/<hex>.json`` records what this node produced.
-    ``trust_converted_here`` can be switched off for nodes that share a state dir they do not trust.
+    ``allowed``; ``state_dir/trust/converted/<hex>.json`` records what this node produced;
+    ``state_dir/trust/keys/*.pem`` extend ``public_keys``. ``trust_converted_here`` can be switched
+    off for nodes that share a state dir they do not trust. ``trust_pinned_reference`` is off by
+    default: on a shared node the reference is written by a pod author, and naming a digest says
+    which bytes they want, not that the node admin vouches for them.
     """
 
     state_dir: Path = DEFAULT_STATE_DIR
     allowed: set[str] = field(default_factory=set)
     allow_files: list[Path] = field(default_factory=list)
     trust_converted_here: bool = True
-    trust_pinned_reference: bool = True
+    trust_pinned_reference: bool = False
     public_keys: list[Path] = field(default_factory=list)  # PEM; plus state_dir/trust/keys/*.pem
+
+    CONFIG_KEYS = ("allowed", "allow_files", "converted_here", "pinned_reference", "public_keys")
+
+    @classmethod
+    def from_config(cls, table: Mapping[str, Any] | None, state_dir: str | os.PathLike) -> "TrustPolicy":
+        """The policy of a ``[trust]`` config table; ConfigError naming the key for anything amiss.
+
+        Keys (all optional; anything else is an error, so a typo never silently widens or narrows trust):
+
+        * ``allowed``: list of lazy manifest digests to trust (``sha256:<hex>``).
+        * ``allow_files``: list of files holding more digests, one a line, ``#`` comments; a missing
+          file is an empty list (it may be provisioned later), a malformed one an error at use.
+        * ``converted_here`` (default true): trust lazy images this node converted itself
+          (records under ``state_dir/trust/converted``, written only by ``bdserver convert`` as root).
+        * ``pinned_reference`` (default false): trust a reference that names the lazy manifest by
+          digest (``REPO@sha256:...``). Only for single-tenant nodes where every reference comes from
+          the node admin; on a shared node a pod author writes the reference, and a digest they pick
+          is not the admin's trust.
+        * ``public_keys``: list of PEM public key files (ECDSA P-256/P-384, Ed25519, RSA); a lazy image
+          signed by one of them for its source is trusted (signing.py). Each file must exist and hold
+          a key. ``state_dir/trust/keys/*.pem`` are added.
+        """
+        t = dict(table or {})
+        unknown = sorted(set(t) - set(cls.CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"[trust]: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(cls.CONFIG_KEYS)}")
+        allowed = _config_list(t, "allowed")
+        bad = [d for d in allowed if not is_digest(d)]
+        if bad:
+            raise ConfigError(f"[trust] allowed: not a digest: {bad[0]!r} (write sha256:<64 hex>)")
+        keys = [Path(k) for k in _config_list(t, "public_keys")]
+        for k in keys:
+            if not k.is_file():
+                raise ConfigError(f"[trust] public_keys: {k} is not a readable file")
+        return cls(
+            state_dir=Path(state_dir),
+            allowed=set(allowed),
+            allow_files=[Path(p) for p in _config_list(t, "allow_files")],
+            trust_converted_here=_config_bool(t, "converted_here", True),
+            trust_pinned_reference=_config_bool(t, "pinned_reference", False),
+            public_keys=keys,
+        )
 
     def keys(self) -> list[Path]:
         """Public keys whose signatures (see signing.py) make a lazy image trusted."""

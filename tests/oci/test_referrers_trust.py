@@ -97,9 +97,11 @@ def test_trust_outcomes(registry_session, tmp_path):
     assert discover_lazy_image(repo, ref, p2)[1].digest == newer.digest
     p3 = TrustPolicy(state_dir=tmp_path / "empty", allowed={older.digest})
     assert discover_lazy_image(repo, ref, p3)[1].digest == older.digest
-    # a reference that pins the lazy manifest itself
-    s, lz = discover_lazy_image(repo, f"{registry_session.host}/{repo.name}@{older.digest}",
-                                TrustPolicy(state_dir=tmp_path / "none"))
+    # a reference that pins the lazy manifest itself: trusted only where the admin opted in
+    pinned = f"{registry_session.host}/{repo.name}@{older.digest}"
+    with pytest.raises(NoLazyImageError, match="not trusted"):
+        discover_lazy_image(repo, pinned, TrustPolicy(state_dir=tmp_path / "none"))
+    s, lz = discover_lazy_image(repo, pinned, TrustPolicy(state_dir=tmp_path / "none", trust_pinned_reference=True))
     assert (s.digest, lz.digest) == (src.digest, older.digest)
     # a referrer that lies about its subject or type is skipped
     with pytest.raises(NoLazyImageError, match="not found"):
@@ -147,7 +149,8 @@ def test_skopeo_copy_keeps_lazy_image_discoverable(registry_session, tmp_path):
     policy = TrustPolicy(state_dir=tmp_path, allowed={lz.digest})
     with pytest.raises(NoLazyImageError, match="no lazy image"):
         discover_lazy_image(b, f"{host}/{b_name}:v1", policy)
-    s, found = discover_lazy_image(b, f"{host}/{b_name}@{lz.digest}", TrustPolicy(state_dir=tmp_path / "x"))
+    s, found = discover_lazy_image(b, f"{host}/{b_name}@{lz.digest}",
+                                   TrustPolicy(state_dir=tmp_path / "x", trust_pinned_reference=True))
     assert (s.digest, found.digest) == (src.digest, lz.digest)
     index_bytes, idesc = a.get_manifest(tag)
     assert b.put_manifest(index_bytes, idesc.media_type, tag=tag).digest == idesc.digest
