@@ -36,7 +36,7 @@ class OCILayout:
         self.path = Path(path)
         if not (self.path / LAYOUT_FILE).exists():
             if not create:
-                raise NotFoundError(f"{self.path} is not an OCI image layout (no {LAYOUT_FILE} file)")
+                raise NotFoundError(f"no OCI layout at {self.path} (no {LAYOUT_FILE} file)")
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
             with self._locked():
