@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -134,13 +135,18 @@ def test_read_range_survives_faults(registry, fault_proxy, kind):
 
 
 def test_429_retry_after_is_honoured(registry, fault_proxy):
+    """The client waits as long as Retry-After says (FAST_RETRY's own backoff is <= 0.05 s)."""
     p = fault_proxy
     repo = client(p.host).repository("f/429")
     blob = rand_bytes(10_000, 7)
     d = repo.put_blob_bytes(blob)
-    p.inject("status", status=429, retry_after=1, count=1, match=r"/blobs/sha256")
+    repo.blob_size(d)
+    p.stats.reset()
+    p.inject("status", status=429, retry_after=1, count=1, match=r"/blobs/sha256", method="GET")
+    t0 = time.monotonic()
     assert repo.read_range(d, 0, 100) == blob[:100]
-    assert 429 in p.stats.statuses(r"/blobs/sha256")
+    assert time.monotonic() - t0 >= 1.0
+    assert p.stats.statuses(r"/blobs/sha256", "GET") == [429, 206]
 
 
 def test_retries_exhausted_is_fetch_error(registry, fault_proxy):
