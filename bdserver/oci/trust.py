@@ -29,7 +29,8 @@ from bdserver.oci.store import ImageStore
 
 log = logging.getLogger(__name__)
 
-MAX_CANDIDATES = 64  # referrers examined per subject (anyone with push access can add more)
+MAX_SIGNATURE_CANDIDATES = 64  # lazy images whose signatures are looked up (one listing each) per subject
+MAX_NAMED = 5  # untrusted digests named in an error message
 DEFAULT_STATE_DIR = Path(os.environ.get("BDSERVER_STATE_DIR", "/var/lib/bdserver"))
 
 
@@ -137,15 +138,19 @@ class TrustPolicy:
         ok, why = self.decide(lazy_digest, source_digest, pinned_by_reference)
         if ok:
             return ok, why
-        keys = self.keys()
-        if keys:
-            from bdserver.oci.signing import signed_by
+        return self.check_signatures(store, lazy_digest, source_digest, why)
 
-            key = signed_by(store, lazy_digest, source_digest, keys)
-            if key:
-                return True, f"signed by {key}"
-            why += f", and not signed by any of {len(keys)} trusted key(s)"
-        return False, why
+    def check_signatures(self, store: ImageStore, lazy_digest: str, source_digest: str,
+                         why: str = "not trusted otherwise") -> tuple[bool, str]:
+        keys = self.keys()
+        if not keys:
+            return False, why
+        from bdserver.oci.signing import signed_by
+
+        key = signed_by(store, lazy_digest, source_digest, keys)
+        if key:
+            return True, f"signed by {key}"
+        return False, f"{why}, and not signed by any of {len(keys)} trusted key(s)"
 
     @property
     def trust_dir(self) -> Path:
@@ -208,6 +213,11 @@ def _source_manifest(store: ImageStore, parsed: Manifest | Index, desc: Descript
     return desc, [desc]
 
 
+def _named(digests: list[str]) -> str:
+    more = f" and {len(digests) - MAX_NAMED} more" if len(digests) > MAX_NAMED else ""
+    return ", ".join(digests[:MAX_NAMED]) + more
+
+
 def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPolicy, *,
                         platform: Platform | None = None) -> tuple[Descriptor, Descriptor]:
     """Find the trusted lazy image for ``ref`` in ``store`` (the repository ``ref`` names).
@@ -215,9 +225,12 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
     ``store`` may also be a RegistryClient (then ``ref``'s repository on it is used).
 
     Returns ``(source manifest descriptor, lazy manifest descriptor)``. If ``ref`` itself names a
-    lazy manifest, its subject is the source. Candidates come newest first; each must verify
-    (digest, artifactType, subject) and pass ``policy``. Raises NoLazyImageError (non-fatal for
-    callers) with what was found and what to do.
+    lazy manifest, its subject is the source. Any writer to the repository can add referrers and
+    date them as they like, so candidates the policy accepts without the network (allow-list,
+    converted here) are examined first, whatever their number and dates, and without fetching
+    any other; then, with keys configured, up to MAX_SIGNATURE_CANDIDATES others, newest first,
+    by their signatures. Each must verify (digest, artifactType, subject). Raises
+    NoLazyImageError (non-fatal for callers) with what was found and what to do.
     """
     r = parse_reference(ref) if isinstance(ref, str) else ref
     if hasattr(store, "repository") and not hasattr(store, "get_manifest"):
@@ -245,45 +258,48 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
         raise NoLazyImageError(f"{r}: {e}") from None
     untrusted: list[str] = []
     broken: list[str] = []
+
+    def verified(cand: Descriptor, subj: Descriptor) -> Descriptor | None:
+        """The lazy descriptor if the candidate's manifest is what its listing claims, for this source."""
+        try:
+            cdata, cdesc = store.get_manifest(cand.digest)
+            cm = parse_manifest(cdata, cdesc.media_type)
+        except (BdError, ValueError) as e:
+            broken.append(f"{cand.digest} ({e.__class__.__name__})")
+            return None
+        if not isinstance(cm, Manifest) or cm.artifact_type != mt.LAZY_ARTIFACT_TYPE or cm.subject is None \
+                or cm.subject.digest != subj.digest:
+            broken.append(f"{cand.digest} (does not point at {subj.digest})")
+            return None
+        if subj.digest != source.digest:
+            # a lazy image of the index: only usable if it is the one for this platform
+            broken.append(f"{cand.digest} (attached to the index, not to the {source.digest} manifest)")
+            return None
+        return Descriptor(media_type=cdesc.media_type, digest=cdesc.digest, size=cdesc.size,
+                          artifact_type=mt.LAZY_ARTIFACT_TYPE, annotations=dict(cm.annotations))
+
     for subj in search:
-        have_keys = bool(policy.keys())
-        for n, cand in enumerate(list_referrers(store, subj.digest, mt.LAZY_ARTIFACT_TYPE)):
-            if n >= MAX_CANDIDATES:
-                broken.append(f"{n}+ more not examined")
-                break
-            if not have_keys and subj.digest == source.digest:
-                # decide locally before fetching anything: a repository flooded with untrusted
-                # referrers costs one listing, not one request per referrer
-                ok, why = policy.decide(cand.digest, source.digest)
-                if not ok:
-                    untrusted.append(cand.digest)
-                    log.warning("%s: ignoring untrusted lazy image %s (%s)", r, cand.digest, why)
-                    continue
-            try:
-                cdata, cdesc = store.get_manifest(cand.digest)
-                cm = parse_manifest(cdata, cdesc.media_type)
-            except (BdError, ValueError) as e:
-                broken.append(f"{cand.digest} ({e.__class__.__name__})")
-                continue
-            if not isinstance(cm, Manifest) or cm.artifact_type != mt.LAZY_ARTIFACT_TYPE or cm.subject is None \
-                    or cm.subject.digest != subj.digest:
-                broken.append(f"{cand.digest} (does not point at {subj.digest})")
-                continue
-            if subj.digest != source.digest:
-                # a lazy image of the index: only usable if it is the one for this platform
-                broken.append(f"{cand.digest} (attached to the index, not to the {source.digest} manifest)")
-                continue
-            ok, why = policy.decide_with_signatures(store, cand.digest, source.digest)
-            if ok:
+        cands = list_referrers(store, subj.digest, mt.LAZY_ARTIFACT_TYPE)  # newest first
+        accepted = [(c, policy.decide(c.digest, source.digest)) for c in cands]
+        for cand, (ok, why) in accepted:
+            if ok and (lazy := verified(cand, subj)) is not None:
                 log.info("%s: lazy image %s (%s)", r, cand.digest, why)
-                lazy = Descriptor(media_type=cdesc.media_type, digest=cdesc.digest, size=cdesc.size,
-                                  artifact_type=mt.LAZY_ARTIFACT_TYPE, annotations=dict(cm.annotations))
                 return source, lazy
-            untrusted.append(cand.digest)
-            log.warning("%s: ignoring untrusted lazy image %s (%s)", r, cand.digest, why)
+        rest = [c for c, (ok, _) in accepted if not ok]
+        if policy.keys() and subj.digest == source.digest:
+            for cand in rest[:MAX_SIGNATURE_CANDIDATES]:
+                ok, why = policy.check_signatures(store, cand.digest, source.digest)
+                if ok and (lazy := verified(cand, subj)) is not None:
+                    log.info("%s: lazy image %s (%s)", r, cand.digest, why)
+                    return source, lazy
+            if len(rest) > MAX_SIGNATURE_CANDIDATES:
+                broken.append(f"{len(rest) - MAX_SIGNATURE_CANDIDATES} more whose signatures were not looked up")
+        untrusted += [c.digest for c in rest]
     if untrusted:
+        log.warning("%s: ignoring %d untrusted lazy image(s): %s", r, len(untrusted), _named(untrusted))
+        extra = f"; unusable: {_named(broken)}" if broken else ""
         raise NoLazyImageError(
             f"{r}: {len(untrusted)} lazy image(s) found for {source.digest} but none is trusted "
-            f"({', '.join(untrusted)}); add one to {policy.trust_dir / 'allowed'} or convert on this node")
-    extra = f"; unusable: {', '.join(broken)}" if broken else ""
+            f"({_named(untrusted)}){extra}; add one to {policy.trust_dir / 'allowed'} or convert on this node")
+    extra = f"; unusable: {_named(broken)}" if broken else ""
     raise NoLazyImageError(f"{r}: no lazy image for {source.digest}; run `bdserver convert {r}`{extra}")
