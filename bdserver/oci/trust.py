@@ -101,9 +101,9 @@ class TrustPolicy:
           digest (``REPO@sha256:...``). Only for single-tenant nodes where every reference comes from
           the node admin; on a shared node a pod author writes the reference, and a digest they pick
           is not the admin's trust.
-        * ``public_keys``: list of PEM public key files (ECDSA P-256/P-384, Ed25519, RSA); a lazy image
-          signed by one of them for its source is trusted (signing.py). Each file must exist and hold
-          a key. ``state_dir/trust/keys/*.pem`` are added.
+        * ``public_keys``: list of PEM public key files (ECDSA, Ed25519, RSA); a lazy image whose cosign
+          signature one of them verifies, for its source, is trusted (signing.py). Each file must hold
+          such a key. ``state_dir/trust/keys/*.pem`` are added.
         """
         t = dict(table or {})
         unknown = sorted(set(t) - set(cls.CONFIG_KEYS))
@@ -114,9 +114,13 @@ class TrustPolicy:
         if bad:
             raise ConfigError(f"[trust] allowed: not a digest: {bad[0]!r} (write sha256:<64 hex>)")
         keys = [Path(k) for k in _config_list(t, "public_keys")]
+        from bdserver.oci.signing import load_public_key
+
         for k in keys:
-            if not k.is_file():
-                raise ConfigError(f"[trust] public_keys: {k} is not a readable file")
+            try:
+                load_public_key(k)
+            except ConfigError as e:
+                raise ConfigError(f"[trust] public_keys: {e}") from None
         return cls(
             state_dir=Path(state_dir),
             allowed=set(allowed),
@@ -297,9 +301,12 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
         untrusted += [c.digest for c in rest]
     if untrusted:
         log.warning("%s: ignoring %d untrusted lazy image(s): %s", r, len(untrusted), _named(untrusted))
+        why = "not in the allow-list and not converted on this node"
+        if policy.keys():
+            why += f", and not signed by any of {len(policy.keys())} trusted key(s)"
         extra = f"; unusable: {_named(broken)}" if broken else ""
         raise NoLazyImageError(
             f"{r}: {len(untrusted)} lazy image(s) found for {source.digest} but none is trusted "
-            f"({_named(untrusted)}){extra}; add one to {policy.trust_dir / 'allowed'} or convert on this node")
+            f"({_named(untrusted)}: {why}){extra}; add one to {policy.trust_dir / 'allowed'} or convert on this node")
     extra = f"; unusable: {_named(broken)}" if broken else ""
     raise NoLazyImageError(f"{r}: no lazy image for {source.digest}; run `bdserver convert {r}`{extra}")

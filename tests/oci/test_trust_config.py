@@ -33,7 +33,9 @@ def test_bad_tables_name_the_key(tmp_path, table, key):
 
 
 def test_keys_reach_the_policy(tmp_path):
-    (tmp_path / "k.pem").write_text("x")
+    from .test_signing import write_key
+
+    write_key(tmp_path, "k")
     p = TrustPolicy.from_config({"allowed": [DIGEST], "allow_files": ["/etc/x"], "converted_here": False,
                                  "pinned_reference": True, "public_keys": [str(tmp_path / "k.pem")]}, tmp_path / "st")
     assert (p.allowed, p.allow_files, p.trust_converted_here, p.trust_pinned_reference, p.public_keys) == \
