@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
-from bdserver.digest import VerifyingReader, hasher, is_digest, parse_digest, sha256_digest
+from bdserver.digest import VerifyingReader, digest_of, hasher, is_digest, parse_digest, sha256_digest, verify_bytes
 from bdserver.errors import FetchError, FormatError, IntegrityError, NotFoundError, RegistryError
 from bdserver.oci import mediatypes as mt
 from bdserver.oci.auth import CredentialStore, scope_for
@@ -201,12 +201,10 @@ class RegistryRepository:
             data = read_body(resp, MAX_MANIFEST_BODY, f"{self.client.host}/{self.name}: manifest {ref}")
             expected = want or resp.headers.get("docker-content-digest")
             if expected and is_digest(expected):
-                h = hasher(expected)
-                h.update(data)
-                got = f"{h.name}:{h.hexdigest()}"
-                if got != expected:
-                    raise Transient("manifest digest mismatch", IntegrityError(
-                        f"manifest {self.name}@{expected}: content has digest {got}"))
+                try:
+                    verify_bytes(data, expected, what=f"manifest {self.client.host}/{self.name}@{expected}")
+                except IntegrityError as e:
+                    raise Transient("manifest digest mismatch", e) from None
             digest = want or sha256_digest(data)
             ctype = content_type(resp)
             mtype = ctype if ctype in mt.MANIFEST_TYPES + mt.INDEX_TYPES else detect_media_type(data, ctype)
@@ -462,7 +460,7 @@ class RegistryRepository:
             if nl:
                 url = resp.url.join(nl)
         extra = fileobj.read(1)
-        got = f"{h.name}:{h.hexdigest()}"
+        got = digest_of(h)
         if got != digest or off != size or extra:
             raise IntegrityError(f"blob to upload does not match {digest} ({size} bytes): got {got}")
         resp = self.client.send(
