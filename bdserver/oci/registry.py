@@ -337,22 +337,28 @@ class RegistryRepository:
                 m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
                 if not m or int(m.group(1)) != offset or int(m.group(2)) != end:
                     raise Transient(f"unexpected Content-Range {resp.headers.get('content-range')!r}")
-                skip = 0
-            else:  # 200: the whole blob (proxies, some CDNs); skip to the range without keeping it
-                if not self.client._warned_no_range:
-                    self.client._warned_no_range = True
-                    log.warning("%s ignores Range requests (HTTP 200 to a ranged GET of %s): lazy reads will "
-                                "transfer whole blobs", self.client.host, digest)
-                skip = offset
+                out = bytearray()
+                for c in resp.iter_raw(1 << 16):  # to the end, so that the connection is reused
+                    out += c
+                    if len(out) > want:
+                        raise Transient(f"more than the {want} bytes of the range")
+                if len(out) != want:
+                    raise Transient(f"short body: {len(out)} of {want} bytes")
+                return bytes(out)
+            # 200: the whole blob (proxies, some CDNs); skip to the range without keeping it
+            if not self.client._warned_no_range:
+                self.client._warned_no_range = True
+                log.warning("%s ignores Range requests (HTTP 200 to a ranged GET of %s): lazy reads will "
+                            "transfer whole blobs", self.client.host, digest)
             out = bytearray()
             pos = 0
             for c in resp.iter_raw(1 << 16):
-                if pos + len(c) > skip and len(out) < want:
-                    lo = max(0, skip - pos)
+                if pos + len(c) > offset and len(out) < want:
+                    lo = max(0, offset - pos)
                     out += c[lo: lo + want - len(out)]
                 pos += len(c)
                 if len(out) >= want:
-                    break
+                    break  # the rest of the blob is not wanted: the connection is dropped
             if len(out) != want:
                 raise Transient(f"short body: {len(out)} of {want} bytes")
             return bytes(out)

@@ -70,6 +70,20 @@ def test_read_range_206_and_clamping(registry_session, ):
         repo.read_range(d, -1, 10)
 
 
+def test_read_range_reuses_its_connection(registry, fault_proxy):
+    """A range read consumes its whole 206 body, so the next one goes over the same connection."""
+    p = fault_proxy
+    repo = client(p.host).repository("keep/alive")
+    blob = rand_bytes(1 << 20, 4)
+    d = repo.put_blob_bytes(blob)
+    repo.blob_size(d)
+    before = p.connections
+    for i in range(20):
+        off = i * 40_000
+        assert repo.read_range(d, off, 30_000) == blob[off: off + 30_000]
+    assert p.connections - before <= 1
+
+
 def test_read_range_many_threads_one_client(registry_session):
     c = client(registry_session.host, max_connections=16)
     repo = c.repository(unique("mt/"))
