@@ -40,8 +40,13 @@ def hasher(digest: str) -> "hashlib._Hash":
     return hashlib.new(alg)
 
 
+def digest_of(h: "hashlib._Hash") -> str:
+    """``alg:hex`` of a finished hasher (from `hasher`)."""
+    return f"{h.name}:{h.hexdigest()}"
+
+
 def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return digest_of(hashlib.sha256(data))
 
 
 def verify_bytes(data: bytes, digest: str, size: int | None = None, *, what: str = "") -> bytes:
@@ -53,7 +58,7 @@ def verify_bytes(data: bytes, digest: str, size: int | None = None, *, what: str
         raise IntegrityError(f"{what}: got {len(data)} bytes, expected {size}")
     h = hasher(digest)
     h.update(data)
-    got = f"{h.name}:{h.hexdigest()}"
+    got = digest_of(h)
     if got != digest:
         raise IntegrityError(f"{what}: content does not match {digest} (got {got})")
     return data
@@ -90,7 +95,7 @@ class VerifyingReader(io.RawIOBase):
         self._checked = True
         if self.size is not None and self._n != self.size:
             raise IntegrityError(f"{self.digest}: stream ended after {self._n} bytes, expected {self.size}")
-        got = f"{self._h.name}:{self._h.hexdigest()}"
+        got = digest_of(self._h)
         if got != self.digest:
             raise IntegrityError(f"content digest mismatch: expected {self.digest}, got {got}")
 

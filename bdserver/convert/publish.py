@@ -131,7 +131,7 @@ def publish(layout: OCILayout | str, lazy_ref: str, source: str | Reference | No
         raise ValueError("publish needs a source or a dest")
     tref = parse_reference(target) if isinstance(target, str) else target
     tag = tref.tag if dest is not None else None
-    store = dest_store or open_store(tref.store_ref(), **(registry_kw or {}))
+    store = dest_store or open_store(tref.store_ref(), create=dest is not None, **(registry_kw or {}))
     writer = getattr(store, "for_writing", None)
     if writer is not None:
         store = writer()  # existence checks must ask the push target, not a mirror

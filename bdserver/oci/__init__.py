@@ -12,5 +12,5 @@ Entry points (details in each module):
 * ``referrers``: ``list_referrers``, ``add_referrer``, ``update_referrers_tag``, ``referrers_tag``.
 * ``trust``: ``TrustPolicy``, ``discover_lazy_image(store, ref, policy) -> (source, lazy)``.
 * ``copy.copy_image(src, dst, ref, dst_tag)``: byte-exact copy of an image tree between stores.
-* ``signing``: ``sign_lazy_image`` / ``signed_by`` (openssl ECDSA/RSA signature referrers).
+* ``signing``: ``sign_lazy_image`` / ``signed_by`` (cosign-format signatures, checked with ``cryptography``).
 """

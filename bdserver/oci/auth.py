@@ -1,8 +1,12 @@
-"""Registry credentials and the Bearer/Basic challenge flow.
+"""Registry credentials and the Bearer/Basic challenge flow, as an httpx auth flow.
 
 Credentials come from where users already keep them (``~/.docker/config.json``: ``auths``,
-``credsStore``, ``credHelpers``); tokens are cached per (realm, service, scopes) and refreshed on
-expiry or a new 401. Secrets never appear in logs or in ``repr``.
+``credsStore``, ``credHelpers``); tokens are cached per scope set and refreshed on expiry or a new
+401, once for all threads. Credentials go only where they belong: to the endpoint they were
+looked up for (a mirror uses its own entry, never the upstream's), never over plain HTTP to a
+host that is not loopback, and to a token realm only on the same scheme (or an upgrade to https)
+and a host:port that is the endpoint's own or allowed by configuration. Secrets never appear in
+logs or in ``repr``.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generator, Iterable
 
 import httpx
 
 from bdserver.errors import AuthError
-from bdserver.oci.reference import DOCKER_HUB, DOCKER_HUB_API
+from bdserver.oci.reference import DOCKER_HUB, DOCKER_HUB_API, is_loopback
+from bdserver.oci.responses import MAX_TOKEN_BODY, Transient, discard, read_body, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -179,105 +185,184 @@ def scope_for(repo: str, actions: str) -> str:
 
 @dataclass
 class _Token:
-    value: str
+    value: str = field(repr=False)
     expires: float
 
 
-class Authorizer:
-    """Per-registry-endpoint auth state: which scheme the registry wants and cached tokens."""
+def host_port(url: httpx.URL) -> str:
+    """``host:port`` with the scheme's default port filled in (how realms and endpoints compare)."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    host = url.host.lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def __init__(self, host: str, creds: CredentialStore):
-        self.host = host
-        self.creds = creds
+
+class AuthState:
+    """What one endpoint taught us (the scheme it wants, tokens per scope set) and what it may get.
+
+    ``origin`` is the endpoint's base URL; ``creds_for`` the name its credentials are looked up
+    under (the upstream for the server, the mirror's own host for a mirror); ``token_hosts`` the
+    ``host[:port]`` names, besides the endpoint's own, that may receive credentials as token realms.
+    Shared by all threads using the endpoint; tokens are fetched once for all of them.
+    """
+
+    def __init__(self, origin: str, creds: CredentialStore, creds_for: str, token_hosts: Iterable[str] = ()):
+        self.origin = httpx.URL(origin)
+        self.name = creds_for
+        self._store = creds
+        self._creds_for = creds_for
+        self.withheld = ""
+        if self.origin.scheme == "http" and not is_loopback(self.origin.host):
+            self.withheld = f"{self.origin.host} speaks plain HTTP and is not loopback"
+        self._token_hosts = {host_port(self.origin)} | {
+            host_port(httpx.URL(f"{self.origin.scheme}://{h}")) for h in token_hosts}
         self._lock = threading.Lock()
-        self._fetch_lock = threading.Lock()
+        self.fetch_lock = threading.Lock()  # one token fetch at a time per endpoint (single flight)
         self._scheme: str | None = None
-        self._bearer: dict[str, str] = {}
         self._tokens: dict[tuple[str, ...], _Token] = {}
+
+    def credentials(self, refresh: bool = False) -> Credentials | None:
+        if self.withheld:
+            return None
+        return self._store.get(self._creds_for, refresh=refresh)
 
     def header(self, scopes: tuple[str, ...]) -> str | None:
         """The Authorization value to send proactively (None before the first challenge)."""
         with self._lock:
-            if self._scheme == "basic":
-                c = self.creds.get(self.host)
-                return c.basic_header() if c else None
-            if self._scheme == "bearer":
-                t = self._tokens.get(tuple(sorted(scopes)))
-                if t and t.expires - TOKEN_REFRESH_MARGIN > time.monotonic():
-                    return "Bearer " + t.value
+            scheme = self._scheme
+            t = self._tokens.get(tuple(sorted(scopes)))
+        if scheme == "basic":
+            c = self.credentials()
+            return c.basic_header() if c else None
+        if scheme == "bearer" and t and t.expires - TOKEN_REFRESH_MARGIN > time.monotonic():
+            return "Bearer " + t.value
         return None
 
-    def challenge(self, resp: httpx.Response, scopes: tuple[str, ...], client: httpx.Client,
-                  sent: str | None = None) -> bool:
-        """Handle a 401: learn the scheme, fetch a token. True if a retry may succeed.
+    def _no_credentials(self, what: str) -> AuthError:
+        if self.withheld and self._store.get(self._creds_for) is not None:
+            return AuthError(f"{self.name}: {what}, but {self.withheld}: bdserver sends credentials over plain "
+                             f"HTTP only to loopback registries (use https:// for it in hosts.toml)")
+        return AuthError(f"{self.name}: {what}; none configured for {self._creds_for}")
 
-        ``sent`` is the Authorization value the refused request carried: when many threads hit
-        an expired token at once, the first fetches a new one and the others reuse it.
-        """
-        chs = parse_challenges(resp.headers.get("www-authenticate", ""))
-        for scheme, params in chs:
-            if scheme == "bearer" and params.get("realm"):
-                want = set(scopes)
-                if params.get("scope"):
-                    want.update(s for s in params["scope"].split(" ") if s)
-                key = tuple(sorted(scopes))
-                with self._fetch_lock:
-                    now = self.header(scopes)
-                    if now is not None and now != sent and self._scheme == "bearer":
-                        return True  # another thread refreshed it meanwhile
-                    token = self._fetch_token(client, params["realm"], params.get("service"), sorted(want))
-                    with self._lock:
-                        self._scheme = "bearer"
-                        self._bearer = params
-                        self._tokens[key] = token
-                return True
-            if scheme == "basic":
-                c = self.creds.get(self.host, refresh=self._scheme == "basic")
-                if not c or not (c.username or c.password):
-                    raise AuthError(f"{self.host}: the registry wants a user name and password; none configured")
-                with self._lock:
-                    already = self._scheme == "basic"
-                    self._scheme = "basic"
-                return not already  # a second 401 with the same credentials: they are wrong
-        raise AuthError(f"{self.host}: unsupported or missing authentication challenge")
-
-    def _fetch_token(self, client: httpx.Client, realm: str, service: str | None, scopes: list[str]) -> _Token:
-        c = self.creds.get(self.host)
-        params: list[tuple[str, str]] = []
-        if service:
-            params.append(("service", service))
-        params += [("scope", s) for s in scopes]
+    def check_realm(self, realm: str, creds: Credentials | None) -> httpx.URL:
+        """The realm URL if it may be asked for a token (with ``creds`` if given), else AuthError."""
         try:
-            if c and c.identity_token:
-                form = {"grant_type": "refresh_token", "refresh_token": c.identity_token,
-                        "client_id": "bdserver", "access_type": "offline"}
-                if service:
-                    form["service"] = service
-                if scopes:
-                    form["scope"] = " ".join(scopes)
-                r = client.post(realm, data=form, timeout=30)
-                if r.status_code == 404:
-                    r = client.get(realm, params=params, timeout=30)
-            else:
-                headers = {"Authorization": c.basic_header()} if c and (c.username or c.password) else {}
-                r = client.get(realm, params=params, headers=headers, timeout=30)
-        except httpx.HTTPError as e:
-            raise AuthError(f"{self.host}: token endpoint unreachable ({e.__class__.__name__})") from None
-        if r.status_code in (401, 403):
-            raise AuthError(f"{self.host}: the token server refused the credentials (HTTP {r.status_code})")
-        if r.status_code != 200:
-            raise AuthError(f"{self.host}: token endpoint answered HTTP {r.status_code}")
-        try:
-            body = r.json()
-        except ValueError:
-            raise AuthError(f"{self.host}: token endpoint answered something that is not JSON") from None
-        tok = body.get("token") or body.get("access_token")
-        if not tok:
-            raise AuthError(f"{self.host}: token endpoint answered without a token")
-        life = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-        log.debug("token for %s scopes=%s lifetime=%.0fs", self.host, scopes, life)
-        return _Token(tok, time.monotonic() + max(life, TOKEN_REFRESH_MARGIN + 1))
+            url = httpx.URL(realm)
+        except httpx.InvalidURL:
+            raise AuthError(f"{self.name}: the registry names an invalid token realm") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise AuthError(f"{self.name}: the registry names a token realm that is not an http(s) URL")
+        if url.scheme == "http" and self.origin.scheme == "https":
+            raise AuthError(f"{self.name}: the registry (https) names a plain-HTTP token realm {url.host}; refused")
+        if creds:
+            if host_port(url) not in self._token_hosts:
+                raise AuthError(f"{self.name}: refusing to send credentials to token realm {host_port(url)} "
+                                f"(not the registry's own host); allow it in the token_realms configuration")
+            if url.scheme == "http" and not is_loopback(url.host):
+                raise AuthError(f"{self.name}: refusing to send credentials over plain HTTP to token realm {url.host}")
+        return url
 
-    def forget(self, scopes: tuple[str, ...]) -> None:
+    def token_requests(self, params: dict[str, str], scopes: list[str]) -> list[httpx.Request]:
+        """The token request(s) for a Bearer challenge: the OAuth2 refresh-token POST (then, if the
+        server lacks it, the GET), or the GET with Basic credentials or anonymous."""
+        c = self.credentials()
+        realm = self.check_realm(params["realm"], c)
+        service = params.get("service")
+        query: list[tuple[str, str]] = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
+        get_headers = {"Authorization": c.basic_header()} if c and (c.username or c.password) else {}
+        get = httpx.Request("GET", realm.copy_merge_params(query), headers=get_headers)
+        if c and c.identity_token:
+            form = {"grant_type": "refresh_token", "refresh_token": c.identity_token, "client_id": "bdserver",
+                    "access_type": "offline"}
+            if service:
+                form["service"] = service
+            if scopes:
+                form["scope"] = " ".join(scopes)
+            return [httpx.Request("POST", realm, data=form), get]
+        return [get]
+
+    def take_token(self, resp: httpx.Response, scopes: tuple[str, ...]) -> str:
+        """Read a token response (bounded) and cache the token for ``scopes``."""
+        if resp.status_code in (401, 403):
+            discard(resp)
+            if self.withheld:
+                raise self._no_credentials("the token server wants credentials")
+            raise AuthError(f"{self.name}: the token server refused the credentials (HTTP {resp.status_code})")
+        if resp.status_code == 429 or resp.status_code >= 500:
+            discard(resp)
+            raise Transient(f"token server answered HTTP {resp.status_code}", retry_after=retry_after(resp))
+        if resp.status_code != 200:
+            discard(resp)
+            raise AuthError(f"{self.name}: token endpoint answered HTTP {resp.status_code}")
+        try:
+            body = json.loads(read_body(resp, MAX_TOKEN_BODY, f"{self.name}: token response"))
+            tok = body.get("token") or body.get("access_token")
+            life = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            raise AuthError(f"{self.name}: token endpoint answered something that is not a token document") from None
+        if not tok or not isinstance(tok, str):
+            raise AuthError(f"{self.name}: token endpoint answered without a token")
+        log.debug("token for %s scopes=%s lifetime=%.0fs", self.name, scopes, life)
         with self._lock:
-            self._tokens.pop(tuple(sorted(scopes)), None)
+            self._scheme = "bearer"
+            self._tokens[tuple(sorted(scopes))] = _Token(tok, time.monotonic() + max(life, TOKEN_REFRESH_MARGIN + 1))
+        return "Bearer " + tok
+
+    def use_basic(self, sent: str | None) -> str | None:
+        """The Basic header to retry with, or None when the one just refused was already it."""
+        with self._lock:
+            already = self._scheme == "basic"
+            self._scheme = "basic"
+        c = self.credentials(refresh=already)
+        if not c or not (c.username or c.password):
+            raise self._no_credentials("the registry wants a user name and password")
+        h = c.basic_header()
+        return None if already and h == sent else h
+
+
+class RegistryAuth(httpx.Auth):
+    """One request's authentication: an httpx auth flow over the endpoint's shared AuthState.
+
+    Yields the request (with a cached token or Basic header once the endpoint is known to want
+    one); on a 401 it reads the challenge, yields the token request(s) unless another thread has
+    just refreshed the token, then yields the request once more. A second 401 ends the flow and
+    the caller raises AuthError. Driven by the registry client's one send path, which reads every
+    body it hands over within a cap (httpx's own driver would read intermediate bodies whole).
+    """
+
+    def __init__(self, state: AuthState, scopes: tuple[str, ...]):
+        self.state = state
+        self.scopes = scopes
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        st = self.state
+        sent = st.header(self.scopes)
+        if sent:
+            request.headers["Authorization"] = sent
+        response = yield request
+        if response.status_code != 401:
+            return
+        challenges = parse_challenges(response.headers.get("www-authenticate", ""))
+        bearer = next((p for s, p in challenges if s == "bearer" and p.get("realm")), None)
+        if bearer is not None:
+            want = sorted(set(self.scopes) | {x for x in bearer.get("scope", "").split(" ") if x})
+            with st.fetch_lock:
+                now = st.header(self.scopes)
+                if now is None or now == sent:  # nobody refreshed it meanwhile: fetch it ourselves
+                    reqs = st.token_requests(bearer, want)
+                    for i, treq in enumerate(reqs):
+                        tresp = yield treq
+                        if tresp.status_code == 404 and i + 1 < len(reqs):
+                            continue  # no OAuth2 POST on this server: the GET comes next
+                        now = st.take_token(tresp, self.scopes)
+                        break
+        elif any(s == "basic" for s, _ in challenges):
+            now = st.use_basic(sent)
+            if now is None:
+                return  # the same credentials were refused twice: they are wrong
+        else:
+            raise AuthError(f"{st.name}: unsupported or missing authentication challenge")
+        request.headers["Authorization"] = now
+        yield request
+
+    def async_auth_flow(self, request):  # type: ignore[override]
+        raise NotImplementedError("bdserver's registry client is synchronous")

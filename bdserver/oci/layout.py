@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
@@ -20,8 +21,8 @@ from typing import BinaryIO, Iterator
 from bdserver.errors import FormatError, IntegrityError, NotFoundError
 from bdserver.fsutil import atomic_write, fsync_dir
 from bdserver.oci import mediatypes as mt
-from bdserver.digest import VerifyingReader, hasher, is_digest, parse_digest, verify_bytes
-from bdserver.oci.model import Descriptor, Index, canonical_json, detect_media_type
+from bdserver.digest import VerifyingReader, digest_of, hasher, is_digest, parse_digest, sha256_digest, verify_bytes
+from bdserver.oci.model import Descriptor, Index, canonical_json, detect_media_type, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class OCILayout:
         self.path = Path(path)
         if not (self.path / LAYOUT_FILE).exists():
             if not create:
-                raise NotFoundError(f"{self.path} is not an OCI image layout (no {LAYOUT_FILE} file)")
+                raise NotFoundError(f"no OCI layout at {self.path} (no {LAYOUT_FILE} file)")
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
             with self._locked():
@@ -166,7 +167,7 @@ class OCILayout:
                     out.write(c)
                 out.flush()
                 os.fsync(out.fileno())
-            got = f"{h.name}:{h.hexdigest()}"
+            got = digest_of(h)
             if n != size or got != digest:
                 raise IntegrityError(f"blob {digest} ({size} bytes): got {got} ({n} bytes)")
             os.replace(tmp, dest)
@@ -177,21 +178,12 @@ class OCILayout:
         fsync_dir(dest.parent)
 
     def put_blob_bytes(self, data: bytes, digest: str | None = None) -> str:
-        import io
-
-        from bdserver.digest import sha256_digest
-
         digest = digest or sha256_digest(data)
         self.put_blob(io.BytesIO(data), digest, len(data))
         return digest
 
     def put_manifest(self, data: bytes, media_type: str, tag: str | None = None) -> Descriptor:
         """Store the bytes; list them in index.json (replacing an older holder of ``tag``)."""
-        import io
-
-        from bdserver.digest import sha256_digest
-        from bdserver.oci.model import parse_manifest
-
         parsed = parse_manifest(data, media_type)  # refuse garbage before it is listed
         digest = sha256_digest(data)
         self.put_blob(io.BytesIO(data), digest, len(data))

@@ -35,6 +35,11 @@ EROFS_CHUNK_INDEX = "application/vnd.erofs.chunk-index.v1"
 # bdserver's lazy image
 LAZY_ARTIFACT_TYPE = "application/vnd.bdserver.lazy.v1"
 
+# cosign signatures (sigstore/cosign specs/SIGNATURE_SPEC.md; referrers as `--registry-referrers-mode=oci-1-1`)
+COSIGN_SIGNATURE_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
+COSIGN_SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+ANN_COSIGN_SIGNATURE = "dev.cosignproject.cosign/signature"
+
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 # What we send as Accept on manifest GETs: distribution 2.8 answers 404 to OCI content without it.

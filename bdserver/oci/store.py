@@ -36,13 +36,13 @@ class ImageStore(Protocol):
     def list_tags(self) -> list[str]: ...
 
 
-def open_store(ref: str | Reference, *, create: bool = True, shared: bool = True, **registry_kw) -> ImageStore:
+def open_store(ref: str | Reference, *, create: bool = False, shared: bool = True, **registry_kw) -> ImageStore:
     """The store a reference names: an OCILayout for ``oci:`` paths, else a registry repository.
 
-    ``registry_kw`` go to RegistryClient (e.g. ``docker_config=``, ``hosts_dirs=``). A missing
-    layout is created when ``create`` (destinations); sources should pass ``create=False`` so a
-    typo gives NotFoundError instead of an empty directory. ``shared`` reuses one RegistryClient
-    per (host, options) in the process (connection pool, tokens).
+    ``registry_kw`` go to RegistryClient (e.g. ``docker_config=``, ``hosts_dirs=``). Reading never
+    creates: a missing layout is NotFoundError ("no OCI layout at PATH"), so ``oci:/any/path`` in a
+    source cannot make root create directories; only a destination passes ``create=True``.
+    ``shared`` reuses one RegistryClient per (host, options) in the process (connection pool, tokens).
     """
     r = parse_reference(ref) if isinstance(ref, str) else ref
     if r.is_layout:

@@ -1,10 +1,11 @@
 """Which lazy images a node may use, and finding the trusted one for a reference.
 
 Anyone who can push to a repository can attach a referrer, so a lazy image is used only if the
-policy accepts it: its digest is pinned in an allow-list, or this node converted it itself
-(a record under the state dir), or the reference pins the lazy manifest's digest, or a
-configured key signed it for this source (signing.py). Discovery
-failures raise NoLazyImageError, which callers treat as "fall back" (convert here or pull).
+policy accepts it: its digest is in an allow-list, or this node converted it itself (a record
+under the state dir), or a configured key signed it for this source (signing.py), or (only where
+the node admin opts in) the reference pins the lazy manifest's digest. The ``[trust]`` config
+table is read by `TrustPolicy.from_config`, which fails closed. Discovery failures raise
+NoLazyImageError, which callers treat as "fall back" (convert here or pull).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
-from bdserver.errors import BdError, FormatError, NoLazyImageError, NotFoundError
+from bdserver.errors import BdError, ConfigError, FormatError, NoLazyImageError, NotFoundError
 from bdserver.oci import mediatypes as mt
 from bdserver.digest import is_digest, parse_digest
 from bdserver.fsutil import atomic_write
@@ -27,7 +29,8 @@ from bdserver.oci.store import ImageStore
 
 log = logging.getLogger(__name__)
 
-MAX_CANDIDATES = 64  # referrers examined per subject (anyone with push access can add more)
+MAX_SIGNATURE_CANDIDATES = 64  # lazy images whose signatures are looked up (one listing each) per subject
+MAX_NAMED = 5  # untrusted digests named in an error message
 DEFAULT_STATE_DIR = Path(os.environ.get("BDSERVER_STATE_DIR", "/var/lib/bdserver"))
 
 
@@ -47,21 +50,85 @@ def _read_digest_list(path: Path) -> set[str]:
     return out
 
 
+def _config_list(table: Mapping[str, Any], key: str) -> list[str]:
+    v = table.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"[trust] {key} must be a list of non-empty strings, not {v!r}")
+    return list(v)
+
+
+def _config_bool(table: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = table.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"[trust] {key} must be true or false, not {v!r}")
+    return v
+
+
 @dataclass
 class TrustPolicy:
-    """Accept a lazy image if pinned (allow-list), converted on this node, or pinned by the reference.
+    """Accept a lazy image if allow-listed, converted on this node, signed by a configured key, or
+    (opt-in) pinned by the reference.
 
     ``state_dir/trust/allowed`` (one digest a line, ``#`` comments) and ``allow_files`` extend
-    ``allowed``; ``state_dir/trust/converted/<hex>.json`` records what this node produced.
-    ``trust_converted_here`` can be switched off for nodes that share a state dir they do not trust.
+    ``allowed``; ``state_dir/trust/converted/<hex>.json`` records what this node produced;
+    ``state_dir/trust/keys/*.pem`` extend ``public_keys``. ``trust_converted_here`` can be switched
+    off for nodes that share a state dir they do not trust. ``trust_pinned_reference`` is off by
+    default: on a shared node the reference is written by a pod author, and naming a digest says
+    which bytes they want, not that the node admin vouches for them.
     """
 
     state_dir: Path = DEFAULT_STATE_DIR
     allowed: set[str] = field(default_factory=set)
     allow_files: list[Path] = field(default_factory=list)
     trust_converted_here: bool = True
-    trust_pinned_reference: bool = True
+    trust_pinned_reference: bool = False
     public_keys: list[Path] = field(default_factory=list)  # PEM; plus state_dir/trust/keys/*.pem
+
+    CONFIG_KEYS = ("allowed", "allow_files", "converted_here", "pinned_reference", "public_keys")
+
+    @classmethod
+    def from_config(cls, table: Mapping[str, Any] | None, state_dir: str | os.PathLike) -> "TrustPolicy":
+        """The policy of a ``[trust]`` config table; ConfigError naming the key for anything amiss.
+
+        Keys (all optional; anything else is an error, so a typo never silently widens or narrows trust):
+
+        * ``allowed``: list of lazy manifest digests to trust (``sha256:<hex>``).
+        * ``allow_files``: list of files holding more digests, one a line, ``#`` comments; a missing
+          file is an empty list (it may be provisioned later), a malformed one an error at use.
+        * ``converted_here`` (default true): trust lazy images this node converted itself
+          (records under ``state_dir/trust/converted``, written only by ``bdserver convert`` as root).
+        * ``pinned_reference`` (default false): trust a reference that names the lazy manifest by
+          digest (``REPO@sha256:...``). Only for single-tenant nodes where every reference comes from
+          the node admin; on a shared node a pod author writes the reference, and a digest they pick
+          is not the admin's trust.
+        * ``public_keys``: list of PEM public key files (ECDSA, Ed25519, RSA); a lazy image whose cosign
+          signature one of them verifies, for its source, is trusted (signing.py). Each file must hold
+          such a key. ``state_dir/trust/keys/*.pem`` are added.
+        """
+        t = dict(table or {})
+        unknown = sorted(set(t) - set(cls.CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"[trust]: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(cls.CONFIG_KEYS)}")
+        allowed = _config_list(t, "allowed")
+        bad = [d for d in allowed if not is_digest(d)]
+        if bad:
+            raise ConfigError(f"[trust] allowed: not a digest: {bad[0]!r} (write sha256:<64 hex>)")
+        keys = [Path(k) for k in _config_list(t, "public_keys")]
+        from bdserver.oci.signing import load_public_key
+
+        for k in keys:
+            try:
+                load_public_key(k)
+            except ConfigError as e:
+                raise ConfigError(f"[trust] public_keys: {e}") from None
+        return cls(
+            state_dir=Path(state_dir),
+            allowed=set(allowed),
+            allow_files=[Path(p) for p in _config_list(t, "allow_files")],
+            trust_converted_here=_config_bool(t, "converted_here", True),
+            trust_pinned_reference=_config_bool(t, "pinned_reference", False),
+            public_keys=keys,
+        )
 
     def keys(self) -> list[Path]:
         """Public keys whose signatures (see signing.py) make a lazy image trusted."""
@@ -75,15 +142,19 @@ class TrustPolicy:
         ok, why = self.decide(lazy_digest, source_digest, pinned_by_reference)
         if ok:
             return ok, why
-        keys = self.keys()
-        if keys:
-            from bdserver.oci.signing import signed_by
+        return self.check_signatures(store, lazy_digest, source_digest, why)
 
-            key = signed_by(store, lazy_digest, source_digest, keys)
-            if key:
-                return True, f"signed by {key}"
-            why += f", and not signed by any of {len(keys)} trusted key(s)"
-        return False, why
+    def check_signatures(self, store: ImageStore, lazy_digest: str, source_digest: str,
+                         why: str = "not trusted otherwise") -> tuple[bool, str]:
+        keys = self.keys()
+        if not keys:
+            return False, why
+        from bdserver.oci.signing import signed_by
+
+        key = signed_by(store, lazy_digest, source_digest, keys)
+        if key:
+            return True, f"signed by {key}"
+        return False, f"{why}, and not signed by any of {len(keys)} trusted key(s)"
 
     @property
     def trust_dir(self) -> Path:
@@ -146,6 +217,11 @@ def _source_manifest(store: ImageStore, parsed: Manifest | Index, desc: Descript
     return desc, [desc]
 
 
+def _named(digests: list[str]) -> str:
+    more = f" and {len(digests) - MAX_NAMED} more" if len(digests) > MAX_NAMED else ""
+    return ", ".join(digests[:MAX_NAMED]) + more
+
+
 def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPolicy, *,
                         platform: Platform | None = None) -> tuple[Descriptor, Descriptor]:
     """Find the trusted lazy image for ``ref`` in ``store`` (the repository ``ref`` names).
@@ -153,9 +229,12 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
     ``store`` may also be a RegistryClient (then ``ref``'s repository on it is used).
 
     Returns ``(source manifest descriptor, lazy manifest descriptor)``. If ``ref`` itself names a
-    lazy manifest, its subject is the source. Candidates come newest first; each must verify
-    (digest, artifactType, subject) and pass ``policy``. Raises NoLazyImageError (non-fatal for
-    callers) with what was found and what to do.
+    lazy manifest, its subject is the source. Any writer to the repository can add referrers and
+    date them as they like, so candidates the policy accepts without the network (allow-list,
+    converted here) are examined first, whatever their number and dates, and without fetching
+    any other; then, with keys configured, up to MAX_SIGNATURE_CANDIDATES others, newest first,
+    by their signatures. Each must verify (digest, artifactType, subject). Raises
+    NoLazyImageError (non-fatal for callers) with what was found and what to do.
     """
     r = parse_reference(ref) if isinstance(ref, str) else ref
     if hasattr(store, "repository") and not hasattr(store, "get_manifest"):
@@ -183,45 +262,51 @@ def discover_lazy_image(store: ImageStore, ref: str | Reference, policy: TrustPo
         raise NoLazyImageError(f"{r}: {e}") from None
     untrusted: list[str] = []
     broken: list[str] = []
+
+    def verified(cand: Descriptor, subj: Descriptor) -> Descriptor | None:
+        """The lazy descriptor if the candidate's manifest is what its listing claims, for this source."""
+        try:
+            cdata, cdesc = store.get_manifest(cand.digest)
+            cm = parse_manifest(cdata, cdesc.media_type)
+        except (BdError, ValueError) as e:
+            broken.append(f"{cand.digest} ({e.__class__.__name__})")
+            return None
+        if not isinstance(cm, Manifest) or cm.artifact_type != mt.LAZY_ARTIFACT_TYPE or cm.subject is None \
+                or cm.subject.digest != subj.digest:
+            broken.append(f"{cand.digest} (does not point at {subj.digest})")
+            return None
+        if subj.digest != source.digest:
+            # a lazy image of the index: only usable if it is the one for this platform
+            broken.append(f"{cand.digest} (attached to the index, not to the {source.digest} manifest)")
+            return None
+        return Descriptor(media_type=cdesc.media_type, digest=cdesc.digest, size=cdesc.size,
+                          artifact_type=mt.LAZY_ARTIFACT_TYPE, annotations=dict(cm.annotations))
+
     for subj in search:
-        have_keys = bool(policy.keys())
-        for n, cand in enumerate(list_referrers(store, subj.digest, mt.LAZY_ARTIFACT_TYPE)):
-            if n >= MAX_CANDIDATES:
-                broken.append(f"{n}+ more not examined")
-                break
-            if not have_keys and subj.digest == source.digest:
-                # decide locally before fetching anything: a repository flooded with untrusted
-                # referrers costs one listing, not one request per referrer
-                ok, why = policy.decide(cand.digest, source.digest)
-                if not ok:
-                    untrusted.append(cand.digest)
-                    log.warning("%s: ignoring untrusted lazy image %s (%s)", r, cand.digest, why)
-                    continue
-            try:
-                cdata, cdesc = store.get_manifest(cand.digest)
-                cm = parse_manifest(cdata, cdesc.media_type)
-            except (BdError, ValueError) as e:
-                broken.append(f"{cand.digest} ({e.__class__.__name__})")
-                continue
-            if not isinstance(cm, Manifest) or cm.artifact_type != mt.LAZY_ARTIFACT_TYPE or cm.subject is None \
-                    or cm.subject.digest != subj.digest:
-                broken.append(f"{cand.digest} (does not point at {subj.digest})")
-                continue
-            if subj.digest != source.digest:
-                # a lazy image of the index: only usable if it is the one for this platform
-                broken.append(f"{cand.digest} (attached to the index, not to the {source.digest} manifest)")
-                continue
-            ok, why = policy.decide_with_signatures(store, cand.digest, source.digest)
-            if ok:
+        cands = list_referrers(store, subj.digest, mt.LAZY_ARTIFACT_TYPE)  # newest first
+        accepted = [(c, policy.decide(c.digest, source.digest)) for c in cands]
+        for cand, (ok, why) in accepted:
+            if ok and (lazy := verified(cand, subj)) is not None:
                 log.info("%s: lazy image %s (%s)", r, cand.digest, why)
-                lazy = Descriptor(media_type=cdesc.media_type, digest=cdesc.digest, size=cdesc.size,
-                                  artifact_type=mt.LAZY_ARTIFACT_TYPE, annotations=dict(cm.annotations))
                 return source, lazy
-            untrusted.append(cand.digest)
-            log.warning("%s: ignoring untrusted lazy image %s (%s)", r, cand.digest, why)
+        rest = [c for c, (ok, _) in accepted if not ok]
+        if policy.keys() and subj.digest == source.digest:
+            for cand in rest[:MAX_SIGNATURE_CANDIDATES]:
+                ok, why = policy.check_signatures(store, cand.digest, source.digest)
+                if ok and (lazy := verified(cand, subj)) is not None:
+                    log.info("%s: lazy image %s (%s)", r, cand.digest, why)
+                    return source, lazy
+            if len(rest) > MAX_SIGNATURE_CANDIDATES:
+                broken.append(f"{len(rest) - MAX_SIGNATURE_CANDIDATES} more whose signatures were not looked up")
+        untrusted += [c.digest for c in rest]
     if untrusted:
+        log.warning("%s: ignoring %d untrusted lazy image(s): %s", r, len(untrusted), _named(untrusted))
+        why = "not in the allow-list and not converted on this node"
+        if policy.keys():
+            why += f", and not signed by any of {len(policy.keys())} trusted key(s)"
+        extra = f"; unusable: {_named(broken)}" if broken else ""
         raise NoLazyImageError(
             f"{r}: {len(untrusted)} lazy image(s) found for {source.digest} but none is trusted "
-            f"({', '.join(untrusted)}); add one to {policy.trust_dir / 'allowed'} or convert on this node")
-    extra = f"; unusable: {', '.join(broken)}" if broken else ""
+            f"({_named(untrusted)}: {why}){extra}; add one to {policy.trust_dir / 'allowed'} or convert on this node")
+    extra = f"; unusable: {_named(broken)}" if broken else ""
     raise NoLazyImageError(f"{r}: no lazy image for {source.digest}; run `bdserver convert {r}`{extra}")

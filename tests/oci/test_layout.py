@@ -1,6 +1,8 @@
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -25,7 +27,7 @@ def _image(lay: OCILayout, payload: bytes = b"layer-bytes" * 1000) -> tuple[byte
 
 
 def test_layout_roundtrip(tmp_path):
-    lay = open_store(f"oci:{tmp_path}/lay")
+    lay = open_store(f"oci:{tmp_path}/lay", create=True)
     assert isinstance(lay, OCILayout) and isinstance(lay, ImageStore)
     assert json.loads((tmp_path / "lay" / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
     data, want = _image(lay)
@@ -129,3 +131,29 @@ def test_copy_image_layout_registry_layout(tmp_path, registry_session):
     b = OCILayout(tmp_path / "b")
     assert copy_image(repo, b, "v1", "w").digest == top.digest
     assert b.get_manifest(arm.digest)[0] == a.get_manifest(arm.digest)[0]
+
+
+def test_reading_never_creates(tmp_path):
+    """A source is never created by reading it: `oci:/any/path` gives NotFoundError, no directory."""
+    from bdserver.errors import NotFoundError
+
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(NotFoundError, match=f"no OCI layout at {missing}"):
+        open_store(f"oci:{missing}:v1")
+    assert not missing.exists()
+    # an existing directory that is not a layout is not turned into one either
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(NotFoundError, match="no OCI layout at"):
+        open_store(f"oci:{tmp_path}/plain")
+    assert list((tmp_path / "plain").iterdir()) == []
+    # the CLI, as a user would run it: `bdserver convert oci:/nonexistent:v1`
+    (tmp_path / "config.toml").write_text(f'state_dir = "{tmp_path}/state"\nrun_dir = "{tmp_path}/run"\n')
+    env = {**os.environ, "BDSERVER_CONFIG": str(tmp_path / "config.toml")}
+    p = subprocess.run([sys.executable, "-m", "bdserver.cli", "convert", f"oci:{missing}:v1"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == NotFoundError.exit_code, p.stderr
+    assert f"no OCI layout at {missing}" in p.stderr
+    assert not missing.exists()
+    # a destination may be created
+    assert isinstance(open_store(f"oci:{tmp_path}/dest:v1", create=True), OCILayout)
+    assert (tmp_path / "dest" / "oci-layout").is_file()

@@ -97,13 +97,41 @@ def test_trust_outcomes(registry_session, tmp_path):
     assert discover_lazy_image(repo, ref, p2)[1].digest == newer.digest
     p3 = TrustPolicy(state_dir=tmp_path / "empty", allowed={older.digest})
     assert discover_lazy_image(repo, ref, p3)[1].digest == older.digest
-    # a reference that pins the lazy manifest itself
-    s, lz = discover_lazy_image(repo, f"{registry_session.host}/{repo.name}@{older.digest}",
-                                TrustPolicy(state_dir=tmp_path / "none"))
+    # a reference that pins the lazy manifest itself: trusted only where the admin opted in
+    pinned = f"{registry_session.host}/{repo.name}@{older.digest}"
+    with pytest.raises(NoLazyImageError, match="not trusted"):
+        discover_lazy_image(repo, pinned, TrustPolicy(state_dir=tmp_path / "none"))
+    s, lz = discover_lazy_image(repo, pinned, TrustPolicy(state_dir=tmp_path / "none", trust_pinned_reference=True))
     assert (s.digest, lz.digest) == (src.digest, older.digest)
-    # a referrer that lies about its subject or type is skipped
     with pytest.raises(NoLazyImageError, match="not found"):
         discover_lazy_image(repo, f"{registry_session.host}/{repo.name}:nope", policy)
+
+
+def test_referrer_that_lies_is_skipped(registry_session, tmp_path):
+    """B's referrers list offers A's allow-listed lazy image (its subject is A), and a manifest whose
+    index entry claims the lazy type while the manifest itself is something else: neither is used."""
+    from bdserver.oci.model import Descriptor
+    from bdserver.oci.referrers import update_referrers_tag
+
+    host = registry_session.host
+    repo = client(host).repository(unique("lie/"))
+    a = push_image(repo, "a", [rand_bytes(700, 1)])
+    b = push_image(repo, "b", [rand_bytes(700, 2)])
+    lz_a = add_referrer(repo, lazy_manifest(repo, a), mt.OCI_MANIFEST)
+    sbom = add_referrer(repo, lazy_manifest(repo, b, seed=5, artifact_type="application/vnd.example.sbom"),
+                        mt.OCI_MANIFEST)
+    remove_referrer(repo, b.digest, sbom.digest)  # listed again below, now claiming the lazy type
+    for liar in (lz_a, sbom):
+        update_referrers_tag(repo, b.digest, add=Descriptor(liar.media_type, liar.digest, liar.size,
+                                                            artifact_type=mt.LAZY_ARTIFACT_TYPE,
+                                                            annotations={mt.ANN_CREATED: "2030-01-01T00:00:00Z"}))
+    policy = TrustPolicy(state_dir=tmp_path, allowed={lz_a.digest, sbom.digest})
+    assert {d.digest for d in list_referrers(repo, b.digest, mt.LAZY_ARTIFACT_TYPE)} == {lz_a.digest, sbom.digest}
+    with pytest.raises(NoLazyImageError, match=f"{lz_a.digest} \\(does not point at {b.digest}\\)") as e:
+        discover_lazy_image(repo, f"{host}/{repo.name}:b", policy)
+    assert f"{sbom.digest} (does not point at" in str(e.value)
+    # A itself still finds its own lazy image
+    assert discover_lazy_image(repo, f"{host}/{repo.name}:a", policy)[1].digest == lz_a.digest
 
 
 def test_discovery_through_multiplatform_index(registry_session, tmp_path):
@@ -147,7 +175,8 @@ def test_skopeo_copy_keeps_lazy_image_discoverable(registry_session, tmp_path):
     policy = TrustPolicy(state_dir=tmp_path, allowed={lz.digest})
     with pytest.raises(NoLazyImageError, match="no lazy image"):
         discover_lazy_image(b, f"{host}/{b_name}:v1", policy)
-    s, found = discover_lazy_image(b, f"{host}/{b_name}@{lz.digest}", TrustPolicy(state_dir=tmp_path / "x"))
+    s, found = discover_lazy_image(b, f"{host}/{b_name}@{lz.digest}",
+                                   TrustPolicy(state_dir=tmp_path / "x", trust_pinned_reference=True))
     assert (s.digest, found.digest) == (src.digest, lz.digest)
     index_bytes, idesc = a.get_manifest(tag)
     assert b.put_manifest(index_bytes, idesc.media_type, tag=tag).digest == idesc.digest

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -67,6 +68,20 @@ def test_read_range_206_and_clamping(registry_session, ):
     assert repo.read_range(d, 5, 0) == b""
     with pytest.raises(ValueError):
         repo.read_range(d, -1, 10)
+
+
+def test_read_range_reuses_its_connection(registry, fault_proxy):
+    """A range read consumes its whole 206 body, so the next one goes over the same connection."""
+    p = fault_proxy
+    repo = client(p.host).repository("keep/alive")
+    blob = rand_bytes(1 << 20, 4)
+    d = repo.put_blob_bytes(blob)
+    repo.blob_size(d)
+    before = p.connections
+    for i in range(20):
+        off = i * 40_000
+        assert repo.read_range(d, off, 30_000) == blob[off: off + 30_000]
+    assert p.connections - before <= 1
 
 
 def test_read_range_many_threads_one_client(registry_session):
@@ -134,13 +149,32 @@ def test_read_range_survives_faults(registry, fault_proxy, kind):
 
 
 def test_429_retry_after_is_honoured(registry, fault_proxy):
+    """The client waits as long as Retry-After says (FAST_RETRY's own backoff is <= 0.05 s)."""
     p = fault_proxy
     repo = client(p.host).repository("f/429")
     blob = rand_bytes(10_000, 7)
     d = repo.put_blob_bytes(blob)
-    p.inject("status", status=429, retry_after=1, count=1, match=r"/blobs/sha256")
+    repo.blob_size(d)
+    p.stats.reset()
+    p.inject("status", status=429, retry_after=1, count=1, match=r"/blobs/sha256", method="GET")
+    t0 = time.monotonic()
     assert repo.read_range(d, 0, 100) == blob[:100]
-    assert 429 in p.stats.statuses(r"/blobs/sha256")
+    assert time.monotonic() - t0 >= 1.0
+    assert p.stats.statuses(r"/blobs/sha256", "GET") == [429, 206]
+
+
+def test_streaming_read_honours_retry_after(registry, fault_proxy):
+    """open_blob goes through the same send path as read_range: Retry-After is waited for there too."""
+    p = fault_proxy
+    repo = client(p.host).repository("f/429s")
+    blob = rand_bytes(200_000, 17)
+    d = repo.put_blob_bytes(blob)
+    p.stats.reset()
+    p.inject("status", status=429, retry_after=1, count=1, match=r"/blobs/sha256", method="GET")
+    t0 = time.monotonic()
+    assert repo.read_blob(d, len(blob)) == blob
+    assert time.monotonic() - t0 >= 1.0
+    assert p.stats.statuses(r"/blobs/sha256", "GET") == [429, 200]
 
 
 def test_retries_exhausted_is_fetch_error(registry, fault_proxy):
@@ -363,7 +397,11 @@ def test_real_registry_token_auth(tmp_path):
     reg, ts = start_token_registry(tmp_path / "tok", users={"dave": "pw-dave"})
     try:
         cfg = _docker_config(tmp_path, reg.host, "dave", "pw-dave")
-        c = client(reg.host, docker_config=cfg)
+        # the realm is another host:port than the registry's: credentials go there only if allowed
+        with pytest.raises(AuthError, match="refusing to send credentials to token realm"):
+            client(reg.host, docker_config=cfg).repository("tok/real").resolve("v1")
+        assert ts.requests == 0
+        c = client(reg.host, docker_config=cfg, token_realms={reg.host: [ts.netloc]})
         repo = c.repository("tok/real")
         blob = rand_bytes(70_000, 21)
         d = repo.put_blob_bytes(blob)
@@ -376,8 +414,8 @@ def test_real_registry_token_auth(tmp_path):
         assert other.read_range(d, 0, 3) == blob[:3]
         assert ts.requests <= 6  # one token per scope set, reused
         with pytest.raises(AuthError):
-            client(reg.host, docker_config=_docker_config(tmp_path, reg.host, "dave", "nope")) \
-                .repository("tok/real").resolve("v1")
+            client(reg.host, docker_config=_docker_config(tmp_path, reg.host, "dave", "nope"),
+                   token_realms={reg.host: [ts.netloc]}).repository("tok/real").resolve("v1")
         with pytest.raises(AuthError):
             client(reg.host).repository("tok/real").resolve("v1")
     finally:
