@@ -20,6 +20,9 @@ way). Example ``/etc/bdserver/config.toml``::
     prefetch_run = 1                     # chunks per fetch-ahead request
     converted_keep_s = 604800            # on-node conversions unused this long are removed
 
+    [token_realms]                       # token servers on another host than their registry
+    "registry.example.com" = ["auth.example.com"]   # (credentials go to no other host)
+
     [trust]                              # which lazy images (referrers) may be used; see
     allowed = ["sha256:..."]             # bdserver/oci/README.md for every key
 """
@@ -48,6 +51,7 @@ class Config:
     hosts_dir: str = "/etc/bdserver/certs.d"  # containerd-style hosts.toml tree
     docker_config: str = ""  # default: ~/.docker/config.json
     trust: dict[str, Any] = field(default_factory=dict)  # validated by oci.trust.TrustPolicy.from_config
+    token_realms: dict[str, list[str]] = field(default_factory=dict)  # registry -> extra token hosts
     backend: str = "auto"
     log_file: str = ""  # default: <state_dir>/bdserver.log
     log_level: str = "INFO"

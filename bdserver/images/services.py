@@ -24,20 +24,15 @@ from bdserver.vdev.sources import Prefetcher
 
 
 def trust_policy(cfg: Config) -> TrustPolicy:
-    """The `[trust]` table as a policy."""
-    t = cfg.trust or {}
-    return TrustPolicy(
-        state_dir=Path(cfg.state_dir),
-        allowed=set(t.get("allowed", [])),
-        allow_files=[Path(p) for p in t.get("allow_files", [])],
-        trust_converted_here=bool(t.get("converted_here", True)),
-        trust_pinned_reference=bool(t.get("pinned_reference", True)),
-    )
+    """The `[trust]` table as a policy (fails closed: unknown keys and wrong types are ConfigError)."""
+    return TrustPolicy.from_config(cfg.trust, Path(cfg.state_dir))
 
 
 def registry_options(cfg: Config) -> dict[str, Any]:
     """Keyword arguments for every RegistryClient this node makes."""
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"fetch_deadline_s": cfg.fetch_deadline_s}
+    if cfg.token_realms:
+        kw["token_realms"] = cfg.token_realms
     if cfg.hosts_dir and os.path.isdir(cfg.hosts_dir):
         kw["hosts_dirs"] = [cfg.hosts_dir]
     if cfg.docker_config:
