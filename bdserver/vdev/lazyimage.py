@@ -28,7 +28,7 @@ from bdserver.blob.chunkindex import COMPRESSION_NONE, COMPRESSION_ZSTD, MEDIA_T
 from bdserver.blob.chunkindex import ChunkIndex
 from bdserver.blob.reader import ChunkedBlob, index_from_payload, load_index, parse_range
 from bdserver.digest import parse_digest, verify_bytes
-from bdserver.cache import ChunkCache
+from bdserver.cache import CacheKey, ChunkCache
 from bdserver.errors import BdError, FetchError, FormatError
 from bdserver.vdev.device import BLOCK_SIZE, Segment, VirtualDevice, blocks_for
 from bdserver.vdev.sources import BytesSource, LazyBlobSource, Prefetcher
@@ -239,7 +239,8 @@ def open_lazy_image(
             blocks = p.blocks if p.blocks is not None else blocks_for(index.uncompressed_size)
             d = p.desc
             blob = ChunkedBlob(index, lambda off, n, dg=d.digest: fetch_range(dg, off, n), name=f"layer {d.digest}")
-            src = LazyBlobSource(blob, d.digest, cache, name=d.digest, write_behind=write_behind, prefetcher=prefetch)
+            src = LazyBlobSource(blob, CacheKey(d.digest, idigest), cache, name=d.digest, write_behind=write_behind,
+                                 prefetcher=prefetch)
             sources.append(src)
             segs.append(Segment(p.start_block, blocks, src, d.digest))
             info_layers.append(

@@ -16,8 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from bdserver.blob.reader import ChunkedBlob
-from bdserver.cache import ChunkCache
-from bdserver.errors import BdError, FetchError, FormatError, IntegrityError, NoSpaceError
+from bdserver.cache import CacheKey, ChunkCache
+from bdserver.errors import BdError, FetchError, FormatError, IntegrityError
 from bdserver.vdev.stats import Counter, LatencyWindow
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,15 @@ class FileSource:
 
 
 class LazyBlobSource:
-    """The uncompressed image data of one layer blob, fetched chunk by chunk on demand."""
+    """The uncompressed image data of one layer blob, fetched chunk by chunk on demand.
+
+    `key` names the blob AND the chunk index that `blob` verifies with: the cache entry it reads
+    and fills holds only what that index accepted."""
 
     def __init__(
         self,
         blob: ChunkedBlob,
-        digest: str,
+        key: CacheKey,
         cache: ChunkCache | None,
         *,
         name: str | None = None,
@@ -144,9 +147,10 @@ class LazyBlobSource:
         self._prefetch_tasks: set[Future[None]] = set()
         self._closed = False
         self.write_behind = write_behind
-        self.digest = digest
+        self.key = key
+        self.digest = key.blob
         self.cache = cache
-        self.name = name or digest
+        self.name = name or key.blob
         self.size = blob.size
         self._offsets = blob.index.uncompressed_offsets()
         self._lock = threading.Lock()
@@ -161,7 +165,7 @@ class LazyBlobSource:
         self._writes: set[Future[None]] = set()
         if cache is not None:
             try:
-                cache.register(digest, self._offsets)
+                cache.register(key, self._offsets)
                 self._registered = True
             except (BdError, OSError) as e:  # e.g. a full disk: serve uncached, retry on put
                 log.warning("%s: cannot register in the cache: %s", self.name, e)
@@ -182,7 +186,7 @@ class LazyBlobSource:
         self.flush()
         if self.cache is not None and self._registered:
             self._registered = False
-            self.cache.release(self.digest)
+            self.cache.release(self.key)
 
     # ---- read path ------------------------------------------------------------------------
 
@@ -233,7 +237,7 @@ class LazyBlobSource:
         if self.cache is None:
             return None
         try:
-            data = self.cache.read(self.digest, i, start, length)
+            data = self.cache.read(self.key, i, start, length)
         except OSError as e:
             log.warning("%s: cache read of chunk %d failed: %s", self.name, i, e)
             data = None
@@ -258,7 +262,7 @@ class LazyBlobSource:
                         joins[i] = f
                     elif i in self._pending:
                         got[i] = self._pending[i]
-                    elif self.cache is not None and self.cache.has(self.digest, i):
+                    elif self.cache is not None and self.cache.has(self.key, i):
                         recheck.append(i)  # finished by another thread since our miss
                     else:
                         f = Future()
@@ -326,7 +330,7 @@ class LazyBlobSource:
         for j in range(i + 1, hi):
             if j in self._inflight or j in self._pending:
                 continue
-            if self.cache is not None and self.cache.has(self.digest, j):
+            if self.cache is not None and self.cache.has(self.key, j):
                 continue
             cand.append(j)
         if not cand:
@@ -457,11 +461,14 @@ class LazyBlobSource:
             raise err from e
         if not self.write_behind:
             # Durable in the cache before anyone is told: a crash right after this read, or
-            # another device sharing the blob, finds the chunk on disk.
-            self._store(data)
-            with self._lock:
-                for i in run:
-                    self._inflight.pop(i).set_result(data[i])
+            # another device sharing the blob, finds the chunk on disk. Whatever the store does,
+            # the claims are resolved: an unresolved one would park every later reader.
+            try:
+                self._store(data)
+            finally:
+                with self._lock:
+                    for i in run:
+                        self._inflight.pop(i).set_result(data[i])
             return data
         inline = False
         with self._lock:
@@ -543,7 +550,7 @@ class LazyBlobSource:
         if self.cache is None:
             return
         try:
-            self.cache.put_many(self.digest, sorted(data.items()), offsets=self._offsets)
-        except (NoSpaceError, OSError, KeyError) as e:
+            self.cache.put_many(self.key, sorted(data.items()), offsets=self._offsets)
+        except Exception as e:  # noqa: BLE001 - the bytes are verified: a cache failure never fails a read
             self.stats.add(cache_put_errors=1)
             log.warning("%s: could not cache %d chunk(s): %s", self.name, len(data), e)
