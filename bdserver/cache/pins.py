@@ -2,7 +2,8 @@
 
 A pin is a small JSON file under `<root>/pins/` naming its owner (pid + process start time, so a
 reused pid does not keep a dead owner's pins alive) and what it holds: a whole blob (its digest)
-or a chunk entry (`CacheKey.name`), and for an entry either all of it or a list of chunk indexes. Pins of dead owners are ignored and cleaned up.
+or a chunk entry (`CacheKey.name`), and for an entry either all of it or a list of chunk indexes.
+Pins of dead owners are ignored and cleaned up.
 """
 
 from __future__ import annotations

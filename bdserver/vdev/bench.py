@@ -20,6 +20,7 @@ from bdserver.digest import sha256_digest
 from bdserver.blob.chunked import annotations, write_chunked_zstd
 from bdserver.cache import ChunkCache
 from bdserver.vdev.lazyimage import layout_fetcher, open_lazy_image
+from bdserver.vdev.pools import FetchPools
 
 
 def _image(path: str, mib: int) -> None:
@@ -64,7 +65,8 @@ def main() -> None:
         print(f"image {size >> 20} MiB -> blob {info.size >> 20} MiB, {info.chunk_count} chunks; "
               f"write_chunked_zstd {size / wt / 1e6:.0f} MB/s")
         cache = ChunkCache(os.path.join(d, "cache"), cap_bytes=4 * size)
-        dev = open_lazy_image(manifest, layout_fetcher(blobs), cache)
+        pools = FetchPools()
+        dev = open_lazy_image(manifest, layout_fetcher(blobs), cache, pools=pools)
         base = 4096
 
         def seq(req: int) -> float:
@@ -91,8 +93,8 @@ def main() -> None:
         print(f"warm random 4 KiB reads, {nthreads} threads: {nthreads * per / el:.0f} IOPS "
               f"({nthreads * per * 4096 / el / 1e6:.0f} MB/s)")
         s = dev.stats()
-        print(f"latency p50 {s['latency']['p50_ms']:.3f} ms, p90 {s['latency']['p90_ms']:.3f} ms, "
-              f"p99 {s['latency']['p99_ms']:.3f} ms; fetches {s['fetches']}, fetched {s['fetched_bytes'] >> 20} MiB")
+        print(f"latency p50 {s['latency_ms']['p50']:.3f} ms, p90 {s['latency_ms']['p90']:.3f} ms, "
+              f"p99 {s['latency_ms']['p99']:.3f} ms; fetches {s['fetches']}, fetched {s['fetched_bytes'] >> 20} MiB")
         dev.close()
         cache.close()
 
@@ -104,7 +106,7 @@ def main() -> None:
             return local(digest, off, n)
 
         cache2 = ChunkCache(os.path.join(d, "cache2"), cap_bytes=4 * size)
-        dev2 = open_lazy_image(manifest, slow_fetch, cache2)
+        dev2 = open_lazy_image(manifest, slow_fetch, cache2, pools=pools)
         per2 = 40
         def cold_reader(seed: int) -> None:
             r = random.Random(seed)
@@ -120,9 +122,10 @@ def main() -> None:
         s2 = dev2.stats()
         print(f"cold random 4 KiB reads, {args.threads} threads, RTT {args.rtt_ms:g} ms: "
               f"{args.threads * per2 / el:.0f} reads/s, {s2['fetches']} fetches, {s2['joined']} joined in flight, "
-              f"read p50 {s2['latency']['p50_ms']:.1f} ms p99 {s2['latency']['p99_ms']:.1f} ms")
+              f"read p50 {s2['latency_ms']['p50']:.1f} ms p99 {s2['latency_ms']['p99']:.1f} ms")
         dev2.close()
         cache2.close()
+        pools.close()
 
 
 if __name__ == "__main__":

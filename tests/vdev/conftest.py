@@ -9,16 +9,36 @@ import io
 import random
 import tarfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
 from bdserver.blob.chunked import annotations, write_chunked_zstd
+from bdserver.cache import ChunkCache
+from bdserver.vdev import FetchPools
 
 BS = 4096
 CS = 16384  # 4 blocks per chunk: many chunks from small images
+WAIT = 60  # generous bound on waits that must end ("never hangs"); never a speed assertion
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
+    """Poll `pred` until it holds (True) or `timeout` passes (False): for states that other
+    threads reach, such as a reader having joined an in-flight fetch."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def joined(src, n: int, timeout: float = 20) -> bool:
+    """Wait until `n` readers of the lazy source `src` have joined another thread's fetch."""
+    return wait_until(lambda: src.stats.snapshot()["joined"] >= n, timeout)
 
 
 def sha(data: bytes) -> str:
@@ -111,6 +131,21 @@ def build_lazy_image(seed: int = 0, layer_blocks=(40, 9, 1), gap_blocks: int = 2
 @pytest.fixture
 def lazy() -> LazyImage:
     return build_lazy_image()
+
+
+@pytest.fixture
+def cache(tmp_path) -> Iterator[ChunkCache]:
+    c = ChunkCache(str(tmp_path / "cache"))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def pools() -> Iterator[FetchPools]:
+    """The test's own fetch threads (the daemon makes one set for all its devices)."""
+    p = FetchPools()
+    yield p
+    p.close()
 
 
 def tar_layer(files: dict[str, bytes]) -> bytes:

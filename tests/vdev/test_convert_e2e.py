@@ -10,11 +10,11 @@ import pytest
 
 from bdserver.cache import ChunkCache
 from bdserver.erofs.reader import ErofsImage
-from bdserver.vdev import open_lazy_image
+from bdserver.vdev import FetchPools, open_lazy_image
 from tests.vdev.conftest import convert_tar_image
 
 
-def test_converted_image_reads_back_through_the_lazy_device(tmp_path) -> None:
+def test_converted_image_reads_back_through_the_lazy_device(pools: FetchPools, tmp_path) -> None:
     rnd = random.Random(0)
     files1 = {"a.txt": b"hello\n" * 10000, "big.bin": rnd.randbytes(700_000), "dir/x": b"x"}
     files2 = {"b.txt": b"second layer\n", "dir/y": rnd.randbytes(300_000), ".wh.a.txt": b""}
@@ -27,7 +27,7 @@ def test_converted_image_reads_back_through_the_lazy_device(tmp_path) -> None:
         return dest.read_range(digest, off, n)
 
     with ChunkCache(str(tmp_path / "cache")) as cache:
-        dev = open_lazy_image(lazy, fetch, cache)
+        dev = open_lazy_image(lazy, fetch, cache, pools=pools)
         assert dev.size == res.device_blocks * 4096
         img = ErofsImage(dev.read)
         names = {p for p, _ in img.walk()}

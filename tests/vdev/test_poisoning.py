@@ -20,7 +20,7 @@ import pytest
 from bdserver.blob.chunked import ANN_INDEX_DIGEST, ANN_INDEX_RANGE
 from bdserver.cache import ChunkCache
 from bdserver.erofs.reader import ErofsImage
-from bdserver.vdev import open_lazy_image
+from bdserver.vdev import FetchPools, open_lazy_image
 from bdserver.vdev.lazyimage import layout_fetcher
 from tests.vdev.conftest import convert_tar_image
 
@@ -52,26 +52,27 @@ def _attacker(tmp: Path, victim, chunk_size: int) -> tuple[dict, Path]:
 
 
 @pytest.mark.parametrize("chunk_size", [128 << 10, 64 << 10], ids=["same-layout", "other-layout"])
-def test_another_index_for_the_same_layer_never_changes_what_a_device_reads(tmp_path: Path, chunk_size: int) -> None:
+def test_another_index_for_the_same_layer_never_changes_what_a_device_reads(pools: FetchPools, tmp_path: Path,
+                                                                            chunk_size: int) -> None:
     victim = convert_tar_image(tmp_path / "victim", [_tree(GOOD)])
     evil_manifest, evil_blobs = _attacker(tmp_path, victim, chunk_size)
     victim_fetch = layout_fetcher(str(victim.layout.path / "blobs"))
     with ChunkCache(str(tmp_path / "cache")) as cache:
-        dev = open_lazy_image(victim.manifest, victim_fetch, cache)  # a running container
+        dev = open_lazy_image(victim.manifest, victim_fetch, cache, pools=pools)  # a running container
         img = ErofsImage(dev.read)
         assert img.read("lib/data") == _tree(GOOD)["lib/data"]
         evil_fetch = layout_fetcher(str(evil_blobs))
-        with open_lazy_image(evil_manifest, evil_fetch, None) as alone:  # the attack is real: its chunks verify
-            assert ErofsImage(alone.read).read("etc/motd") == EVIL
-        evil_dev = open_lazy_image(evil_manifest, evil_fetch, cache)
+        with open_lazy_image(evil_manifest, evil_fetch, None, pools=pools) as alone:
+            assert ErofsImage(alone.read).read("etc/motd") == EVIL  # the attack is real: its chunks verify
+        evil_dev = open_lazy_image(evil_manifest, evil_fetch, cache, pools=pools)
         evil_dev.read(0, evil_dev.size)  # fills whatever cache entry it is given
         assert img.read("etc/motd") == GOOD
         assert img.read("lib/data") == _tree(GOOD)["lib/data"]
-        with open_lazy_image(victim.manifest, victim_fetch, None) as fresh:  # no cache at all
+        with open_lazy_image(victim.manifest, victim_fetch, None, pools=pools) as fresh:  # no cache at all
             want = fresh.read(0, fresh.size)
         assert dev.read(0, dev.size) == want
         dev.close()
-        later = open_lazy_image(victim.manifest, victim_fetch, cache)  # a later container, attacker still up
+        later = open_lazy_image(victim.manifest, victim_fetch, cache, pools=pools)  # a later container
         assert ErofsImage(later.read).read("etc/motd") == GOOD
         assert later.read(0, later.size) == want
         later.close()
