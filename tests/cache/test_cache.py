@@ -292,6 +292,25 @@ def test_whole_blobs(root: str) -> None:
         assert c.get_whole(digest) is None
 
 
+def test_whole_blobs_go_only_after_every_unpinned_chunk(root: str) -> None:
+    """Merged metadata and chunk indexes are small, and no device opens without them: across a
+    daemon restart, when nothing pins them, pressure takes chunks first however old they are."""
+    meta = os.urandom(20_000)
+    digest = "sha256:" + hashlib.sha256(meta).hexdigest()
+    with ChunkCache(root) as c:  # the real clock: chunks and whole blobs on one time line
+        c.put_whole(digest, meta)
+        old = time.time() - 3600
+        os.utime(os.path.join(root, "whole", "sha256", digest.split(":")[1]), (old, old))  # least recently used
+        c.register(D1, OFFSETS)
+        for i in range(8):
+            c.put(D1, i, chunk_bytes(D1, i))
+        c.evict(c.usage() - 3 * CH)  # room for a few chunks: the chunks go
+        assert c.get_whole(digest) == meta
+        assert not c.has(D1, 0) and c.has(D1, 7)  # LRU among the chunks
+        c.evict(0)  # nothing else left to take: now the whole blob goes too
+        assert c.get_whole(digest) is None
+
+
 def test_enospc_is_typed_and_leaves_state_consistent(root: str, monkeypatch) -> None:
     with ChunkCache(root) as c:
         c.register(D1, OFFSETS)

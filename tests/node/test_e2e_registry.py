@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,41 @@ def test_restart_with_warm_cache_fetches_nothing(world: World, daemon, proxy: Fa
     again = proxy.stats.bytes("/blobs/")
     print(f"\ncold {cold} bytes; after graceful restart 0; after SIGKILL restart {again}")
     assert again < cold
+    daemon.cli("umount", str(target))
+
+
+def _largest_file(root: Path, sub: str) -> Path:
+    best, size = None, -1
+    for dirpath, _, files in os.walk(root / sub):
+        for f in files:
+            st = os.lstat(os.path.join(dirpath, f))
+            if stat.S_ISREG(st.st_mode) and st.st_size > size:
+                best, size = Path(dirpath) / f, st.st_size
+    assert best is not None
+    return best
+
+
+def test_restart_while_the_registry_is_down(world: World, daemon, proxy: FaultProxy, deb_reference: Path,
+                                            tmp_path: Path) -> None:
+    """The daemon comes back with its devices and serves what is cached; an uncached read fails with
+    EIO in bounded time and succeeds once the registry is back (issue 9.4)."""
+    daemon.write_config(world.trust_toml())
+    target = tmp_path / "deb"
+    daemon.cli("mount", f"{proxy.host}/deb:v1", str(target), "--lower-only")
+    n = _read_all(target, "etc")
+    daemon.stop()
+    proxy.inject("reset", count=1_000_000)  # every connection to the registry is dropped from now on
+    daemon.start()  # the devices are recovered before the daemon answers
+    assert [d["status"] for d in daemon.json("ls")] == ["attached"]
+    assert _read_all(target, "etc") == n  # everything cached is served
+    big = _largest_file(target, "usr")  # never read: its chunks (beyond any fetch-ahead) are not cached
+    rel = big.relative_to(target)
+    assert big.stat().st_size > 4 << 20
+    p = subprocess.run(["cat", str(big)], capture_output=True, timeout=120)  # bounded: EIO, not a hang
+    assert p.returncode != 0 and b"Input/output error" in p.stderr, p.stderr
+    assert daemon.json("stats")[0]["stats"]["device"]["fetch_errors"] > 0
+    proxy.clear_faults()  # the registry is back
+    assert big.read_bytes() == (deb_reference / rel).read_bytes()
     daemon.cli("umount", str(target))
 
 

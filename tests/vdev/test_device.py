@@ -311,6 +311,26 @@ def test_metadata_is_pinned_while_attached(pools: FetchPools, lazy: LazyImage, c
     assert cache.get_whole(meta_digest) is None
 
 
+def test_metadata_and_indexes_of_a_live_device_survive_cache_pressure(pools: FetchPools, tmp_path) -> None:
+    lazy = build_lazy_image(seed=8, layer_blocks=(120, 60, 30))
+    meta_digest = lazy.manifest["layers"][-1]["digest"]
+    indexes = [d["annotations"]["org.erofs.chunk-index.digest"] for d in lazy.manifest["layers"][:-1]]
+    with ChunkCache(str(tmp_path / "cache"), cap_bytes=4 * BS) as cache:  # less than the metadata alone
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
+        for _ in range(2):
+            assert dev.read(0, dev.size) == lazy.expected  # every chunk fetched, and evicted again
+        assert cache.stats()["evicted_chunks"] > 0
+        assert cache.get_whole(meta_digest) == lazy.meta
+        assert all(cache.get_whole(d) is not None for d in indexes)
+        dev.close()
+        lazy.registry.fail = ConnectionRefusedError("offline")  # the registry goes away: reopen from the cache
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
+        assert dev.read(0, BS) == lazy.expected[:BS]
+        dev.close()
+        cache.evict(0)  # nothing live: now they may go
+        assert cache.get_whole(meta_digest) is None
+
+
 def test_concurrent_random_readers(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
     dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     bad: list[tuple[int, int]] = []
