@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 from bdserver.cache.blobentry import BlobEntry, StaleEntry, create_entry, remove_entry, validate_offsets
-from bdserver.cache.fsutil import allocated_bytes, fsync_dir, no_space_as_error
+from bdserver.fsutil import allocated_bytes, fsync_dir, no_space_as_error
 from bdserver.cache.keys import CacheKey, split_digest
 from bdserver.cache.pins import Pin, PinSet, load_pins, make_record
 from bdserver.errors import FormatError, IntegrityError, NoSpaceError
