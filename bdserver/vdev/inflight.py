@@ -72,6 +72,11 @@ class InFlight:
                 mine[i] = self._table[i] = ChunkFetch(ahead=True)
         return mine
 
+    def abandon(self, claims: Mapping[int, ChunkFetch]) -> None:
+        """Forget claims whose fetch outlived the deadline: the next read claims those chunks
+        afresh (the late fetch still resolves its own futures, harmlessly)."""
+        self._release(claims)
+
     def _release(self, mine: Mapping[int, ChunkFetch]) -> None:
         with self._lock:
             for i, f in mine.items():
@@ -93,9 +98,10 @@ class InFlight:
             f.set_exception(err)
 
     def wait(self, joins: Mapping[int, ChunkFetch], deadline: float) -> tuple[dict[int, bytes], list[int]]:
-        """The joined chunks, waiting `deadline` seconds at most in all. A failed fetch-ahead is
-        returned in the retry list (the reader fetches it itself); a failed demand fetch raises
-        its error for this reader too; a claim unresolved at the deadline is abandoned (FetchError)."""
+        """The joined chunks, waiting `deadline` seconds at most in all. A claim unresolved at the
+        deadline is abandoned. A fetch-ahead that failed or was abandoned is returned in the retry
+        list (the reader fetches the chunk itself); a demand fetch that failed raises its error for
+        this reader too, one abandoned raises FetchError."""
         got: dict[int, bytes] = {}
         retry: list[int] = []
         end = time.monotonic() + deadline
@@ -103,7 +109,10 @@ class InFlight:
             try:
                 got[i] = f.result(timeout=max(0.0, end - time.monotonic()))
             except TimeoutError:
-                self._release({i: f})
+                self.abandon({i: f})
+                if f.ahead:
+                    retry.append(i)
+                    continue
                 raise FetchError(
                     f"{self.name}: chunk {i}: the fetch under way did not finish within {deadline:g} s; "
                     "the next read tries again"

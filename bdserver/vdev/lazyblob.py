@@ -155,10 +155,10 @@ class LazyBlobSource:
         pool so they travel concurrently (spec §3.4.4). Every claim is resolved or failed."""
         runs = [{i: mine[i] for i in r} for r in self.fetcher.runs(list(mine))]
         errors: list[BaseException] = []
-        futs: list[Future[dict[int, bytes]]] = []
+        futs: list[tuple[Future[dict[int, bytes]], dict[int, ChunkFetch]]] = []
         for k, r in enumerate(runs[1:], 1):
             try:
-                futs.append(self._pools.demand.submit(self._fetch_and_resolve, r))
+                futs.append((self._pools.demand.submit(self._fetch_and_resolve, r), r))
             except RuntimeError as e:  # the pools are shutting down: give the other claims back
                 errors.append(FetchError(f"{self.name}: fetch not started: {e}"))
                 for rest in runs[k:]:
@@ -170,10 +170,11 @@ class LazyBlobSource:
         except BaseException as e:
             errors.insert(0, e)
         end = time.monotonic() + self.fetch_deadline
-        for f in futs:
+        for f, r in futs:
             try:
                 out.update(f.result(timeout=max(0.0, end - time.monotonic())))
             except TimeoutError:
+                self.inflight.abandon(r)
                 errors.append(FetchError(f"{self.name}: a run of this read did not finish within "
                                          f"{self.fetch_deadline:g} s; the next read tries again"))
             except BaseException as e:
