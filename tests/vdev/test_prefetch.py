@@ -165,6 +165,53 @@ def test_a_reader_joining_a_failed_fetch_ahead_fetches_the_chunk_itself(pools: F
     dev.close()
 
 
+def test_a_fetch_ahead_stuck_past_the_deadline_is_fetched_by_the_reader(pools: FetchPools, lazy: LazyImage,
+                                                                         cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools, fetch_deadline=0.5,
+                          prefetch=Prefetcher(chunks=1, max_inflight=1))
+    src = dev.segments[1].source
+    tr = Tracker(lazy, src)
+    tr.gate = {2}
+    lazy.registry.hook = tr.hook
+    o = chunk_offset(lazy, 0, 1)
+    assert dev.read(o, 10) == lazy.expected[o : o + 10]
+    assert tr.wait_entered({2})  # the fetch-ahead of chunk 2 hangs
+    tr.gate = set()  # (the reader's own fetch will not)
+    o2 = chunk_offset(lazy, 0, 2)
+    assert dev.read(o2, 10) == lazy.expected[o2 : o2 + 10]  # joined, gave up after 0.5 s, fetched it itself
+    assert tr.entered.count(2) == 2 and tr.gated == 1  # while the fetch-ahead is still parked
+    s = dev.stats()
+    assert s["joined"] == 1 and s["read_errors"] == 0
+    tr.release.set()
+    drain(src)
+    dev.close()
+
+
+def test_close_lets_fetches_on_the_wire_reach_the_cache(pools: FetchPools, lazy: LazyImage, tmp_path) -> None:
+    """A daemon stopping while fetches are on the wire (its fetch-aheads, the kernel's readahead)
+    finds those chunks after its restart: close() waits for them (at most the fetch deadline)."""
+    root = str(tmp_path / "c")
+    with ChunkCache(root) as cache:
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools,
+                              prefetch=Prefetcher(chunks=2, max_inflight=2))
+        src = dev.segments[1].source
+        tr = Tracker(lazy, src)
+        tr.gate = {2, 3}
+        lazy.registry.hook = tr.hook
+        o = chunk_offset(lazy, 0, 1)
+        assert dev.read(o, 10) == lazy.expected[o : o + 10]
+        assert tr.wait_entered({2, 3})  # both fetch-aheads are parked on the wire
+        closer = threading.Thread(target=dev.close)
+        closer.start()
+        closer.join(1.0)
+        assert closer.is_alive(), "close() returned while fetches were still on the wire"
+        tr.release.set()
+        closer.join(WAIT)
+        assert not closer.is_alive()
+        with ChunkCache(root) as restarted:  # the next daemon's view of the node cache
+            assert restarted.has(src.key, 1) and restarted.has(src.key, 2) and restarted.has(src.key, 3)
+
+
 def test_a_fetch_ahead_that_cannot_start_is_harmless(lazy: LazyImage, cache: ChunkCache) -> None:
     pools = FetchPools()
     dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools,
