@@ -8,7 +8,7 @@ image from a local file, in the same run, and print the ratio: sequential reads 
 and random 4 KiB reads from several threads. Cold rows (fetch + verify + decompress + durable cache
 write, then against a "registry" that sleeps one round trip per request) are absolute figures.
 
-Run: ``.venv/bin/python bench/readpath.py [--mib 256] [--dir /tmp] [--rtt-ms 20] [--threads 16]``
+Run: ``.venv/bin/python bench/readpath.py [--mib 256] [--dir /tmp] [--rtt-ms 20] [--threads 16] [--runs 3]``
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import io
 import os
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -87,12 +88,23 @@ def _random(read: Callable[[int, int], bytes], size: int, nthreads: int, per: in
     return nthreads * per / (time.perf_counter() - t0)
 
 
+def _side_by_side(measure: Callable[[Callable[[int, int], bytes]], float], ours: Callable[[int, int], bytes],
+                  baseline: Callable[[int, int], bytes], runs: int) -> tuple[float, float]:
+    """Medians of `runs` alternating measurements of both sides (load on the machine hits both)."""
+    a, b = [], []
+    for _ in range(runs):
+        a.append(measure(ours))
+        b.append(measure(baseline))
+    return statistics.median(a), statistics.median(b)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--rtt-ms", type=float, default=20.0, help="simulated registry round trip per range request")
     ap.add_argument("--threads", type=int, default=16, help="concurrent readers in the cold random test")
+    ap.add_argument("--runs", type=int, default=3, help="alternating runs per warm row (median)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as d, FetchPools() as pools:
         img = os.path.join(d, "image")
@@ -111,12 +123,13 @@ def main() -> None:
 
             print(f"cold sequential 1 MiB reads: {_seq(ours, size, 1 << 20):.0f} MB/s "
                   "(local fetch, verify, decompress, durable cache write)")
-            print(f"{'warm':<34} {'bdserver':>12} {'pread':>12} {'ratio':>7}")
+            print(f"{'warm (median of ' + str(args.runs) + ' alternating runs)':<34} {'bdserver':>12} {'pread':>12} "
+                  f"{'ratio':>7}")
             for req in (1 << 20, 128 << 10, 4096):
-                a, b = _seq(ours, size, req), _seq(baseline, size, req)
+                a, b = _side_by_side(lambda f: _seq(f, size, req), ours, baseline, args.runs)
                 print(f"sequential {req >> 10:>5} KiB reads {'':<10} {a:>9.0f} MB/s {b:>7.0f} MB/s {a / b:>6.2f}x")
             nthreads, per = 4, 20000
-            a, b = _random(ours, size, nthreads, per), _random(baseline, size, nthreads, per)
+            a, b = _side_by_side(lambda f: _random(f, size, nthreads, per), ours, baseline, args.runs)
             print(f"random 4 KiB reads, {nthreads} threads {'':<6} {a:>9.0f} IOPS {b:>7.0f} IOPS {a / b:>6.2f}x")
             dev.close()
         os.close(fd)
