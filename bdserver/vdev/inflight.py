@@ -1,10 +1,12 @@
 """Single flight: a chunk of a layer is fetched by at most one thread at a time.
 
 A reader that misses a chunk claims it (a `ChunkFetch`: a Future resolved exactly once, with the
-verified bytes or the error) or, when another thread holds the claim, joins it. A join waits at
-most the fetch deadline; a claim that outlives it is abandoned, so the next read claims the chunk
-afresh, and the reader gets FetchError (EIO). The table's lock never covers I/O: a slow miss never
-blocks a hit. Whoever claims must resolve or fail every claim on every path.
+verified bytes or the error) or, when another thread holds the claim, joins it. Demand reads come
+first: a fetch-ahead claim whose request has not started yet (queued behind others) is taken over
+by the reader instead of joined. A join waits at most the fetch deadline; a claim that outlives it
+is abandoned, so the next read claims the chunk afresh, and the reader gets FetchError (EIO). The
+table's lock never covers I/O: a slow miss never blocks a hit. Whoever claims must resolve or fail
+every claim on every path.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from bdserver.errors import BdError, FetchError
 
 
 class ChunkFetch(Future):  # type: ignore[type-arg]
-    """The claim on one chunk; `ahead`: taken by fetch-ahead (its failure is never a reader's)."""
+    """The claim on one chunk. `ahead`: taken by fetch-ahead (its failure is never a reader's);
+    `started`: its request is under way (until then a reader may take the claim over)."""
 
     def __init__(self, ahead: bool = False) -> None:
         super().__init__()
         self.ahead = ahead
+        self.started = not ahead
         self.set_running_or_notify_cancel()
 
 
@@ -48,12 +52,16 @@ class InFlight:
 
     def claim(self, chunks: Iterable[int], ready: Callable[[int], bool]) -> Claim:
         """Claim or join each chunk. `ready(i)`, asked under the lock, says whether another
-        thread finished chunk i after the caller missed it (then it is neither claimed nor joined)."""
+        thread finished chunk i after the caller missed it (then it is neither claimed nor joined).
+        A fetch-ahead claim not yet started becomes the caller's (who joined it wait for it)."""
         c = Claim()
         with self._lock:
             for i in chunks:
                 f = self._table.get(i)
-                if f is not None:
+                if f is not None and not f.started:
+                    f.ahead, f.started = False, True
+                    c.mine[i] = f
+                elif f is not None:
                     c.joins[i] = f
                 elif ready(i):
                     c.ready.append(i)
@@ -71,6 +79,14 @@ class InFlight:
                     break
                 mine[i] = self._table[i] = ChunkFetch(ahead=True)
         return mine
+
+    def start(self, mine: Mapping[int, ChunkFetch]) -> dict[int, ChunkFetch]:
+        """For a fetch-ahead request that begins: its claims that no reader took over, now started."""
+        with self._lock:
+            own = {i: f for i, f in mine.items() if not f.started}
+            for f in own.values():
+                f.started = True
+        return own
 
     def abandon(self, claims: Mapping[int, ChunkFetch]) -> None:
         """Forget claims whose fetch outlived the deadline: the next read claims those chunks

@@ -148,11 +148,21 @@ class FetchAhead:
 
     def _run(self, mine: dict[int, ChunkFetch]) -> None:
         try:
-            self._fetch(mine)
-            self.stats.add(prefetches=1, prefetched_chunks=len(mine))
-        except BaseException as e:  # noqa: BLE001 - the claims carry the error; readers retry
-            self._forget(mine)
-            self.stats.add(prefetch_errors=1)
-            log.warning("%s: fetch-ahead of chunks %d..%d failed: %s", self.name, min(mine), max(mine), e)
+            own = self._inflight.start(mine)  # readers may have taken some over while it was queued
+            self._forget(i for i in mine if i not in own)
+            runs: list[list[int]] = []
+            for i in sorted(own):
+                if runs and runs[-1][-1] == i - 1:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+            for r in runs:
+                try:
+                    self._fetch({i: own[i] for i in r})
+                    self.stats.add(prefetches=1, prefetched_chunks=len(r))
+                except BaseException as e:  # noqa: BLE001 - the claims carry the error; readers retry
+                    self._forget(r)
+                    self.stats.add(prefetch_errors=1)
+                    log.warning("%s: fetch-ahead of chunks %d..%d failed: %s", self.name, r[0], r[-1], e)
         finally:
             self.policy.release()

@@ -187,6 +187,31 @@ def test_a_fetch_ahead_stuck_past_the_deadline_is_fetched_by_the_reader(pools: F
     dev.close()
 
 
+def test_a_reader_takes_over_a_fetch_ahead_still_queued(lazy: LazyImage, cache: ChunkCache) -> None:
+    """Demand reads first: a reader never waits for a fetch-ahead that has not even started."""
+    with FetchPools(ahead=1) as pools:  # one fetch-ahead request at a time: the next one queues
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools, fetch_deadline=WAIT,
+                              prefetch=Prefetcher(chunks=2, max_inflight=2))
+        src = dev.segments[1].source
+        tr = Tracker(lazy, src)
+        tr.gate = {2}
+        lazy.registry.hook = tr.hook
+        o = chunk_offset(lazy, 0, 1)
+        assert dev.read(o, 10) == lazy.expected[o : o + 10]
+        assert tr.wait_entered({2})  # the fetch-ahead of 2 holds the only thread; that of 3 is queued
+        got: list[bytes] = []
+        o3 = chunk_offset(lazy, 0, 3)
+        t = threading.Thread(target=lambda: got.append(dev.read(o3, 10)), daemon=True)
+        t.start()
+        t.join(WAIT / 3)
+        assert not t.is_alive(), "the reader waited for a fetch-ahead queued behind another"
+        assert got == [lazy.expected[o3 : o3 + 10]] and tr.gated == 1
+        tr.release.set()
+        drain(src)
+        assert sorted(tr.entered) == [1, 2, 3]  # the queued fetch-ahead skipped the chunk taken over
+        dev.close()
+
+
 def test_close_lets_fetches_on_the_wire_reach_the_cache(pools: FetchPools, lazy: LazyImage, tmp_path) -> None:
     """A daemon stopping while fetches are on the wire (its fetch-aheads, the kernel's readahead)
     finds those chunks after its restart: close() waits for them (at most the fetch deadline)."""
