@@ -133,9 +133,10 @@ class FetchAhead:
                     self._window.update(mine)
                 try:
                     self._pool.submit(self._run, mine)
-                except RuntimeError as e:  # the pools are shutting down: give the claims back
+                except RuntimeError as e:  # the pools are shutting down: give back what no reader took over
                     self._forget(mine)
-                    self._inflight.fail(mine, FetchError(f"{self.name}: fetch-ahead not started: {e}"))
+                    own = self._inflight.start(mine)
+                    self._inflight.fail(own, FetchError(f"{self.name}: fetch-ahead not started: {e}"))
                     continue
                 started += 1
         finally:

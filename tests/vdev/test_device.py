@@ -135,7 +135,6 @@ def test_slow_miss_does_not_block_a_hit(pools: FetchPools, lazy: LazyImage, cach
 def test_failed_fetch_raises_caches_nothing_and_is_retried(pools: FetchPools, lazy: LazyImage,
                                                            cache: ChunkCache) -> None:
     dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
-    digest = lazy.layers[0][0]
     off = layer_chunk_offset(lazy, 0, 1)
     lazy.registry.fail = ConnectionResetError("registry went away")
     with pytest.raises(FetchError):
