@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
-from bdserver.cache.fsutil import fsync_dir, no_space_as_error, punch_hole
+from bdserver.fsutil import fsync_dir, no_space_as_error, punch_hole
 from bdserver.errors import FormatError
 
 STATE_MAGIC = b"BDCHUNK1"

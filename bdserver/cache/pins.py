@@ -1,8 +1,9 @@
 """Pins: what eviction must not touch, visible to every process on the node.
 
 A pin is a small JSON file under `<root>/pins/` naming its owner (pid + process start time, so a
-reused pid does not keep a dead owner's pins alive) and what it holds: one blob digest and
-either all of it or a list of chunk indexes. Pins of dead owners are ignored and cleaned up.
+reused pid does not keep a dead owner's pins alive) and what it holds: a whole blob (its digest)
+or a chunk entry (`CacheKey.name`), and for an entry either all of it or a list of chunk indexes.
+Pins of dead owners are ignored and cleaned up.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def _start_time(pid: int) -> str | None:
 
 @dataclass(frozen=True)
 class PinRecord:
-    digest: str
-    chunks: frozenset[int] | None  # None: the whole blob (every chunk and the whole-blob entry)
+    digest: str  # a whole blob's digest or a chunk entry's CacheKey.name
+    chunks: frozenset[int] | None  # None: all of it
     pid: int = field(default_factory=os.getpid)
     start: str | None = None
 

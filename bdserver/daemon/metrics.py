@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from typing import Any
 
 from bdserver.backends.base import Device
+from bdserver.vdev.stats import LatencyWindow
 
 SAMPLES = 8192
-
-
-def percentile(sorted_vals: list[float], q: float) -> float:
-    if not sorted_vals:
-        return 0.0
-    k = min(len(sorted_vals) - 1, max(0, int(round(q / 100.0 * (len(sorted_vals) - 1)))))
-    return sorted_vals[k]
 
 
 class MeteredDevice:
@@ -25,7 +18,7 @@ class MeteredDevice:
     def __init__(self, inner: Device) -> None:
         self.inner = inner
         self._lock = threading.Lock()
-        self._lat: deque[float] = deque(maxlen=SAMPLES)
+        self._lat = LatencyWindow(SAMPLES)
         self.reads = 0
         self.bytes_read = 0
         self.errors = 0
@@ -46,24 +39,17 @@ class MeteredDevice:
         with self._lock:
             self.reads += 1
             self.bytes_read += len(data)
-            self._lat.append(dt)
+        self._lat.add(dt)
         return data
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            lat = sorted(self._lat)
             out: dict[str, Any] = {
                 "reads": self.reads,
                 "bytes_read": self.bytes_read,
                 "read_errors": self.errors,
-                "latency_ms": {
-                    "p50": round(percentile(lat, 50) * 1e3, 3),
-                    "p90": round(percentile(lat, 90) * 1e3, 3),
-                    "p99": round(percentile(lat, 99) * 1e3, 3),
-                    "max": round((lat[-1] if lat else 0.0) * 1e3, 3),
-                    "samples": len(lat),
-                },
             }
+        out["latency_ms"] = self._lat.summary()
         inner_stats = getattr(self.inner, "stats", None)
         if callable(inner_stats):
             try:

@@ -79,5 +79,6 @@ def open_lazy(services: NodeServices, store: ImageStore | None, lazy_digest: str
                     note(d.digest, d.size)
         return st.read_range(digest, offset, length)
 
-    dev = open_lazy_image(man, fetch_range, services.cache, prefetch=services.prefetcher())
+    dev = open_lazy_image(man, fetch_range, services.cache, pools=services.pools, prefetch=services.prefetcher(),
+                          fetch_deadline=services.cfg.fetch_deadline_s)
     return LazyDevice(dev, man, image_config)

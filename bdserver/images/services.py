@@ -20,7 +20,7 @@ from bdserver.images.saved import SavedBlobs
 from bdserver.oci.reference import Reference
 from bdserver.oci.store import ImageStore, open_store
 from bdserver.oci.trust import TrustPolicy
-from bdserver.vdev.sources import Prefetcher
+from bdserver.vdev import FetchPools, Prefetcher
 
 
 def trust_policy(cfg: Config) -> TrustPolicy:
@@ -48,6 +48,7 @@ class NodeServices:
     saved: SavedBlobs
     conversions: OnNodeConversions
     _cache: ChunkCache | None = field(default=None, repr=False)
+    pools: FetchPools = field(default_factory=FetchPools, repr=False)  # threads of every lazy device here
 
     @classmethod
     def from_config(cls, cfg: Config) -> "NodeServices":

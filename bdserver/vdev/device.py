@@ -11,12 +11,13 @@ import bisect
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from bdserver.errors import BdError, FormatError
-from bdserver.vdev.sources import FileSource, LazyBlobSource, Source
-from bdserver.vdev.stats import LatencyWindow
+from bdserver.vdev.lazyblob import LazyBlobSource
+from bdserver.vdev.sources import FileSource, Source
+from bdserver.vdev.stats import FetchStats, LatencyWindow
 
 BLOCK_SIZE = 4096
 
@@ -163,18 +164,18 @@ class VirtualDevice:
 
     # ---- stats, lifecycle ------------------------------------------------------------------
 
+    def _lazy(self) -> list[LazyBlobSource]:
+        return [s.source for s in self.segments if isinstance(s.source, LazyBlobSource)]
+
     def stats(self) -> dict[str, Any]:
         """Device-wide figures plus per-layer fetch figures (JSON-ready)."""
         layers = []
-        totals = {"chunk_hits": 0, "chunk_misses": 0, "fetches": 0, "fetched_bytes": 0, "fetched_chunks": 0,
-                  "joined": 0, "fetch_errors": 0, "integrity_errors": 0, "cache_put_errors": 0,
-                  "prefetches": 0, "prefetched_chunks": 0, "prefetch_errors": 0, "prefetch_used": 0}
-        for s in self.segments:
-            if isinstance(s.source, LazyBlobSource):
-                snap = s.source.stats.snapshot()
-                layers.append({"name": s.name, "digest": s.source.digest, **snap})
-                for k in totals:
-                    totals[k] += snap[k]
+        totals = asdict(FetchStats())
+        for src in self._lazy():
+            snap = src.stats.snapshot()
+            layers.append({"name": src.name, "digest": src.digest, **snap})
+            for k, v in snap.items():
+                totals[k] += v
         with self._lock:
             d: dict[str, Any] = {
                 "size": self._size,
@@ -185,13 +186,8 @@ class VirtualDevice:
         d.update(totals)
         d["hits"] = totals["chunk_hits"]
         d["misses"] = totals["chunk_misses"]
-        d["latency"] = self._lat.percentiles()
-        lat = LatencyWindow(1 << 16)
-        for s in self.segments:
-            if isinstance(s.source, LazyBlobSource):
-                for x in s.source.fetch_latency.samples():
-                    lat.add(x)
-        d["fetch_latency"] = lat.percentiles()
+        d["latency_ms"] = self._lat.summary()
+        d["fetch_latency_ms"] = LatencyWindow.merged(src.fetch_latency for src in self._lazy()).summary()
         d["layers"] = layers
         if self.cache is not None:
             d["cache"] = self.cache.stats()
@@ -207,9 +203,8 @@ class VirtualDevice:
 
     def flush(self) -> None:
         """Wait for write-behind cache writes of everything fetched so far."""
-        for s in self.segments:
-            if isinstance(s.source, LazyBlobSource):
-                s.source.flush()
+        for src in self._lazy():
+            src.flush()
 
     def close(self) -> None:
         """Release sources and pins (after flushing cache writes); idempotent."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,10 +27,13 @@ from bdserver.blob.chunkindex import COMPRESSION_NONE, COMPRESSION_ZSTD, MEDIA_T
 from bdserver.blob.chunkindex import ChunkIndex
 from bdserver.blob.reader import ChunkedBlob, index_from_payload, load_index, parse_range
 from bdserver.digest import parse_digest, verify_bytes
-from bdserver.cache import ChunkCache
+from bdserver.cache import CacheKey, ChunkCache
 from bdserver.errors import BdError, FetchError, FormatError
 from bdserver.vdev.device import BLOCK_SIZE, Segment, VirtualDevice, blocks_for
-from bdserver.vdev.sources import BytesSource, LazyBlobSource, Prefetcher
+from bdserver.vdev.lazyblob import DEFAULT_FETCH_DEADLINE, LazyBlobSource
+from bdserver.vdev.pools import FetchPools
+from bdserver.vdev.prefetch import Prefetcher
+from bdserver.vdev.sources import BytesSource
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +208,19 @@ def open_lazy_image(
     fetch_range: FetchBlobRange,
     cache: ChunkCache | None,
     *,
-    parallel: int = 8,
+    pools: FetchPools,
     write_behind: bool = False,
     prefetch: Prefetcher | None = None,
+    fetch_deadline: float = DEFAULT_FETCH_DEADLINE,
 ) -> VirtualDevice:
     """A VirtualDevice for a lazy image manifest (oci.model.Manifest, or its JSON as a dict).
 
-    `fetch_range(digest, offset, length)` is the registry client's ranged blob read. Raises
-    FormatError for a manifest that is not a bdserver lazy image, FetchError / IntegrityError when
-    the metadata cannot be fetched or verified. `write_behind`: see LazyBlobSource (off: every
-    chunk handed out is already durable in the node cache). `prefetch`: fetch-ahead on misses,
-    shared by the device's layers (see sources.Prefetcher; off by default).
+    `fetch_range(digest, offset, length)` is the registry client's ranged blob read; `pools` the
+    threads to fetch and store with (the caller's: see pools.FetchPools). Raises FormatError for a
+    manifest that is not a bdserver lazy image, FetchError / IntegrityError when the metadata
+    cannot be fetched or verified. `write_behind`: see layercache (off: every chunk handed out is
+    already durable in the node cache). `prefetch`: fetch-ahead on misses, shared by the device's
+    layers (off by default). `fetch_deadline`: the longest a read waits for a fetch it joined.
     """
     layers = manifest["layers"] if isinstance(manifest, Mapping) else manifest.layers
     meta, plans = plan(layers)
@@ -226,8 +230,7 @@ def open_lazy_image(
         meta_bytes = load_meta(meta, fetch_range, cache)
         if cache is not None:
             pins.append(cache.pin(meta.digest))
-        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(plans) or 1))) as ex:
-            indexes = list(ex.map(lambda p: load_layer_index(p, fetch_range, cache), plans))
+        indexes = list(pools.demand.map(lambda p: load_layer_index(p, fetch_range, cache), plans))
         meta_blocks = _uint(meta.annotations, ANN_BD_BLOCKS, "merged metadata")
         if meta_blocks is None:
             meta_blocks = blocks_for(len(meta_bytes))
@@ -239,7 +242,8 @@ def open_lazy_image(
             blocks = p.blocks if p.blocks is not None else blocks_for(index.uncompressed_size)
             d = p.desc
             blob = ChunkedBlob(index, lambda off, n, dg=d.digest: fetch_range(dg, off, n), name=f"layer {d.digest}")
-            src = LazyBlobSource(blob, d.digest, cache, name=d.digest, write_behind=write_behind, prefetcher=prefetch)
+            src = LazyBlobSource(blob, CacheKey(d.digest, idigest), cache, pools, name=d.digest,
+                                 write_behind=write_behind, prefetcher=prefetch, fetch_deadline=fetch_deadline)
             sources.append(src)
             segs.append(Segment(p.start_block, blocks, src, d.digest))
             info_layers.append(

@@ -1,10 +1,17 @@
-"""Counters and a latency window for the read path (cheap enough for every kernel request)."""
+"""Counters and the latency window of the read path (cheap enough for every kernel request).
+
+`LatencyWindow` is the ONE way bdserver reports latencies (the device, its layers' fetches, the
+daemon's per-device metrics): the last N samples, nearest-rank percentiles, milliseconds, always
+the keys of `LatencyWindow.summary`.
+"""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from dataclasses import asdict, dataclass
+from typing import Iterable
 
 
 @dataclass
@@ -17,6 +24,7 @@ class FetchStats:
     fetched_bytes: int = 0  # on-blob (compressed) bytes received
     fetched_chunks: int = 0
     joined: int = 0  # misses served by another thread's in-flight fetch (single-flight)
+    join_timeouts: int = 0  # joins that gave up after the fetch deadline
     fetch_errors: int = 0
     integrity_errors: int = 0
     cache_put_errors: int = 0
@@ -48,31 +56,35 @@ class Counter:
 
 
 class LatencyWindow:
-    """The last `size` read latencies; percentiles are computed on demand."""
+    """The last `size` latencies (seconds in, milliseconds out)."""
 
     def __init__(self, size: int = 8192) -> None:
         self._lock = threading.Lock()
         self._d: deque[float] = deque(maxlen=size)
-        self.count = 0
 
     def add(self, seconds: float) -> None:
         with self._lock:
             self._d.append(seconds)
-            self.count += 1
 
     def samples(self) -> list[float]:
         with self._lock:
             return list(self._d)
 
-    def percentiles(self, ps: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:
+    @classmethod
+    def merged(cls, windows: Iterable["LatencyWindow"]) -> "LatencyWindow":
+        """One window over the samples of several (e.g. a device's layers)."""
+        samples = [x for w in windows for x in w.samples()]
+        out = cls(max(1, len(samples)))
+        out._d.extend(samples)
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """{"p50", "p90", "p99", "max"} in ms (nearest rank) and "samples"."""
         with self._lock:
             xs = sorted(self._d)
         out: dict[str, float] = {}
-        for p in ps:
-            key = f"p{p:g}_ms"
-            if not xs:
-                out[key] = 0.0
-            else:
-                k = min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))
-                out[key] = xs[k] * 1000
+        for p in (50, 90, 99):
+            out[f"p{p}"] = round(xs[max(0, math.ceil(p / 100 * len(xs)) - 1)] * 1e3, 3) if xs else 0.0
+        out["max"] = round(xs[-1] * 1e3, 3) if xs else 0.0
+        out["samples"] = len(xs)
         return out

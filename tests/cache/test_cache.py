@@ -14,20 +14,20 @@ import time
 
 import pytest
 
-from bdserver.cache import ChunkCache
+from bdserver.cache import CacheKey, ChunkCache
 from bdserver.cache import blobentry
 from bdserver.cache.blobentry import BlobEntry
-from bdserver.errors import IntegrityError, NoSpaceError
+from bdserver.errors import FormatError, IntegrityError, NoSpaceError
 
 CH = 64 * 1024
 N = 16
 OFFSETS = [i * CH for i in range(N)] + [N * CH - 1000]  # last chunk is short
-D1 = "sha256:" + "1" * 64
-D2 = "sha256:" + "2" * 64
+D1 = CacheKey("sha256:" + "1" * 64, "sha256:" + "a" * 64)  # a blob as verified by one index
+D2 = CacheKey("sha256:" + "2" * 64, "sha256:" + "b" * 64)
 CTX = mp.get_context("fork")
 
 
-def chunk_bytes(digest: str, i: int) -> bytes:
+def chunk_bytes(digest: CacheKey, i: int) -> bytes:
     n = OFFSETS[i + 1] - OFFSETS[i]
     seed = hashlib.sha256(f"{digest}/{i}".encode()).digest()
     return (seed * (n // 32 + 1))[:n]
@@ -58,7 +58,7 @@ def test_put_get_read_and_misses(root: str) -> None:
         with pytest.raises(KeyError):
             c.put(D2, 0, b"x")
         with pytest.raises(ValueError):
-            c.register("sha256:../../etc", OFFSETS)
+            CacheKey("sha256:../../etc", D1.index)
         s = c.stats()
         assert s["hits"] == 3 and s["misses"] == 2 and s["put_chunks"] == 2
 
@@ -83,15 +83,59 @@ def test_persists_across_reopen_and_processes(root: str) -> None:
         assert c3.get(D1, 4) == chunk_bytes(D1, 4)
 
 
-def test_geometry_change_replaces_the_entry(root: str) -> None:
+def test_entries_are_bound_to_the_index_that_verified_them(root: str) -> None:
+    other_index = CacheKey(D1.blob, "sha256:" + "f" * 64)  # the same layer blob, another index
+    with ChunkCache(root) as c:
+        c.register(D1, OFFSETS)
+        c.put(D1, 0, chunk_bytes(D1, 0))
+        c.register(other_index, OFFSETS)
+        assert c.get(other_index, 0) is None  # never a hit for bytes another index verified
+        c.put(other_index, 0, chunk_bytes(other_index, 0))
+        assert c.get(D1, 0) == chunk_bytes(D1, 0) and c.get(other_index, 0) == chunk_bytes(other_index, 0)
+        c.drop(other_index)
+        assert c.get(other_index, 0) is None and c.get(D1, 0) == chunk_bytes(D1, 0)
+        c.release(D1)
+        c.drop(D1.blob)  # a blob digest: every entry of that blob
+        assert c.get(D1, 0) is None
+
+
+def test_another_layout_never_replaces_an_entry_in_use(root: str) -> None:
+    other = [0, 4096, 8192]
     with ChunkCache(root) as c:
         c.register(D1, OFFSETS)
         c.put(D1, 0, chunk_bytes(D1, 0))
         c.register(D1, OFFSETS)  # same geometry: kept
         assert c.has(D1, 0)
-        other = [0, 4096, 8192]
-        c.register(D1, other)
+        with pytest.raises(FormatError):
+            c.register(D1, other)  # held here
+        assert c.chunk_count(D1) == N and c.get(D1, 0) == chunk_bytes(D1, 0)
+        c.release(D1)
+        c.release(D1)
+        with ChunkCache(root) as elsewhere:  # another process's device holds it
+            elsewhere.register(D1, OFFSETS)
+            with pytest.raises(FormatError):
+                c.register(D1, other)
+            assert elsewhere.get(D1, 0) == chunk_bytes(D1, 0)
+        c.register(D1, other)  # nobody uses it: a damaged entry is replaced
         assert c.chunk_count(D1) == 2 and not c.has(D1, 0)
+
+
+def test_old_format_entries_are_discarded_once_unused(root: str) -> None:
+    """Entries keyed by the blob digest alone say nothing about what verified them."""
+    old = [os.path.join(root, "chunks", "sha256", h * 64) for h in "12"]
+    for path in old:
+        blobentry.create_entry(path, OFFSETS)
+        with open(os.path.join(path, "data"), "r+b") as f:
+            f.write(b"old bytes")
+    held = BlobEntry(old[1])  # an older daemon still running with this entry open
+    with ChunkCache(root) as c:
+        assert not os.path.exists(old[0]) and os.path.exists(old[1])
+        assert c.usage() >= 4096  # what it still occupies counts
+        held.close()
+        c.prune()
+        assert not os.path.exists(os.path.join(root, "chunks"))
+        c.register(D1, OFFSETS)
+        assert c.get(D1, 0) is None
 
 
 def _crash_child(root: str, mode: str, w) -> None:
@@ -172,7 +216,7 @@ def test_concurrent_processes_share_one_blob(root: str) -> None:
     assert results == [True] * 4
     with ChunkCache(root) as c:
         assert all(c.get(D1, i) == chunk_bytes(D1, i) for i in range(N))
-        assert len(os.listdir(os.path.join(root, "chunks", "sha256"))) == 1
+        assert len(os.listdir(os.path.join(root, "entries", "sha256"))) == 1
 
 
 def test_lru_eviction_under_cap_honours_pins(root: str) -> None:
@@ -206,7 +250,7 @@ def test_pins_of_other_live_processes_count_and_dead_ones_do_not(root: str) -> N
         c.put_many(D1, [(i, chunk_bytes(D1, i)) for i in range(4)])
         # a pin left by a dead process
         with open(os.path.join(root, "pins", "999999999.1.1.json"), "w") as f:
-            json.dump({"digest": D1, "chunks": None, "pid": 999_999_999, "start": "1"}, f)
+            json.dump({"digest": D1.name, "chunks": None, "pid": 999_999_999, "start": "1"}, f)
         ready, done = CTX.Event(), CTX.Event()
 
         def holder() -> None:
@@ -245,6 +289,25 @@ def test_whole_blobs(root: str) -> None:
         assert not os.path.exists(path)
         c.put_whole(digest, data)
         c.evict(0)
+        assert c.get_whole(digest) is None
+
+
+def test_whole_blobs_go_only_after_every_unpinned_chunk(root: str) -> None:
+    """Merged metadata and chunk indexes are small, and no device opens without them: across a
+    daemon restart, when nothing pins them, pressure takes chunks first however old they are."""
+    meta = os.urandom(20_000)
+    digest = "sha256:" + hashlib.sha256(meta).hexdigest()
+    with ChunkCache(root) as c:  # the real clock: chunks and whole blobs on one time line
+        c.put_whole(digest, meta)
+        old = time.time() - 3600
+        os.utime(os.path.join(root, "whole", "sha256", digest.split(":")[1]), (old, old))  # least recently used
+        c.register(D1, OFFSETS)
+        for i in range(8):
+            c.put(D1, i, chunk_bytes(D1, i))
+        c.evict(c.usage() - 3 * CH)  # room for a few chunks: the chunks go
+        assert c.get_whole(digest) == meta
+        assert not c.has(D1, 0) and c.has(D1, 7)  # LRU among the chunks
+        c.evict(0)  # nothing else left to take: now the whole blob goes too
         assert c.get_whole(digest) is None
 
 
@@ -289,7 +352,7 @@ def test_damaged_state_is_dropped(root: str) -> None:
     with ChunkCache(root) as c:
         c.register(D1, OFFSETS)
         c.put(D1, 0, chunk_bytes(D1, 0))
-    state = os.path.join(root, "chunks", "sha256", "1" * 64, "state")
+    state = os.path.join(root, "entries", D1.relpath(), "state")
     with open(state, "r+b") as f:
         f.seek(70)
         f.write(b"\x99")
@@ -306,11 +369,11 @@ def test_prune(root: str) -> None:
         c.register(D2, OFFSETS)
         c.put(D1, 0, chunk_bytes(D1, 0))
         c.put(D2, 0, chunk_bytes(D2, 0))
-        D3 = "sha256:" + "3" * 64
+        D3 = CacheKey("sha256:" + "3" * 64, "sha256:" + "c" * 64)
         c.register(D3, OFFSETS)  # nothing cached: pruned
         c.release(D2)
         c.release(D3)
-        res = c.prune(keep=lambda d: d != D2)
+        res = c.prune(keep=lambda d: d != D2.blob)
         assert res.dropped_blobs == 2
         assert c.get(D1, 0) == chunk_bytes(D1, 0)
         assert c.get(D2, 0) is None and c.chunk_count(D3) is None

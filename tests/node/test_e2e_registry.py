@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,25 @@ def test_shared_base_layer_is_fetched_once(world: World, daemon, proxy: FaultPro
         daemon.cli("umount", str(t))
 
 
+def _read_file(path: str | Path) -> int:
+    n = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            n += len(chunk)
+    return n
+
+
 def test_restart_with_warm_cache_fetches_nothing(world: World, daemon, proxy: FaultProxy, tmp_path: Path) -> None:
+    """A graceful restart (`bdserver stop`, as systemd does) or a crash loses nothing of the node cache.
+
+    The cache is warmed with the whole device: what the kernel reads is not a fixed set. Its readahead
+    on the device file lays out its windows by how fast the device answers (the network before the
+    restart, the cache after it), so a re-read may reach a chunk that the first read never touched and
+    that best-effort fetch-ahead did not happen to cover (seen once: one sequential stream's last
+    window ended 128 KiB further, 1 demand miss + 12 fetch-aheads, nothing fetched twice). Fetches
+    still on the wire when a daemon stops are tests/vdev/test_prefetch.py's
+    test_close_lets_fetches_on_the_wire_reach_the_cache.
+    """
     daemon.write_config(world.trust_toml())
     target = tmp_path / "rootfs"
     daemon.cli("mount", f"{proxy.host}/deb:v1", str(target))
@@ -155,24 +174,61 @@ def test_restart_with_warm_cache_fetches_nothing(world: World, daemon, proxy: Fa
         return _read_all(target, "etc") + _read_all(target, "usr/lib/x86_64-linux-gnu")
 
     n = read()
+    first = proxy.stats.bytes("/blobs/")
+    assert n > 0 and first > 0
+    disk = daemon.json("ls")[0]["path"]
+    size = _read_file(disk)  # every chunk of the device is in the node cache now
     cold = proxy.stats.bytes("/blobs/")
-    assert n > 0 and cold > 0
-    # graceful restart (`bdserver stop`, as systemd does): not one request to the registry
+    # graceful restart: not one request to the registry
     daemon.stop()
     proxy.stats.reset()
     daemon.start()
     assert [d["status"] for d in daemon.json("ls")] == ["attached"]
-    assert read() == n
+    assert read() == n and _read_file(disk) == size
     assert proxy.stats.requests() == 0, f"restart fetched: {proxy.stats.entries[:5]}"
-    # crash (SIGKILL): chunks still in the write-behind queue may be lost and fetched again, no more
+    # crash (SIGKILL): every chunk was durable in the cache before it was handed out, so none either
     daemon.kill()
     proxy.stats.reset()
     daemon.start()
     assert [d["status"] for d in daemon.json("ls")] == ["attached"]
     assert read() == n
-    again = proxy.stats.bytes("/blobs/")
-    print(f"\ncold {cold} bytes; after graceful restart 0; after SIGKILL restart {again}")
-    assert again < cold
+    assert proxy.stats.requests() == 0, f"restart after SIGKILL fetched: {proxy.stats.entries[:5]}"
+    print(f"\nfiles: {first} bytes fetched; whole device: {cold}; after a graceful restart 0; after SIGKILL 0")
+    daemon.cli("umount", str(target))
+
+
+def _largest_file(root: Path, sub: str) -> Path:
+    best, size = None, -1
+    for dirpath, _, files in os.walk(root / sub):
+        for f in files:
+            st = os.lstat(os.path.join(dirpath, f))
+            if stat.S_ISREG(st.st_mode) and st.st_size > size:
+                best, size = Path(dirpath) / f, st.st_size
+    assert best is not None
+    return best
+
+
+def test_restart_while_the_registry_is_down(world: World, daemon, proxy: FaultProxy, deb_reference: Path,
+                                            tmp_path: Path) -> None:
+    """The daemon comes back with its devices and serves what is cached; an uncached read fails with
+    EIO in bounded time and succeeds once the registry is back (issue 9.4)."""
+    daemon.write_config(world.trust_toml())
+    target = tmp_path / "deb"
+    daemon.cli("mount", f"{proxy.host}/deb:v1", str(target), "--lower-only")
+    n = _read_all(target, "etc")
+    daemon.stop()
+    proxy.inject("reset", count=1_000_000)  # every connection to the registry is dropped from now on
+    daemon.start()  # the devices are recovered before the daemon answers
+    assert [d["status"] for d in daemon.json("ls")] == ["attached"]
+    assert _read_all(target, "etc") == n  # everything cached is served
+    big = _largest_file(target, "usr")  # never read: its chunks (beyond any fetch-ahead) are not cached
+    rel = big.relative_to(target)
+    assert big.stat().st_size > 4 << 20
+    p = subprocess.run(["cat", str(big)], capture_output=True, timeout=120)  # bounded: EIO, not a hang
+    assert p.returncode != 0 and b"Input/output error" in p.stderr, p.stderr
+    assert daemon.json("stats")[0]["stats"]["device"]["fetch_errors"] > 0
+    proxy.clear_faults()  # the registry is back
+    assert big.read_bytes() == (deb_reference / rel).read_bytes()
     daemon.cli("umount", str(target))
 
 

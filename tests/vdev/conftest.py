@@ -1,20 +1,44 @@
-"""A synthetic lazy image served by a fake registry (a dict of blobs behind a fetch function)."""
+"""Lazy images for vdev tests: a synthetic one served by a fake registry (a dict of blobs behind a
+fetch function, with hooks to park, fail or corrupt fetches), and real ones made by convert/ from
+tar layers into an OCI layout."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import random
+import tarfile
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
 from bdserver.blob.chunked import annotations, write_chunked_zstd
+from bdserver.cache import ChunkCache
+from bdserver.vdev import FetchPools
 
 BS = 4096
 CS = 16384  # 4 blocks per chunk: many chunks from small images
+WAIT = 60  # generous bound on waits that must end ("never hangs"); never a speed assertion
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
+    """Poll `pred` until it holds (True) or `timeout` passes (False): for states that other
+    threads reach, such as a reader having joined an in-flight fetch."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def joined(src, n: int, timeout: float = 20) -> bool:
+    """Wait until `n` readers of the lazy source `src` have joined another thread's fetch."""
+    return wait_until(lambda: src.stats.snapshot()["joined"] >= n, timeout)
 
 
 def sha(data: bytes) -> str:
@@ -107,3 +131,60 @@ def build_lazy_image(seed: int = 0, layer_blocks=(40, 9, 1), gap_blocks: int = 2
 @pytest.fixture
 def lazy() -> LazyImage:
     return build_lazy_image()
+
+
+@pytest.fixture
+def cache(tmp_path) -> Iterator[ChunkCache]:
+    c = ChunkCache(str(tmp_path / "cache"))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def pools() -> Iterator[FetchPools]:
+    """The test's own fetch threads (the daemon makes one set for all its devices)."""
+    p = FetchPools()
+    yield p
+    p.close()
+
+
+def tar_layer(files: dict[str, bytes]) -> bytes:
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
+            t.addfile(ti, io.BytesIO(data))
+    return b.getvalue()
+
+
+@dataclass
+class ConvertedImage:
+    layout: object  # the OCILayout holding the lazy image's blobs
+    result: object  # convert.image.ConvertResult
+    manifest: object  # the lazy manifest (oci.model.Manifest)
+
+
+def convert_tar_image(base: Path, layers: list[dict[str, bytes]], **convert_kw) -> ConvertedImage:
+    """A tar image of `layers` in an OCI layout under `base`, converted by convert/ into its lazy
+    image in a second layout (`base/lazy`); `convert_kw` go to convert_image (e.g. chunk_size)."""
+    from bdserver.convert.image import convert_image
+    from bdserver.oci import mediatypes as mt
+    from bdserver.oci.layout import OCILayout
+    from bdserver.oci.model import Descriptor, Manifest, canonical_json, parse_manifest
+
+    src = OCILayout(base / "src")
+    descs, diff_ids = [], []
+    for files in layers:
+        t = tar_layer(files)
+        dg = sha(t)
+        src.put_blob(io.BytesIO(t), dg, len(t))
+        descs.append(Descriptor(media_type=mt.OCI_LAYER_TAR, digest=dg, size=len(t)))
+        diff_ids.append(dg)
+    cfg = canonical_json({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}})
+    cd = Descriptor.for_bytes(cfg, mt.OCI_CONFIG)
+    src.put_blob(io.BytesIO(cfg), cd.digest, cd.size)
+    src.put_manifest(Manifest(config=cd, layers=descs).to_bytes(), mt.OCI_MANIFEST, tag="v1")
+    dest = OCILayout(base / "lazy")
+    res = convert_image(src, "v1", dest, "lazy", **convert_kw)
+    return ConvertedImage(dest, res, parse_manifest(res.manifest, mt.OCI_MANIFEST))

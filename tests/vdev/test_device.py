@@ -9,18 +9,9 @@ import pytest
 
 from bdserver.cache import ChunkCache
 from bdserver.errors import FetchError, FormatError, IntegrityError
-from bdserver.vdev import VirtualDevice, open_lazy_image
+from bdserver.vdev import FetchPools, VirtualDevice, open_lazy_image
 from bdserver.vdev.lazyimage import layout_fetcher
-from tests.vdev.conftest import BS, CS, LazyImage, build_lazy_image, sha
-
-WAIT = 60  # generous bound on Event waits; never asserted on
-
-
-@pytest.fixture
-def cache(tmp_path) -> ChunkCache:
-    c = ChunkCache(str(tmp_path / "cache"))
-    yield c
-    c.close()
+from tests.vdev.conftest import BS, CS, WAIT, LazyImage, build_lazy_image, joined, sha
 
 
 def layer_chunk_offset(lazy: LazyImage, layer: int, chunk: int) -> int:
@@ -28,8 +19,8 @@ def layer_chunk_offset(lazy: LazyImage, layer: int, chunk: int) -> int:
     return lazy.layers[layer][2] * BS + chunk * CS
 
 
-def test_whole_device_and_random_reads_match(lazy: LazyImage, cache: ChunkCache) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+def test_whole_device_and_random_reads_match(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     assert dev.size == len(lazy.expected)
     assert dev.read(0, dev.size) == lazy.expected
     rnd = random.Random(1)
@@ -45,13 +36,13 @@ def test_whole_device_and_random_reads_match(lazy: LazyImage, cache: ChunkCache)
     dev.close()
 
 
-def test_works_without_a_cache(lazy: LazyImage) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, None)
+def test_works_without_a_cache(pools: FetchPools, lazy: LazyImage) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, None, pools=pools)
     assert dev.read(0, dev.size) == lazy.expected
 
 
-def test_a_run_of_missing_chunks_is_one_request(lazy: LazyImage, cache: ChunkCache) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+def test_a_run_of_missing_chunks_is_one_request(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     digest = lazy.layers[0][0]
     before = len(lazy.registry.calls_for(digest))
     start = layer_chunk_offset(lazy, 0, 0) + 100
@@ -73,8 +64,8 @@ def test_a_run_of_missing_chunks_is_one_request(lazy: LazyImage, cache: ChunkCac
     assert len(lazy.registry.calls) - before == 1  # chunks 3..5 missing and adjacent: 1 request
 
 
-def test_single_flight(lazy: LazyImage, cache: ChunkCache) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+def test_single_flight(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     digest = lazy.layers[0][0]
     entered, release = threading.Event(), threading.Event()
 
@@ -99,12 +90,8 @@ def test_single_flight(lazy: LazyImage, cache: ChunkCache) -> None:
     for t in threads:
         t.start()
     assert entered.wait(WAIT)
-    src = dev.segments[1].source
-    for _ in range(2000):  # bounded: let the others find the in-flight fetch (not required to pass)
-        if src.stats.snapshot()["joined"] >= 15:
-            break
-        threading.Event().wait(0.005)
-    release.set()
+    assert joined(dev.segments[1].source, 15), "the other readers never joined the fetch in flight"
+    release.set()  # only now does the one fetch complete
     for t in threads:
         t.join(WAIT)
     assert not errors
@@ -112,8 +99,8 @@ def test_single_flight(lazy: LazyImage, cache: ChunkCache) -> None:
     assert len(lazy.registry.calls_for(digest)) - before == 1
 
 
-def test_slow_miss_does_not_block_a_hit(lazy: LazyImage, cache: ChunkCache) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+def test_slow_miss_does_not_block_a_hit(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     a = layer_chunk_offset(lazy, 0, 0)
     b = layer_chunk_offset(lazy, 0, 2)
     c = layer_chunk_offset(lazy, 1, 0)
@@ -145,25 +132,49 @@ def test_slow_miss_does_not_block_a_hit(lazy: LazyImage, cache: ChunkCache) -> N
     assert out == [lazy.expected[a : a + 100]]
 
 
-def test_failed_fetch_raises_caches_nothing_and_is_retried(lazy: LazyImage, cache: ChunkCache) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
-    digest = lazy.layers[0][0]
+def test_failed_fetch_raises_caches_nothing_and_is_retried(pools: FetchPools, lazy: LazyImage,
+                                                           cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     off = layer_chunk_offset(lazy, 0, 1)
     lazy.registry.fail = ConnectionResetError("registry went away")
     with pytest.raises(FetchError):
         dev.read(off, 3 * CS)
-    assert not any(cache.has(digest, i) for i in range(1, 4))
+    key = dev.segments[1].source.key
+    assert not any(cache.has(key, i) for i in range(1, 4))
     assert dev.stats()["fetch_errors"] == 1 and dev.stats()["read_errors"] == 1
     lazy.registry.fail = None
     assert dev.read(off, 3 * CS) == lazy.expected[off : off + 3 * CS]
     dev.flush()  # cache writes are write-behind
-    assert all(cache.has(digest, i) for i in range(1, 4))
+    assert all(cache.has(key, i) for i in range(1, 4))
 
 
-def test_waiters_of_a_failed_fetch_fail_too(lazy: LazyImage, cache: ChunkCache) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+def test_an_exception_in_the_store_path_never_parks_later_reads(pools: FetchPools, lazy: LazyImage, cache: ChunkCache,
+                                                                 monkeypatch) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
+    key = dev.segments[1].source.key
+    off = layer_chunk_offset(lazy, 0, 1)
+
+    def broken(*a, **kw):
+        raise RuntimeError("injected: the cache write blew up")
+
+    monkeypatch.setattr(cache, "put_many", broken)
+    assert dev.read(off, 100) == lazy.expected[off : off + 100]  # verified bytes are served anyway
+    assert not cache.has(key, 1) and dev.stats()["cache_put_errors"] == 1
+    monkeypatch.undo()
+    out: list[bytes] = []
+    t = threading.Thread(target=lambda: out.append(dev.read(off, 100)), daemon=True)
+    t.start()
+    t.join(WAIT)  # generous: the claim must be resolved, not waited out
+    assert not t.is_alive(), "the next read of the chunk is parked on a claim nobody resolves"
+    assert out == [lazy.expected[off : off + 100]] and cache.has(key, 1)
+    dev.close()
+
+
+def test_waiters_of_a_failed_fetch_fail_too(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     off = layer_chunk_offset(lazy, 0, 0)
     entered, release = threading.Event(), threading.Event()
+    before = len(lazy.registry.calls_for(lazy.layers[0][0]))
 
     def hook(d: str, o: int, n: int) -> None:
         entered.set()
@@ -183,17 +194,60 @@ def test_waiters_of_a_failed_fetch_fail_too(lazy: LazyImage, cache: ChunkCache) 
     for t in threads:
         t.start()
     assert entered.wait(WAIT)
+    assert joined(dev.segments[1].source, 3), "the other readers never joined the fetch in flight"
     release.set()
     for t in threads:
         t.join(WAIT)
     assert len(errs) == 4 and all(isinstance(e, FetchError) for e in errs)
+    assert len(lazy.registry.calls_for(lazy.layers[0][0])) == before + 1  # one fetch failed for all four
     lazy.registry.hook = None
     assert dev.read(off, 10) == lazy.expected[off : off + 10]
 
 
-def test_corrupt_chunk_is_integrity_error_and_not_cached(lazy: LazyImage, cache: ChunkCache) -> None:
+def test_a_join_waits_at_most_the_fetch_deadline_and_the_next_read_retries(pools: FetchPools, lazy: LazyImage,
+                                                                          cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools, fetch_deadline=0.5)
     digest = lazy.layers[0][0]
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    before = len(lazy.registry.calls_for(digest))
+    off = layer_chunk_offset(lazy, 0, 2)
+    wedged, release = threading.Event(), threading.Event()
+
+    def hook(d: str, o: int, n: int) -> None:
+        if d == digest and not wedged.is_set():  # the first fetch hangs (a registry that went quiet)
+            wedged.set()
+            release.wait(WAIT)
+
+    lazy.registry.hook = hook
+    first: list[bytes] = []
+    t = threading.Thread(target=lambda: first.append(dev.read(off, 10)), daemon=True)
+    t.start()
+    assert wedged.wait(WAIT)
+    outcome: list[BaseException | bytes] = []
+
+    def joiner() -> None:
+        try:
+            outcome.append(dev.read(off, 10))
+        except BaseException as e:  # surfaced by the asserts below
+            outcome.append(e)
+
+    j = threading.Thread(target=joiner, daemon=True)
+    j.start()
+    j.join(WAIT)  # bounded by the 0.5 s deadline, not by the wedged fetch
+    assert not j.is_alive() and len(outcome) == 1 and isinstance(outcome[0], FetchError)
+    assert t.is_alive()  # the wedged fetch is still on the wire
+    assert dev.read(off, 10) == lazy.expected[off : off + 10]  # the next read fetches it itself
+    assert len(lazy.registry.calls_for(digest)) - before == 2
+    release.set()
+    t.join(WAIT)
+    assert first == [lazy.expected[off : off + 10]]
+    s = dev.stats()
+    assert s["joined"] == 1 and s["join_timeouts"] == 1 and s["read_errors"] == 1
+    dev.close()
+
+
+def test_corrupt_chunk_is_integrity_error_and_not_cached(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
+    digest = lazy.layers[0][0]
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     blob = bytearray(lazy.registry.blobs[digest])
     o, n = dev.segments[1].source.blob.chunk_span(1)
     blob[o + n // 2] ^= 0x40
@@ -202,7 +256,7 @@ def test_corrupt_chunk_is_integrity_error_and_not_cached(lazy: LazyImage, cache:
     with pytest.raises(IntegrityError):
         dev.read(off, 3 * CS)  # chunks 0..2 in one request; chunk 1 is bad
     dev.flush()
-    assert not any(cache.has(digest, i) for i in range(3))
+    assert not any(cache.has(dev.segments[1].source.key, i) for i in range(3))
     assert dev.stats()["integrity_errors"] == 1
     with pytest.raises(IntegrityError):
         dev.read(layer_chunk_offset(lazy, 0, 1), 10)  # next read tries the registry again
@@ -211,12 +265,12 @@ def test_corrupt_chunk_is_integrity_error_and_not_cached(lazy: LazyImage, cache:
     assert dev.read(off, 3 * CS) == lazy.expected[off : off + 3 * CS]
 
 
-def test_metadata_and_index_are_verified_at_open(cache: ChunkCache) -> None:
+def test_metadata_and_index_are_verified_at_open(pools: FetchPools, cache: ChunkCache) -> None:
     lazy = build_lazy_image(seed=2)
     meta_digest = lazy.manifest["layers"][-1]["digest"]
     lazy.registry.corrupt[meta_digest] = b"X" + lazy.meta[1:]
     with pytest.raises(IntegrityError):
-        open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+        open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     assert cache.get_whole(meta_digest) is None
     del lazy.registry.corrupt[meta_digest]
     d0 = lazy.layers[0][0]
@@ -224,40 +278,60 @@ def test_metadata_and_index_are_verified_at_open(cache: ChunkCache) -> None:
     blob[-5] ^= 1  # inside the chunk index
     lazy.registry.corrupt[d0] = bytes(blob)
     with pytest.raises(IntegrityError):
-        open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+        open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
 
 
-def test_reattach_after_restart_needs_no_request(tmp_path) -> None:
+def test_reattach_after_restart_needs_no_request(pools: FetchPools, tmp_path) -> None:
     lazy = build_lazy_image(seed=3)
     root = str(tmp_path / "cache")
     with ChunkCache(root) as c:
-        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, c)
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, c, pools=pools)
         assert dev.read(0, dev.size) == lazy.expected
         dev.close()
     lazy.registry.fail = ConnectionRefusedError("offline")
     with ChunkCache(root) as c:
-        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, c)
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, c, pools=pools)
         assert dev.read(0, dev.size) == lazy.expected
         assert dev.stats()["fetches"] == 0
         dev.close()
 
 
-def test_metadata_is_pinned_while_attached(lazy: LazyImage, cache: ChunkCache) -> None:
+def test_metadata_is_pinned_while_attached(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
     meta_digest = lazy.manifest["layers"][-1]["digest"]
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     dev.read(0, dev.size)
     dev.flush()
     cache.evict(0)
     assert cache.get_whole(meta_digest) == lazy.meta
-    assert not cache.has(lazy.layers[0][0], 0)  # data chunks are fair game
+    assert not cache.has(dev.segments[1].source.key, 0)  # data chunks are fair game
     assert dev.read(0, dev.size) == lazy.expected
     dev.close()
     cache.evict(0)
     assert cache.get_whole(meta_digest) is None
 
 
-def test_concurrent_random_readers(lazy: LazyImage, cache: ChunkCache) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+def test_metadata_and_indexes_of_a_live_device_survive_cache_pressure(pools: FetchPools, tmp_path) -> None:
+    lazy = build_lazy_image(seed=8, layer_blocks=(120, 60, 30))
+    meta_digest = lazy.manifest["layers"][-1]["digest"]
+    indexes = [d["annotations"]["org.erofs.chunk-index.digest"] for d in lazy.manifest["layers"][:-1]]
+    with ChunkCache(str(tmp_path / "cache"), cap_bytes=4 * BS) as cache:  # less than the metadata alone
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
+        for _ in range(2):
+            assert dev.read(0, dev.size) == lazy.expected  # every chunk fetched, and evicted again
+        assert cache.stats()["evicted_chunks"] > 0
+        assert cache.get_whole(meta_digest) == lazy.meta
+        assert all(cache.get_whole(d) is not None for d in indexes)
+        dev.close()
+        lazy.registry.fail = ConnectionRefusedError("offline")  # the registry goes away: reopen from the cache
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
+        assert dev.read(0, BS) == lazy.expected[:BS]
+        dev.close()
+        cache.evict(0)  # nothing live: now they may go
+        assert cache.get_whole(meta_digest) is None
+
+
+def test_concurrent_random_readers(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     bad: list[tuple[int, int]] = []
 
     def worker(seed: int) -> None:
@@ -278,10 +352,12 @@ def test_concurrent_random_readers(lazy: LazyImage, cache: ChunkCache) -> None:
     total_chunks = sum(-(-len(img) // CS) for _, img, _ in lazy.layers)
     assert s["fetched_bytes"] <= sum(len(lazy.registry.blobs[d]) for d, _, _ in lazy.layers)
     assert s["fetched_chunks"] <= total_chunks  # no chunk fetched twice (the cache never evicted)
-    assert set(s["latency"]) == {"p50_ms", "p90_ms", "p99_ms"}
+    for lat in (s["latency_ms"], s["fetch_latency_ms"]):  # one summary shape, as the daemon reports it
+        assert set(lat) == {"p50", "p90", "p99", "max", "samples"}
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] and lat["samples"] > 0
 
 
-def test_plan_rejects_what_is_not_a_lazy_image(lazy: LazyImage, cache: ChunkCache) -> None:
+def test_plan_rejects_what_is_not_a_lazy_image(pools: FetchPools, lazy: LazyImage, cache: ChunkCache) -> None:
     import copy
 
     def mutate(fn) -> dict:
@@ -302,7 +378,7 @@ def test_plan_rejects_what_is_not_a_lazy_image(lazy: LazyImage, cache: ChunkCach
     ]
     for m in bad:
         with pytest.raises(FormatError):
-            open_lazy_image(m, lazy.registry.fetch, cache)
+            open_lazy_image(m, lazy.registry.fetch, cache, pools=pools)
 
 
 def test_from_files(tmp_path) -> None:
@@ -322,18 +398,19 @@ def test_from_files(tmp_path) -> None:
     dev2.close()
 
 
-def test_layout_fetcher_serves_an_oci_blob_store(tmp_path, lazy: LazyImage, cache: ChunkCache) -> None:
+def test_layout_fetcher_serves_an_oci_blob_store(pools: FetchPools, tmp_path, lazy: LazyImage,
+                                                 cache: ChunkCache) -> None:
     root = tmp_path / "blobs"
     (root / "sha256").mkdir(parents=True)
     for d, data in lazy.registry.blobs.items():
         (root / "sha256" / d.split(":")[1]).write_bytes(data)
-    dev = open_lazy_image(lazy.manifest, layout_fetcher(str(root)), cache)
+    dev = open_lazy_image(lazy.manifest, layout_fetcher(str(root)), cache, pools=pools)
     assert dev.read(0, dev.size) == lazy.expected
     with pytest.raises(FetchError):
         layout_fetcher(str(root))(sha(b"nope"), 0, 1)
 
 
-def test_standalone_chunk_index_layer(cache: ChunkCache) -> None:
+def test_standalone_chunk_index_layer(pools: FetchPools, cache: ChunkCache) -> None:
     """spec §3.4.3: the index as its own layer right after the layer it indexes."""
     import copy
 
@@ -353,21 +430,22 @@ def test_standalone_chunk_index_layer(cache: ChunkCache) -> None:
         {"mediaType": "application/vnd.erofs.chunk-index.v1", "digest": pd, "size": len(payload),
          "annotations": {"org.erofs.chunk-index.target": dd}},
     )
-    dev = open_lazy_image(m, lazy.registry.fetch, cache)
+    dev = open_lazy_image(m, lazy.registry.fetch, cache, pools=pools)
     assert dev.read(0, dev.size) == lazy.expected
     dev.close()
     bad = copy.deepcopy(m)
     bad["layers"][1]["annotations"]["org.erofs.chunk-index.target"] = sha(b"other")
     with pytest.raises(FormatError):
-        open_lazy_image(bad, lazy.registry.fetch, cache)
+        open_lazy_image(bad, lazy.registry.fetch, cache, pools=pools)
     lazy.registry.corrupt[pd] = payload[:-1] + bytes([payload[-1] ^ 1])
     cache.drop(pd)
     with pytest.raises(IntegrityError):
-        open_lazy_image(m, lazy.registry.fetch, cache)
+        open_lazy_image(m, lazy.registry.fetch, cache, pools=pools)
 
 
-def test_split_runs_are_fetched_separately_and_both_resolve(lazy: LazyImage, cache: ChunkCache) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache)
+def test_split_runs_are_fetched_separately_and_both_resolve(pools: FetchPools, lazy: LazyImage,
+                                                            cache: ChunkCache) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools)
     digest = lazy.layers[0][0]
     mid = layer_chunk_offset(lazy, 0, 7)
     dev.read(mid, 10)  # chunk 7 cached
@@ -389,12 +467,14 @@ def test_split_runs_are_fetched_separately_and_both_resolve(lazy: LazyImage, cac
         dev.read(o2, 3 * CS)  # runs {3} and {5}
     lazy.registry.hook = None
     dev.flush()
-    assert cache.has(digest, 3) and not cache.has(digest, 5)
+    key = dev.segments[1].source.key
+    assert cache.has(key, 3) and not cache.has(key, 5)
     assert dev.read(o2, 3 * CS) == lazy.expected[o2 : o2 + 3 * CS]
 
 
-def test_write_behind_miss_does_not_wait_for_the_cache_write(lazy: LazyImage, cache: ChunkCache, monkeypatch) -> None:
-    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, write_behind=True)
+def test_write_behind_miss_does_not_wait_for_the_cache_write(pools: FetchPools, lazy: LazyImage, cache: ChunkCache,
+                                                             monkeypatch) -> None:
+    dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, cache, pools=pools, write_behind=True)
     digest = lazy.layers[0][0]
     entered, release = threading.Event(), threading.Event()
     real = cache.put_many
@@ -411,14 +491,15 @@ def test_write_behind_miss_does_not_wait_for_the_cache_write(lazy: LazyImage, ca
     n = len(lazy.registry.calls_for(digest))
     assert dev.read(off + 10, CS) == lazy.expected[off + 10 : off + 10 + CS]  # served from memory
     assert len(lazy.registry.calls_for(digest)) == n
-    assert not cache.has(digest, 4)
+    key = dev.segments[1].source.key
+    assert not cache.has(key, 4)
     release.set()
     dev.flush()
-    assert cache.has(digest, 4) and cache.has(digest, 5)
+    assert cache.has(key, 4) and cache.has(key, 5)
     dev.close()
 
 
-def test_merged_meta_may_be_zstd(cache: ChunkCache) -> None:
+def test_merged_meta_may_be_zstd(pools: FetchPools, cache: ChunkCache) -> None:
     import copy
     import io
 
@@ -435,21 +516,21 @@ def test_merged_meta_may_be_zstd(cache: ChunkCache) -> None:
         "size": info.size,
         "annotations": {"org.bdserver.role": "merged-meta", "org.erofs.uncompressed-digest": info.uncompressed_digest},
     }
-    dev = open_lazy_image(m, lazy.registry.fetch, cache)
+    dev = open_lazy_image(m, lazy.registry.fetch, cache, pools=pools)
     assert dev.read(0, dev.size) == lazy.expected
     dev.close()
     m["layers"][-1]["annotations"]["org.erofs.uncompressed-digest"] = sha(b"something else")
     cache.drop(info.digest)
     with pytest.raises(IntegrityError):
-        open_lazy_image(m, lazy.registry.fetch, cache)
+        open_lazy_image(m, lazy.registry.fetch, cache, pools=pools)
 
 
-def test_by_default_a_chunk_is_durable_before_it_is_returned(lazy: LazyImage, tmp_path) -> None:
+def test_by_default_a_chunk_is_durable_before_it_is_returned(pools: FetchPools, lazy: LazyImage, tmp_path) -> None:
     """A crash right after a read (no flush, no close) must find the chunk in the cache."""
     root = str(tmp_path / "c")
     with ChunkCache(root) as c:
-        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, c)
+        dev = open_lazy_image(lazy.manifest, lazy.registry.fetch, c, pools=pools)
         off = layer_chunk_offset(lazy, 0, 2)
         dev.read(off, 10)
         with ChunkCache(root) as other:  # another process's view, before any flush or close
-            assert other.has(lazy.layers[0][0], 2)
+            assert other.has(dev.segments[1].source.key, 2)
