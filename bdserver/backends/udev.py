@@ -67,10 +67,14 @@ class DeviceWatch:
 
     def __init__(self, *subsystems: str) -> None:
         self.source = event_source()
-        self._monitor: pyudev.Monitor | None = pyudev.Monitor.from_netlink(pyudev.Context(), source=self.source)
-        for subsystem in subsystems:
-            self._monitor.filter_by(subsystem)
-        self._monitor.start()
+        try:
+            self._monitor: pyudev.Monitor | None = pyudev.Monitor.from_netlink(pyudev.Context(), source=self.source)
+            for subsystem in subsystems:
+                self._monitor.filter_by(subsystem)
+            self._monitor.start()
+        except OSError as exc:
+            raise KernelError(f"cannot listen to {self.source} device events ({', '.join(subsystems)}): {exc}; "
+                              "run the daemon as root in the host's network namespace") from exc
         self._backlog: collections.deque[pyudev.Device] = collections.deque(maxlen=BACKLOG)
 
     def __enter__(self) -> DeviceWatch:
@@ -93,14 +97,18 @@ class DeviceWatch:
             raise RuntimeError("the watch is closed")
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            dev = self._monitor.poll(timeout=max(left, 0.001))
+            try:
+                dev = self._monitor.poll(timeout=max(left, 0.001))
+            except OSError as exc:  # e.g. ENOBUFS: the socket overflowed, events were lost
+                raise KernelError(f"lost {self.source} device events while waiting for {what}: {exc}") from exc
             if dev is None or dev.action != "add":
                 continue  # also None for an event libudev filtered out: keep waiting
             if _accepts(match, dev):
                 return dev
             self._backlog.append(dev)
         why = ("the udev daemon did not report it; see `udevadm monitor` and the kernel log"
-               if self.source == "udev" else "no kernel uevent came; see the kernel log")
+               if self.source == "udev" else
+               "no kernel uevent came (they reach only the host's network namespace); see the kernel log")
         raise KernelError(f"timed out after {timeout:.0f} s waiting for {what} to appear ({why})")
 
 
