@@ -15,14 +15,11 @@ import errno
 import importlib
 import logging
 import threading
-import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from bdserver.errors import BdError, FetchError, IntegrityError, KernelError
-
-T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -92,23 +89,6 @@ def read_errno(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO
-
-
-def wait_for(what: str, probe: Callable[[], T], timeout: float, step: float = 0.05) -> T:
-    """Poll ``probe()`` until it returns something truthy (bounded), else raise KernelError.
-
-    Kernel objects (UIO and ublk char devices, /dev/sdX, udev nodes) appear asynchronously after
-    the configfs or control command that creates them.
-    """
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / step) + 2):
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(step)
-    raise KernelError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def checked_read(device: Device, offset: int, length: int) -> bytes:

@@ -5,11 +5,12 @@ Per device (see shared/reference/tcmu-ublk.md, Part A):
 1. rtslib-fb creates ``core/user_N/<name>`` with ``dev_config=bdserver/<name>``, the size, 4 KiB
    blocks and ``nl_reply_supported=-1`` (the kernel never waits for a netlink reply, so we need no
    netlink at all, and a host where tcmu-runner once ran cannot hang us in ``enable``).
-2. We find its UIO device by name (``tcm-user/N/<name>/bdserver/<name>``), map map0 and start a
-   handler thread serving the ring — BEFORE the LUN exists, because linking the LUN scans the disk
-   synchronously (INQUIRY & co. arrive while the symlink syscall is still running).
-3. A tcm_loop target, TPG (with its nexus) and LUN 0 make the SCSI host; the disk is
-   ``/sys/class/scsi_device/H:0:T:0/device/block/sdX`` where ``H:0:T`` is the TPG's ``address``.
+2. We wait for its UIO device by name (``tcm-user/N/<name>/bdserver/<name>``), map map0 and start
+   a handler thread serving the ring — BEFORE the LUN exists, because linking the LUN scans the
+   disk synchronously (INQUIRY & co. arrive while the symlink syscall is still running).
+3. A tcm_loop target, TPG (with its nexus) and LUN 0 make the SCSI host and the disk /dev/sdX,
+   which we wait for by its WWID (the NAA id our VPD 0x83 page gives it, the kernel's
+   ``device/wwid``) until udev has finished probing it (`udev.DeviceWatch`, started before step 1).
 
 Reads go to a thread pool and complete out of order, so a miss waiting for the network never holds
 a cache hit behind it. SCSI semantics live in `scsi.py`, the ring in `tcmu_ring.py`. Detach tears
@@ -25,7 +26,6 @@ leftover that cannot be adopted (other size, no LUN) is torn down and created an
 from __future__ import annotations
 
 import errno
-import glob
 import logging
 import mmap
 import os
@@ -37,12 +37,16 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bdserver.backends.base import Attached, Backend, Device, checked_read, wait_for
+from bdserver.backends import udev
+from bdserver.backends.base import Attached, Backend, Device, checked_read
 from bdserver.backends.scsi import ReadRequest, Reply, ScsiDisk
 from bdserver.backends.tcmu_ring import Command, Ring, RingError
 from bdserver.errors import KernelError
+
+if TYPE_CHECKING:
+    import pyudev
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,8 @@ MAX_SECTORS = 256  # blocks per command: 1 MiB (fewer, larger commands for seque
 MAX_DATA_AREA_MB = 128  # room for 128 full-size commands at once
 READ_WORKERS = 16
 MODULES = ("target_core_mod", "target_core_user", "tcm_loop", "uio")
-DISK_WAIT_S = 120.0  # the sd probe under qemu TCG can take a while
+UIO_WAIT_S = 30.0
+DISK_WAIT_S = 120.0  # the sd probe and udev's rules under qemu TCG can take a while
 
 
 def _safe_name(dev_id: str) -> str:
@@ -63,14 +68,16 @@ def _safe_name(dev_id: str) -> str:
     return f"bd-{clean}"
 
 
-def _uio_by_name(name: str) -> Path | None:
-    for entry in Path("/sys/class/uio").glob("uio*"):
-        try:
-            if (entry / "name").read_text().strip() == name:
-                return entry
-        except OSError:
-            continue
-    return None
+def _our_disk(wwid: str) -> udev.Match:
+    """The sd disk whose SCSI device reports ``wwid`` (the kernel reads it from VPD page 0x83)."""
+    def match(dev: pyudev.Device) -> bool:
+        scsi = dev.find_parent("scsi", "scsi_device")
+        return dev.device_type == "disk" and scsi is not None and scsi.attributes.asstring("wwid").strip() == wwid
+    return match
+
+
+def _map_size(uio: pyudev.Device) -> int:
+    return int(Path(uio.sys_path, "maps/map0/size").read_text().strip(), 0)
 
 
 def _find_storage_object(name: str) -> Path | None:
@@ -88,10 +95,6 @@ def _target_of(so_path: Path) -> str:
         if link.is_symlink() and os.path.realpath(link) == real:
             return link.parents[3].name
     return ""
-
-
-def _wait_for(what: str, probe, timeout: float = DISK_WAIT_S, step: float = 0.05):
-    return wait_for(what, probe, timeout, step)
 
 
 class RingServer:
@@ -325,22 +328,20 @@ class TcmuBackend(Backend):
                    "nl_reply_supported=-1")
         so = target = tpg = lun = server = None
         try:
-            so = UserBackedStorageObject(name, config=config, size=size, wwn=serial,
-                                         hw_max_sectors=MAX_SECTORS, control=control)
-            hba = Path(so.path).parent.name.split("_", 1)[1]
-            uio_name = f"tcm-user/{hba}/{name}/{config}"
-            uio = _wait_for(f"UIO device {uio_name}", lambda: _uio_by_name(uio_name), timeout=30)
-            node = f"/dev/{uio.name}"
-            _wait_for(node, lambda: os.path.exists(node), timeout=30)
-            map_size = int((uio / "maps/map0/size").read_text().strip(), 0)
-            server = RingServer(node, map_size, disk, device, name=name)
-            target = Target(FabricModule("loopback"))
-            tpg = TPG(target, 1)
-            lun = LUN(tpg, 0, storage_object=so)  # scans the disk through our ring
-            address = (Path(tpg.path) / "address").read_text().strip()
-            path = _wait_for(f"the sd disk of SCSI {address}:0",
-                             lambda: self._disk_of(f"{address}:0"))
-            _wait_for(path, lambda: os.path.exists(path))
+            with udev.DeviceWatch("uio", "block") as watch:  # before the objects it waits for exist
+                so = UserBackedStorageObject(name, config=config, size=size, wwn=serial,
+                                             hw_max_sectors=MAX_SECTORS, control=control)
+                hba = Path(so.path).parent.name.split("_", 1)[1]
+                uio_name = f"tcm-user/{hba}/{name}/{config}"
+                uio = watch.wait(f"UIO device {uio_name}", udev.with_attribute("name", uio_name), UIO_WAIT_S)
+                node = uio.device_node
+                server = RingServer(node, _map_size(uio), disk, device, name=name)
+                target = Target(FabricModule("loopback"))
+                tpg = TPG(target, 1)
+                lun = LUN(tpg, 0, storage_object=so)  # scans the disk through our ring
+                address = (Path(tpg.path) / "address").read_text().strip()
+                path = watch.wait(f"the sd disk of SCSI {address}:0 (WWID {disk.wwid})", _our_disk(disk.wwid),
+                                  DISK_WAIT_S).device_node
         except BaseException as exc:
             try:
                 self._teardown(lun, tpg, target, server, so)
@@ -374,7 +375,7 @@ class TcmuBackend(Backend):
         hba = so_path.parent.name.split("_", 1)[1]
         name = so_path.name
         config = f"{SUBTYPE}/{name}"
-        uio = _uio_by_name(f"tcm-user/{hba}/{name}/{config}")
+        uio = udev.find("uio", udev.with_attribute("name", f"tcm-user/{hba}/{name}/{config}"))
         if uio is None:
             raise KernelError("its UIO device is gone")
         serial = (so_path / "wwn" / "vpd_unit_serial").read_text().split(":", 1)[1].strip()
@@ -384,16 +385,14 @@ class TcmuBackend(Backend):
         lun = next(iter(tpg.luns))
         disk = ScsiDisk(size=device.size, serial=serial, block_size=BLOCK_SIZE,
                         max_transfer_blocks=MAX_SECTORS, config=config)
-        node = f"/dev/{uio.name}"
-        map_size = int((uio / "maps/map0/size").read_text().strip(), 0)
+        address = (Path(tpg.path) / "address").read_text().strip()
+        found = udev.find("block", _our_disk(disk.wwid), DEVTYPE="disk")
+        if found is None:
+            raise KernelError(f"no disk with WWID {disk.wwid} at SCSI {address}:{lun.lun}")
+        node, path = uio.device_node, found.device_node
         # Fail what the dead handler held (BUSY: the initiator retries) and start the ring at 0.
         (so_path / "action" / "reset_ring").write_text("1")
-        server = RingServer(node, map_size, disk, device, name=name)
-        address = (Path(tpg.path) / "address").read_text().strip()
-        path = self._disk_of(f"{address}:{lun.lun}")
-        if path is None:
-            server.stop()
-            raise KernelError(f"no disk at SCSI {address}:{lun.lun}")
+        server = RingServer(node, _map_size(uio), disk, device, name=name)
         extra = {
             "uio": node, "storage_object": so.path, "target": target.wwn,
             "scsi_address": f"{address}:{lun.lun}", "serial": serial, "wwid": disk.wwid,
@@ -414,11 +413,6 @@ class TcmuBackend(Backend):
                 live.server.stop()
             except Exception as exc:  # noqa: BLE001
                 log.warning("tcmu: stopping %s: %s", live.disk_path, exc)
-
-    @staticmethod
-    def _disk_of(scsi_address: str) -> str | None:
-        found = glob.glob(f"/sys/class/scsi_device/{scsi_address}/device/block/*")
-        return f"/dev/{os.path.basename(found[0])}" if found else None
 
     # -- detach --------------------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ Per device (see shared/reference/tcmu-ublk.md, Part B):
    every COMMIT_AND_FETCH must come from it.
 4. START_DEV (it waits for all the FETCHes, then adds the disk and scans it through our queue).
 
+/dev/ublkcN and /dev/ublkbN are waited for through udev (`udev.DeviceWatch`, started before
+ADD_DEV): attach returns once udev has processed the new disk.
+
 A READ goes to a pool of worker threads: the worker copies the bytes into the tag's buffer,
 queues (tag, result) and bumps an eventfd that the ring has a READ outstanding on, so a miss
 waiting for the network never holds a cache hit behind it. A device that offers
@@ -42,11 +45,11 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from bdserver.backends import udev
 from bdserver.backends import ublk_abi as abi
-from bdserver.backends.base import Attached, Backend, Device, checked_read, wait_for
+from bdserver.backends.base import Attached, Backend, Device, checked_read
 from bdserver.backends.uring import (
     IORING_OP_URING_CMD, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SQE128, SQE_CMD16, IoUring, read_sqe,
     supported, uring_cmd_sqe,
@@ -62,6 +65,7 @@ IO_BUF_BYTES = 512 * 1024  # per tag; the largest request the kernel sends us
 READ_WORKERS = 16
 CTRL_TIMEOUT_S = 120.0  # START_DEV scans the disk through our queue: slow under qemu TCG
 NODE_WAIT_S = 60.0
+CONTROL_WAIT_S = 5.0
 _DESC = struct.Struct(abi.IoDesc.FMT)
 WAKE = 1 << 62  # user_data of the eventfd read (tags are < QUEUE_DEPTH)
 
@@ -69,10 +73,6 @@ WAKE = 1 << 62  # user_data of the eventfd read (tags are < QUEUE_DEPTH)
 def _dev_key(dev_id: str) -> int:
     """The 64-bit tag stored in ``ublksrv_flags``: which bdserver device a ublk device serves."""
     return int.from_bytes(hashlib.sha256(b"bdserver:" + dev_id.encode()).digest()[:8], "little") | 1
-
-
-def _wait_for(what: str, probe, timeout: float = NODE_WAIT_S, step: float = 0.02):
-    return wait_for(what, probe, timeout, step)
 
 
 class Control:
@@ -385,11 +385,9 @@ class UblkBackend(Backend):
             return False, why
         if os.geteuid() != 0:
             return False, "needs root (/dev/ublk-control)"
-        if not os.path.exists(CONTROL):
-            loaded = subprocess.run(["modprobe", "ublk_drv"], capture_output=True, check=False).returncode == 0
-            if not loaded or not _deadline_wait(lambda: os.path.exists(CONTROL), 5.0):
-                return False, ("this kernel has no ublk (module ublk_drv, CONFIG_BLK_DEV_UBLK, Linux 6.0+); "
-                               "try --backend tcmu or fuse")
+        if not os.path.exists(CONTROL) and not _load_driver():
+            return False, ("this kernel has no ublk (module ublk_drv, CONFIG_BLK_DEV_UBLK, Linux 6.0+); "
+                           "try --backend tcmu or fuse")
         try:
             self._ctrl()
         except OSError as exc:
@@ -428,6 +426,34 @@ class UblkBackend(Backend):
         flags = abi.F_USER_RECOVERY if self._recovery else 0
         req = abi.DevInfo(nr_hw_queues=1, queue_depth=QUEUE_DEPTH, max_io_buf_bytes=IO_BUF_BYTES,
                           dev_id=abi.DEV_ID_ANY, flags=flags, ublksrv_flags=key)
+        with udev.DeviceWatch("ublk-char", "block") as watch:  # before ADD_DEV and START_DEV make them
+            info = self._add_dev(ctrl, req, dev_id)
+            n = info.dev_id
+            server = None
+            started = False
+            try:
+                basic = abi.ParamBasic(attrs=abi.ATTR_READ_ONLY if self._kernel_ro else 0,
+                                       max_sectors=info.max_io_buf_bytes >> 9, dev_sectors=size >> 9)
+                ctrl.check("SET_PARAMS", abi.U_CMD_SET_PARAMS, n, bytearray(abi.Params(basic).pack()))
+                watch.wait(f"/dev/ublkc{n}", udev.named(f"ublkc{n}"), NODE_WAIT_S)
+                server = QueueServer(n, info, device, name=f"ublk{n}")
+                ctrl.check("START_DEV", abi.U_CMD_START_DEV, n, data0=os.getpid())
+                started = True
+                path = watch.wait(f"/dev/ublkb{n}", udev.named(f"ublkb{n}"), NODE_WAIT_S).device_node
+            except BaseException:
+                self._teardown(ctrl, n, server, started)
+                raise
+        extra = {"ublk_id": n, "char": f"/dev/ublkc{n}", "queue_depth": info.queue_depth,
+                 "max_io_bytes": info.max_io_buf_bytes, "flags": info.flags, "block_size": BLOCK_SIZE,
+                 "recovery": bool(info.flags & abi.F_USER_RECOVERY)}
+        with self._lock:
+            self._live[dev_id] = _Live(n, server, path, extra)
+        log.info("ublk: %s attached as %s (flags %#x)", dev_id, path, info.flags)
+        return Attached(path=path, backend=self.name, dev_id=dev_id, extra=extra)
+
+    @staticmethod
+    def _add_dev(ctrl: Control, req: abi.DevInfo, dev_id: str) -> abi.DevInfo:
+        """ADD_DEV (it creates /dev/ublkcN); the kernel's answer holds the device number N."""
         buf = bytearray(req.pack())
         res = ctrl.command(abi.U_CMD_ADD_DEV, abi.DEV_ID_ANY, buf)
         if res in (-errno.EOPNOTSUPP, -errno.EINVAL) and ctrl.encoded:
@@ -439,31 +465,9 @@ class UblkBackend(Backend):
         if res < 0:
             raise KernelError(f"ublk ADD_DEV for {dev_id} failed: {os.strerror(-res)}")
         info = abi.DevInfo.unpack(bytes(buf))
-        n = info.dev_id
         if info.flags & abi.F_CMD_IOCTL_ENCODE:
             ctrl.encoded = True
-        server = None
-        started = False
-        try:
-            basic = abi.ParamBasic(attrs=abi.ATTR_READ_ONLY if self._kernel_ro else 0,
-                                   max_sectors=info.max_io_buf_bytes >> 9, dev_sectors=size >> 9)
-            ctrl.check("SET_PARAMS", abi.U_CMD_SET_PARAMS, n, bytearray(abi.Params(basic).pack()))
-            _wait_for(f"/dev/ublkc{n}", lambda: os.path.exists(f"/dev/ublkc{n}"))
-            server = QueueServer(n, info, device, name=f"ublk{n}")
-            ctrl.check("START_DEV", abi.U_CMD_START_DEV, n, data0=os.getpid())
-            started = True
-            path = f"/dev/ublkb{n}"
-            _wait_for(path, lambda: os.path.exists(path))
-        except BaseException:
-            self._teardown(ctrl, n, server, started)
-            raise
-        extra = {"ublk_id": n, "char": f"/dev/ublkc{n}", "queue_depth": info.queue_depth,
-                 "max_io_bytes": info.max_io_buf_bytes, "flags": info.flags, "block_size": BLOCK_SIZE,
-                 "recovery": bool(info.flags & abi.F_USER_RECOVERY)}
-        with self._lock:
-            self._live[dev_id] = _Live(n, server, path, extra)
-        log.info("ublk: %s attached as %s (flags %#x)", dev_id, path, info.flags)
-        return Attached(path=path, backend=self.name, dev_id=dev_id, extra=extra)
+        return info
 
     def _adopt(self, ctrl: Control, n: int, info: abi.DevInfo, device: Device, dev_id: str) -> Attached:
         """Serve a device a dead daemon left behind (UBLK_F_USER_RECOVERY): same /dev/ublkbN."""
@@ -498,10 +502,11 @@ class UblkBackend(Backend):
 
     @staticmethod
     def _ublk_devices(ctrl: Control) -> list[tuple[int, abi.DevInfo]]:
+        """The ublk devices that exist (udev's ublk-char class), with what the kernel says of each."""
         out = []
-        for p in sorted(Path("/sys/class/ublk-char").glob("ublkc*")):
+        for char in sorted(udev.devices("ublk-char"), key=lambda dev: dev.sys_name):
             try:
-                n = int(p.name[5:])
+                n = int(char.sys_name.removeprefix("ublkc"))
             except ValueError:
                 continue
             info = ctrl.dev_info(n)
@@ -585,6 +590,18 @@ class UblkBackend(Backend):
                 live.server.stop(timeout=5.0)
             except Exception as exc:  # noqa: BLE001
                 log.warning("ublk: stopping %s: %s", live.path, exc)
+
+
+def _load_driver() -> bool:
+    """modprobe ublk_drv; True once its control device has appeared (bounded wait)."""
+    with udev.DeviceWatch("misc") as watch:
+        if subprocess.run(["modprobe", "ublk_drv"], capture_output=True, check=False).returncode != 0:
+            return False
+        try:
+            watch.wait(CONTROL, udev.named("ublk-control"), CONTROL_WAIT_S)
+        except KernelError:
+            return False
+    return True
 
 
 def _deadline_wait(probe, timeout: float, step: float = 0.05) -> bool:

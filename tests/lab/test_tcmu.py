@@ -8,12 +8,14 @@ import hashlib
 import os
 import struct
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from bdserver.backends import udev
 from bdserver.backends.tcmu import MAX_SECTORS
 from bdserver.vdev.device import VirtualDevice
 from tests.lab.sgio import sg_io
@@ -28,10 +30,7 @@ BS = 4096
 
 @contextmanager
 def attached(backend, device, dev_id: str) -> Iterator[object]:
-    att = backend.attach(device, dev_id)
-    # udev probes every new disk (blkid reads); let it finish so tests see only their own reads
-    subprocess.run(["udevadm", "settle", "--timeout=120"], check=False)
-    settle(att.path)
+    att = backend.attach(device, dev_id)  # returns once udev has probed the disk: reads are ours
     try:
         yield att
     finally:
@@ -70,6 +69,29 @@ def test_disk_identity_in_sysfs(tcmu_backend, erofs_pair) -> None:
         assert att.extra["serial"] in sysfs(att.path, "device/vpd_pg80")
         assert int(sysfs(att.path, "queue/max_sectors_kb")) <= MAX_SECTORS * BS // 1024  # VPD B0 limit
         assert att.extra["uio"].startswith("/dev/uio")
+
+
+def test_attach_returns_once_udev_has_probed_the_disk(tcmu_backend, erofs_pair) -> None:
+    """The lab runs udevd like any node, and udev reads every new disk (blkid, scsi_id). Attach
+    returns only after udev has processed the disk, matched by the WWID the backend gave it: what
+    reads the disk afterwards is the caller alone."""
+    import pyudev
+
+    assert udev.udev_running(), "the lab guest runs no udev daemon (see vagrant/lab-guest)"
+    image, _ = erofs_pair
+    dev = file_device(image)
+    att = tcmu_backend.attach(dev, "udev")
+    try:
+        reads = dev.read_count()
+        disk = pyudev.Devices.from_device_file(pyudev.Context(), att.path)
+        assert disk.is_initialized  # udev's database has the disk: its rules have run
+        assert disk.properties.get("ID_FS_TYPE") == "erofs"  # blkid read it
+        assert disk.properties.get("ID_SCSI_SERIAL") == att.extra["serial"]
+        assert disk.properties.get("ID_WWN_WITH_EXTENSION") == "0x" + att.extra["wwid"].removeprefix("naa.")
+        time.sleep(5)
+        assert dev.read_count() == reads, dev.reads[reads:]  # nobody probed the disk after attach
+    finally:
+        tcmu_backend.detach(att)
 
 
 def test_second_read_fetches_nothing(tcmu_backend, erofs_pair, tmp_path) -> None:

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import pytest
 
+from bdserver.backends import udev
 from bdserver.vdev.device import VirtualDevice
 from tests.lab.helpers import (
     ProbeDevice, assert_same_tree, dd, device_holder, drop_caches, mounted, parallel_direct_reads, settle,
@@ -106,6 +107,21 @@ def test_disk_identity_in_sysfs(ublk_backend, erofs_pair) -> None:
         assert int(sysfs(att.path, "queue/max_hw_sectors_kb")) == att.extra["max_io_bytes"] // 1024
         assert att.extra["queue_depth"] > 1
         assert att.extra["char"] == f"/dev/ublkc{att.extra['ublk_id']}" and os.path.exists(att.extra["char"])
+
+
+def test_attach_returns_once_udev_has_processed_the_disk(ublk_backend, erofs_pair) -> None:
+    """The lab runs udevd like any node; attach returns only after udev has processed the new
+    char and block devices (matched by the ublk device number)."""
+    import pyudev
+
+    assert udev.udev_running(), "the lab guest runs no udev daemon (see vagrant/lab-guest)"
+    image, _ = erofs_pair
+    with attached(ublk_backend, file_device(image), "udev") as att:
+        ctx = pyudev.Context()
+        for node in (att.path, att.extra["char"]):
+            dev = pyudev.Devices.from_device_file(ctx, node)
+            assert dev.is_initialized, node  # in udev's database: its rules have run
+        assert att.path == f"/dev/ublkb{att.extra['ublk_id']}"
 
 
 def test_whole_disk_equals_image(ublk_backend, erofs_pair, tmp_path) -> None:
