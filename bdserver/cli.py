@@ -104,11 +104,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from bdserver.daemon.logs import setup_logging
     from bdserver.daemon.server import serve
+    from bdserver.runtime.containerd.service import start_snapshotter
 
     cfg = _cfg(args)
     os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
     setup_logging(cfg.log_file, cfg.log_level)
-    return serve(cfg)
+    return serve(cfg, services=[start_snapshotter])
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -1,0 +1,87 @@
+"""One EROFS mount per image, shared by every container of that image: the overlay lower.
+
+Mounted through the daemon's DeviceManager (``mount(ref, target, lower_only=True)`` attaches ONE
+device for the image and mounts its EROFS tree; ``umount(target)`` detaches it), so the trust
+policy, the cache and restart recovery are the daemon's. Whether an image is mounted is read back
+from the manager's ``ls()``, which survives restarts, so this module keeps no state of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Devices(Protocol):
+    """The part of daemon.manager.DeviceManager the snapshotter uses."""
+
+    def mount(self, ref: str, target: str, backend: str = "", lower_only: bool = False) -> dict[str, Any]: ...
+    def umount(self, target: str) -> dict[str, Any]: ...
+    def ls(self) -> list[dict[str, Any]]: ...
+
+
+class ImageLowers:
+    def __init__(self, devices: Devices, root: Path) -> None:
+        self.devices = devices
+        self.root = root
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._guard = threading.Lock()
+
+    def target(self, image: str) -> Path:
+        return self.root / hashlib.sha256(image.encode()).hexdigest()[:32]
+
+    def _lock(self, image: str) -> threading.Lock:
+        with self._guard:
+            return self._locks[image]
+
+    def mounted(self) -> dict[str, str]:
+        """target -> device id of the image mounts under root."""
+        out = {}
+        prefix = str(self.root) + os.sep
+        for dev in self.devices.ls():
+            for t in dev.get("mounts", []):
+                if t.startswith(prefix):
+                    out[t] = dev["id"]
+        return out
+
+    def acquire(self, image: str) -> str:
+        """The image's EROFS mount point, attaching and mounting the device on first use."""
+        target = str(self.target(image))
+        with self._lock(image):
+            if target not in self.mounted():
+                self.root.mkdir(parents=True, exist_ok=True)
+                r = self.devices.mount(image, target, lower_only=True)
+                log.info("snapshotter: %s mounted at %s (device %s, %s)", image, target, r.get("id"), r.get("kind"))
+        return target
+
+    def release(self, image: str) -> None:
+        target = str(self.target(image))
+        with self._lock(image):
+            if target in self.mounted():
+                self.devices.umount(target)
+                log.info("snapshotter: %s unmounted and detached", image)
+            try:
+                os.rmdir(target)
+            except OSError:
+                pass
+
+    def release_unused(self, in_use: set[str]) -> list[str]:
+        """Unmount image mounts that no snapshot needs (after a crash between remove and release)."""
+        keep = {str(self.target(i)) for i in in_use}
+        dropped = []
+        for target in self.mounted():
+            if target not in keep:
+                self.devices.umount(target)
+                dropped.append(target)
+                try:
+                    os.rmdir(target)
+                except OSError:
+                    pass
+        return dropped
