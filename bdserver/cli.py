@@ -173,6 +173,14 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from bdserver.runtime.containerd.pull import pull
+
+    r = pull(_cfg(args), _check_ref(args.ref), args.address, args.namespace)
+    _emit(args, r.to_json(), f"{r.name} {r.manifest}: {r.layers} layers committed lazily on the bdserver snapshotter")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bdserver.runtime.adapters import inspect_image
 
@@ -231,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("trust", cmd_trust, "lazy images this node may use: allow a digest, or list them")
     sp.add_argument("action", choices=["allow", "ls"])
     sp.add_argument("digest", nargs="?", metavar="DIGEST")
+    sp = add("pull", cmd_pull, "lazy pull into containerd: image record + snapshots, no layer downloaded")
+    sp.add_argument("ref", metavar="REF")
+    sp.add_argument("--address", default="/run/containerd/containerd.sock", help="containerd's socket")
+    sp.add_argument("--namespace", default="default", help="containerd namespace (CRI uses k8s.io)")
     sp = add("inspect", cmd_inspect, "describe an EROFS image file or a lazy image reference")
     sp.add_argument("image", metavar="IMAGE")
     return p

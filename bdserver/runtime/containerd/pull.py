@@ -1,0 +1,224 @@
+"""`bdserver pull REF`: containerd's image record for REF with nothing downloaded but manifest and config.
+
+What `ctr-remote image rpull` does for stargz, through containerd's own gRPC API (no Go client):
+under a lease, the index (if any), the platform's manifest and its config go into containerd's
+content store with the GC labels its own pull writes; each layer is prepared on the `bdserver`
+snapshotter with the remote-snapshot labels (`containerd.io/snapshot.ref` = chain ID and the
+`containerd.io/snapshot/cri.*` labels), which the snapshotter answers with ALREADY_EXISTS after
+committing the layer lazily; the config is labelled with the top snapshot (so containerd's GC
+keeps the chain while the image exists); then the image record points at the manifest. Layer
+blobs never enter the content store: `ctr run --snapshotter bdserver REF` needs only the chain.
+
+An image without a trusted lazy image gets a plain active snapshot instead; `bdserver pull`
+removes it and says so (containerd's own pull, `ctr image pull --snapshotter bdserver`, unpacks
+such images into the same snapshotter).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from bdserver.digest import sha256_digest
+from bdserver.errors import ContainerdError, FormatError, IntegrityError, NoLazyImageError
+from bdserver.runtime.containerd.remote import (CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER, CRI_MANIFEST,
+                                                SNAPSHOT_REF, chain_ids)
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTTER = "bdserver"
+LEASE_TTL = dt.timedelta(hours=1)
+LABEL_MAX = 4096
+
+
+@dataclass
+class PullResult:
+    name: str
+    manifest: str
+    chain: list[str]
+    layers: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.name, "manifest": self.manifest, "top_snapshot": self.chain[-1] if self.chain else "",
+                "layers": self.layers, "snapshotter": SNAPSHOTTER}
+
+
+@dataclass
+class _Image:
+    top: tuple[bytes, Any] | None  # the index the tag names, if any
+    manifest: tuple[bytes, Any]
+    config: bytes
+    layers: list[str]
+    chain: list[str]
+
+
+def _fetch_image(store: Any, ref: Any) -> _Image:
+    from bdserver.oci.model import Index, parse_manifest
+
+    data, desc = store.get_manifest(ref.target or "latest")
+    top = None
+    m = parse_manifest(data, desc.media_type)
+    if isinstance(m, Index):
+        top = (data, desc)
+        pick = m.select_platform()
+        data, desc = store.get_manifest(pick.digest)
+        m = parse_manifest(data, desc.media_type)
+        if isinstance(m, Index):
+            raise FormatError(f"{ref}: an index inside an index is not supported")
+    if sha256_digest(data) != desc.digest:
+        raise IntegrityError(f"{ref}: manifest does not match its digest {desc.digest}")
+    with store.open_blob(m.config.digest, m.config.size) as f:
+        config = f.read()
+    if sha256_digest(config) != m.config.digest:
+        raise IntegrityError(f"{ref}: image config does not match its digest {m.config.digest}")
+    try:
+        diff_ids = list(json.loads(config)["rootfs"]["diff_ids"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{ref}: image config has no rootfs.diff_ids ({exc})") from None
+    if len(diff_ids) != len(m.layers):
+        raise FormatError(f"{ref}: {len(m.layers)} layers but {len(diff_ids)} diff IDs")
+    return _Image(top, (data, desc), config, [d.digest for d in m.layers], chain_ids(diff_ids))
+
+
+def _layers_label(layers: list[str]) -> str:
+    """As containerd's CRI plugin writes it: this layer and the ones above, as many as fit in a label."""
+    out = ""
+    for d in layers:
+        item = d if not out else "," + d
+        if len(CRI_IMAGE_LAYERS) + len(out) + len(item) > LABEL_MAX:
+            break
+        out += item
+    return out
+
+
+class _Containerd:
+    """The few containerd services `pull` uses, with the namespace (and lease) on every call."""
+
+    def __init__(self, address: str, namespace: str) -> None:
+        import grpc
+
+        from bdserver.runtime.containerd import api
+
+        self.grpc, self.api = grpc, api
+        self.channel = grpc.insecure_channel(f"unix://{address}")
+        self.address = address
+        self.meta: list[tuple[str, str]] = [("containerd-namespace", namespace)]
+        self.content = api.content_grpc.ContentStub(self.channel)
+        self.images = api.images_grpc.ImagesStub(self.channel)
+        self.leases = api.leases_grpc.LeasesStub(self.channel)
+        self.snapshots = api.snapshots_grpc.SnapshotsStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(self, what: str, fn: Any, request: Any, *, ok: tuple[str, ...] = ()) -> Any:
+        """One unary call; statuses in ``ok`` come back as their code name, others raise ContainerdError."""
+        try:
+            return fn(request, metadata=self.meta, timeout=120)
+        except self.grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+            if code in ok:
+                return code
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            if code == "UNAVAILABLE":
+                raise ContainerdError(f"containerd at {self.address} is not reachable ({detail})") from None
+            raise ContainerdError(f"containerd refused {what}: {code}: {detail}") from None
+
+    def put_content(self, data: bytes, labels: dict[str, str]) -> str:
+        digest = sha256_digest(data)
+        pb = self.api.content_pb2
+        req = pb.WriteContentRequest(action=pb.COMMIT, ref=f"bdserver-pull-{digest}", total=len(data),
+                                     expected=digest, data=data, labels=labels)
+        try:
+            for _ in self.content.Write(iter([req]), metadata=self.meta, timeout=120):
+                pass
+        except self.grpc.RpcError as exc:
+            if exc.code() != self.grpc.StatusCode.ALREADY_EXISTS:
+                raise ContainerdError(f"containerd refused content {digest}: {exc.code().name}: {exc.details()}") \
+                    from None
+            if labels:
+                from google.protobuf import field_mask_pb2
+
+                info = pb.Info(digest=digest, labels=labels)
+                mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
+                self.call(f"labels of {digest}", self.content.Update, pb.UpdateRequest(info=info, update_mask=mask))
+        return digest
+
+
+def pull(cfg: Any, ref_text: str, address: str, namespace: str) -> PullResult:
+    from bdserver.daemon.registry_source import open_store
+    from bdserver.oci.reference import parse_reference
+
+    ref = parse_reference(ref_text)
+    if ref.is_layout:
+        raise NoLazyImageError(f"{ref_text}: `bdserver pull` takes registry references (containerd pulls from registries)")
+    img = _fetch_image(open_store(ref.store_ref(), cfg), ref)
+    man_data, man_desc = img.manifest
+    ctd = _Containerd(address, namespace)
+    api = ctd.api
+    lease = f"bdserver-pull-{uuid.uuid4().hex[:16]}"
+    expire = (dt.datetime.now(dt.timezone.utc) + LEASE_TTL).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        ctd.call("a lease", ctd.leases.Create,
+                 api.leases_pb2.CreateRequest(id=lease, labels={"containerd.io/gc.expire": expire}))
+        ctd.meta.append(("containerd-lease", lease))
+        _prepare_layers(ctd, ref_text, man_desc.digest, img)
+        chain_top = img.chain[-1] if img.chain else ""
+        cfg_labels = {f"containerd.io/gc.ref.snapshot.{SNAPSHOTTER}": chain_top} if chain_top else {}
+        config_digest = ctd.put_content(img.config, cfg_labels)
+        man_labels = {"containerd.io/gc.ref.content.config": config_digest}
+        man_labels.update({f"containerd.io/gc.ref.content.l.{i}": d for i, d in enumerate(img.layers)})
+        ctd.put_content(man_data, man_labels)
+        target = man_desc
+        if img.top is not None:
+            top_data, target = img.top
+            ctd.put_content(top_data, {"containerd.io/gc.ref.content.m.0": man_desc.digest})
+        _record_image(ctd, str(ref), target)
+    finally:
+        try:
+            if len(ctd.meta) > 1:
+                ctd.meta.pop()
+                ctd.call("lease removal", ctd.leases.Delete, api.leases_pb2.DeleteRequest(id=lease), ok=("NOT_FOUND",))
+        finally:
+            ctd.close()
+    return PullResult(str(ref), man_desc.digest, img.chain, len(img.layers))
+
+
+def _prepare_layers(ctd: _Containerd, ref_text: str, manifest: str, img: _Image) -> None:
+    pb = ctd.api.snapshots_pb2
+    for i, (layer, chain) in enumerate(zip(img.layers, img.chain)):
+        if ctd.call("stat", ctd.snapshots.Stat, pb.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=chain),
+                    ok=("NOT_FOUND",)) != "NOT_FOUND":
+            continue  # already there (another image, an earlier pull)
+        labels = {SNAPSHOT_REF: chain, CRI_IMAGE_REF: ref_text, CRI_MANIFEST: manifest, CRI_LAYER: layer,
+                  CRI_IMAGE_LAYERS: _layers_label(img.layers[i:])}
+        key = f"extract-{uuid.uuid4().hex[:12]} {chain}"
+        r = ctd.call(f"the lazy snapshot of layer {i + 1}", ctd.snapshots.Prepare,
+                     pb.PrepareSnapshotRequest(snapshotter=SNAPSHOTTER, key=key,
+                                               parent=img.chain[i - 1] if i else "", labels=labels),
+                     ok=("ALREADY_EXISTS",))
+        if r == "ALREADY_EXISTS":
+            continue
+        ctd.call("removal of an unused snapshot", ctd.snapshots.Remove,
+                 pb.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key), ok=("NOT_FOUND",))
+        raise NoLazyImageError(
+            f"{ref_text}: the bdserver snapshotter found no trusted lazy image for layer {i + 1} (see `bdserver "
+            f"inspect {ref_text}` and the daemon log); convert it, or pull it plainly with `ctr image pull "
+            f"--snapshotter bdserver`")
+
+
+def _record_image(ctd: _Containerd, name: str, target: Any) -> None:
+    api = ctd.api
+    desc = api.descriptor_pb2.Descriptor(media_type=target.media_type, digest=target.digest, size=target.size)
+    image = api.images_pb2.Image(name=name, target=desc)
+    r = ctd.call(f"image {name}", ctd.images.Create, api.images_pb2.CreateImageRequest(image=image),
+                 ok=("ALREADY_EXISTS",))
+    if r == "ALREADY_EXISTS":
+        from google.protobuf import field_mask_pb2
+
+        ctd.call(f"image {name}", ctd.images.Update,
+                 api.images_pb2.UpdateImageRequest(image=image, update_mask=field_mask_pb2.FieldMask(paths=["target"])))

@@ -1,0 +1,153 @@
+"""containerd with the bdserver proxy snapshotter, end to end: `bdserver pull`, `ctr run`, the snapshot
+chain, clean removal, restarts of either side, a plain (non-lazy) image, and CRI's PullImage."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from bdserver import mounts
+from tests.containerd.conftest import Containerd
+from tests.fixtures.layers import build_oci_layout, debian_layers, small_tar_layer
+from tests.fixtures.proxy import FaultProxy
+from tests.fixtures.registry import start_registry
+from tests.node.test_e2e_registry import _convert
+
+pytestmark = pytest.mark.slow
+
+MARKER = b"hello from a lazily pulled containerd image\n"
+
+
+@dataclass
+class World:
+    base: Path
+    registry: object
+    proxy: FaultProxy
+    lazy: str  # the app image's trusted lazy manifest digest
+    lazy_blob_bytes: int  # all blobs of the lazy image
+
+    def ref(self, repo: str) -> str:
+        return f"{self.proxy.host}/{repo}:v1"
+
+    def trust_toml(self) -> str:
+        return f'[trust]\nallowed = ["{self.lazy}"]\n'
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("ctrd-world")
+    reg = start_registry(base / "registry")
+    proxy = FaultProxy(reg.url)
+    try:
+        top = small_tar_layer(base / "top.tar", {"marker": MARKER, "srv/app/data": os.urandom(4096) * 64})
+        build_oci_layout([*debian_layers(), top], base / "layout-app")
+        reg.push_layout(base / "layout-app", "latest", "app", "v1")
+        res = _convert(base, f"{reg.host}/app:v1")
+        plain = small_tar_layer(base / "plain.tar", {"marker": b"plain image\n"})
+        build_oci_layout([debian_layers()[0], plain], base / "layout-plain")
+        reg.push_layout(base / "layout-plain", "latest", "plain", "v1")
+        from bdserver.oci.registry import RegistryClient
+
+        client = RegistryClient(reg.host, hosts_dirs=[], docker_config="/nonexistent")
+        try:
+            data, _ = client.repository("app").get_manifest(res["lazy"])
+        finally:
+            client.close()
+        man = json.loads(data)
+        total = sum(int(d["size"]) for d in man["layers"])
+        yield World(base, reg, proxy, res["lazy"], total)
+    finally:
+        proxy.stop()
+        reg.stop()
+
+
+@pytest.fixture
+def daemon(daemon, world: World):  # noqa: F811 - the node daemon, trusting the app's lazy image
+    daemon.write_config(world.trust_toml())
+    return daemon
+
+
+@pytest.fixture
+def ctrd(containerd: Containerd, world: World) -> Containerd:
+    containerd.trust_plain_http(world.proxy.host)
+    return containerd
+
+
+def _snapshots(ctrd: Containerd, namespace: str = "default") -> list[tuple[str, str, str]]:
+    """(key, parent, kind) rows of `ctr snapshots --snapshotter bdserver ls`."""
+    out = ctrd.ctr("snapshots", "--snapshotter", "bdserver", "ls", namespace=namespace).stdout.splitlines()[1:]
+    rows = []
+    for line in out:
+        f = line.split()
+        rows.append((f[0], f[1] if len(f) == 3 else "", f[-1]))
+    return rows
+
+
+def _backend_rows(daemon) -> list[tuple]:
+    db = sqlite3.connect(f"file:{daemon.state_dir / 'containerd' / 'metadata.db'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT key, kind FROM snapshots").fetchall()
+    finally:
+        db.close()
+
+
+def _nothing_left(daemon, ctrd: Containerd, tmp_path: Path) -> None:
+    assert daemon.json("ls") == [], "a device is still attached"
+    assert _backend_rows(daemon) == [], "snapshot metadata left behind"
+    assert not [m.target for m in mounts.list_mounts() if m.target.startswith(str(tmp_path))], "mounts left"
+    assert list((daemon.state_dir / "containerd" / "snapshots").iterdir()) == []
+    assert ctrd.ctr("content", "ls", "-q").stdout.split() == []
+
+
+def _wait_status(ctrd: Containerd, cid: str, want: str) -> None:
+    for _ in range(300):  # bounded: 30 s
+        for line in ctrd.ctr("tasks", "ls").stdout.splitlines()[1:]:
+            f = line.split()
+            if f and f[0] == cid and f[-1] == want:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"task {cid} never became {want}: {ctrd.ctr('tasks', 'ls').stdout}")
+
+
+def _remove_all(ctrd: Containerd, ref: str, *cids: str) -> None:
+    for cid in cids:
+        ctrd.ctr("tasks", "kill", "-s", "SIGKILL", cid, check=False)
+        for _ in range(100):
+            if ctrd.ctr("tasks", "delete", cid, check=False).returncode == 0 or \
+                    "not found" in ctrd.ctr("tasks", "ls").stdout:
+                break
+            time.sleep(0.1)
+        ctrd.ctr("containers", "delete", cid)
+    ctrd.ctr("images", "rm", "--sync", ref)
+
+
+def test_pull_then_run_is_lazy(world: World, daemon, ctrd: Containerd, tmp_path: Path) -> None:
+    ref = world.ref("app")
+    world.proxy.stats.reset()
+    r = daemon.json("pull", ref, "--address", ctrd.address)
+    assert r["layers"] == 4 and r["snapshotter"] == "bdserver"
+    pulled = world.proxy.stats.bytes("/blobs/")
+    assert pulled < 100_000, f"pull fetched {pulled} blob bytes (layers?)"
+    p = ctrd.ctr("run", "--rm", "--snapshotter", "bdserver", ref, "lazy1", "cat", "/marker")
+    assert p.stdout.encode() == MARKER
+    fetched = world.proxy.stats.bytes("/blobs/")
+    print(f"\ncontainerd lazy run: {fetched} of {world.lazy_blob_bytes} blob bytes fetched "
+          f"({100 * fetched / world.lazy_blob_bytes:.1f} %)")
+    assert fetched < 0.3 * world.lazy_blob_bytes
+    rows = _snapshots(ctrd)
+    assert len(rows) == 4 and all(k == "Committed" for _, _, k in rows)
+    by_key = {k: p for k, p, _ in rows}
+    top = r["top_snapshot"]
+    chain = [top]
+    while by_key.get(chain[-1]):
+        chain.append(by_key[chain[-1]])
+    assert len(chain) == 4 and set(chain) == set(by_key), "the snapshots form one chain up to the top"
+    ctrd.ctr("images", "rm", "--sync", ref)
+    _nothing_left(daemon, ctrd, tmp_path)
