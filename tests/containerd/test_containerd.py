@@ -98,12 +98,12 @@ def _backend_rows(daemon) -> list[tuple]:
         db.close()
 
 
-def _nothing_left(daemon, ctrd: Containerd, tmp_path: Path) -> None:
+def _nothing_left(daemon, ctrd: Containerd, tmp_path: Path, namespace: str = "default") -> None:
     assert daemon.json("ls") == [], "a device is still attached"
     assert _backend_rows(daemon) == [], "snapshot metadata left behind"
     assert not [m.target for m in mounts.list_mounts() if m.target.startswith(str(tmp_path))], "mounts left"
     assert list((daemon.state_dir / "containerd" / "snapshots").iterdir()) == []
-    assert ctrd.ctr("content", "ls", "-q").stdout.split() == []
+    assert ctrd.ctr("content", "ls", "-q", namespace=namespace).stdout.split() == []
 
 
 def _wait_status(ctrd: Containerd, cid: str, want: str) -> None:
@@ -151,3 +151,84 @@ def test_pull_then_run_is_lazy(world: World, daemon, ctrd: Containerd, tmp_path:
     assert len(chain) == 4 and set(chain) == set(by_key), "the snapshots form one chain up to the top"
     ctrd.ctr("images", "rm", "--sync", ref)
     _nothing_left(daemon, ctrd, tmp_path)
+
+
+def _task_pid(ctrd: Containerd, cid: str) -> int:
+    for line in ctrd.ctr("tasks", "ls").stdout.splitlines()[1:]:
+        f = line.split()
+        if f and f[0] == cid:
+            return int(f[1])
+    raise AssertionError(f"no task {cid}")
+
+
+@pytest.mark.parametrize("restart", ["bdserver", "containerd"])
+def test_restart_keeps_container_running(restart: str, world: World, daemon, ctrd: Containerd,
+                                         tmp_path: Path) -> None:
+    ref = world.ref("app")
+    daemon.cli("pull", ref, "--address", ctrd.address)
+    ctrd.ctr("run", "-d", "--snapshotter", "bdserver", ref, "long1", "sh", "-c",
+             "cat /marker > /tmp/seen; exec sleep 1000")
+    _wait_status(ctrd, "long1", "RUNNING")
+    pid = _task_pid(ctrd, "long1")
+    if restart == "bdserver":
+        daemon.stop()
+        daemon.start()
+    else:
+        ctrd.restart()
+    _wait_status(ctrd, "long1", "RUNNING")
+    os.kill(pid, 0)  # the same process, still there
+    assert _task_pid(ctrd, "long1") == pid
+    # the snapshotter still answers from its persistent metadata, and a second container starts
+    assert len(_snapshots(ctrd)) == 5  # 4 layers + the running container's active snapshot
+    p = ctrd.ctr("run", "--rm", "--snapshotter", "bdserver", ref, "after1", "cat", "/marker")
+    assert p.stdout.encode() == MARKER
+    assert [d["kind"] for d in daemon.json("ls")] == ["lazy"], "one device for the image, shared"
+    _remove_all(ctrd, ref, "long1")
+    _nothing_left(daemon, ctrd, tmp_path)
+
+
+def test_image_without_lazy_image_unpacks_plainly(world: World, daemon, ctrd: Containerd, tmp_path: Path) -> None:
+    ref = world.ref("plain")
+    p = daemon.cli("pull", ref, "--address", ctrd.address, check=False)
+    assert p.returncode == 6 and "no trusted lazy image" in p.stderr, p.stderr
+    ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "bdserver", ref)
+    p = ctrd.ctr("run", "--rm", "--snapshotter", "bdserver", ref, "plain1", "cat", "/marker")
+    assert p.stdout == "plain image\n"
+    assert daemon.json("ls") == [], "plain layers need no device"
+    assert len(_snapshots(ctrd)) == 2
+    ctrd.ctr("images", "rm", "--sync", ref)
+    _nothing_left(daemon, ctrd, tmp_path)
+
+
+def _field(num: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    out, n = bytearray([num << 3 | 2]), len(payload)
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out) + bytes([n]) + payload
+
+
+def test_cri_pull_image_is_lazy(world: World, daemon, ctrd: Containerd, tmp_path: Path) -> None:
+    """CRI's ImageService.PullImage with snapshotter = "bdserver" and snapshot annotations on.
+
+    Debian ships no CRI API protos (k8s.io/cri-api), so the two messages are encoded by hand:
+    PullImageRequest{image: ImageSpec{image: REF}} and PullImageResponse{image_ref}."""
+    import grpc
+
+    ref = world.ref("app")
+    world.proxy.stats.reset()
+    with grpc.insecure_channel(f"unix://{ctrd.address}") as ch:
+        call = ch.unary_unary("/runtime.v1.ImageService/PullImage", request_serializer=lambda b: b,
+                              response_deserializer=lambda b: b)
+        reply = call(_field(1, _field(1, ref.encode())), timeout=300)
+    assert reply[:1] == b"\x0a" and b"sha256:" in reply, reply
+    pulled = world.proxy.stats.bytes("/blobs/")
+    print(f"\nCRI PullImage fetched {pulled} blob bytes of {world.lazy_blob_bytes}")
+    assert pulled < 100_000, f"CRI pull fetched {pulled} blob bytes: layers were downloaded"
+    rows = _snapshots(ctrd, "k8s.io")
+    assert len(rows) == 4 and all(k == "Committed" for _, _, k in rows)
+    assert daemon.json("ls") == [], "pulling attaches nothing; the first container does"
+    for name in ctrd.ctr("images", "ls", "-q", namespace="k8s.io").stdout.split():
+        ctrd.ctr("images", "rm", "--sync", name, namespace="k8s.io")
+    _nothing_left(daemon, ctrd, tmp_path, "k8s.io")
