@@ -36,6 +36,23 @@ GEN = Path(__file__).with_name("_gen")
 _STAMP = GEN / ".complete"
 
 
+def _stamp_text() -> str:
+    """Generated code is tied to the grpcio-tools that wrote it (it checks the runtime's version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"grpcio-tools {version('grpcio-tools')}\n"
+    except PackageNotFoundError:
+        return "grpcio-tools missing\n"
+
+
+def _current(out: Path) -> bool:
+    try:
+        return (out / _STAMP.name).read_text() == _stamp_text()
+    except OSError:
+        return False
+
+
 def generate(out: Path = GEN) -> Path:
     """Run grpc_tools.protoc over PROTOS into ``out`` (atomically: a half-written tree never wins)."""
     try:
@@ -49,7 +66,7 @@ def generate(out: Path = GEN) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / "._gen.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / _STAMP.name).exists():
+        if _current(out):
             return out
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -59,14 +76,14 @@ def generate(out: Path = GEN) -> Path:
                 f"--python_out={tmp}", f"--grpc_python_out={tmp}", *PROTOS]
         if protoc.main(args) != 0:
             raise ConfigError(f"protoc failed on containerd's protos ({' '.join(args[1:4])})")
-        (tmp / _STAMP.name).write_text("ok\n")
+        (tmp / _STAMP.name).write_text(_stamp_text())
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out
 
 
 def _load(name: str) -> ModuleType:
-    if not _STAMP.exists():
+    if not _current(GEN):
         generate()
     if str(GEN) not in sys.path:
         sys.path.append(str(GEN))
