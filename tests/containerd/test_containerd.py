@@ -167,8 +167,15 @@ def test_restart_keeps_container_running(restart: str, world: World, daemon, ctr
     ref = world.ref("app")
     daemon.cli("pull", ref, "--address", ctrd.address)
     ctrd.ctr("run", "-d", "--snapshotter", "bdserver", ref, "long1", "sh", "-c",
-             "cat /marker > /tmp/seen; exec sleep 1000")
+             "cat /marker > /tmp/seen.new && mv /tmp/seen.new /tmp/seen; exec sleep 1000")
     _wait_status(ctrd, "long1", "RUNNING")
+    seen: list[Path] = []
+    for _ in range(600):  # bounded: 60 s for the lazy first reads of sh, cat and mv
+        seen = [p for p in (daemon.state_dir / "containerd" / "snapshots").glob("*/fs/tmp/seen")]
+        if seen:
+            break
+        time.sleep(0.1)
+    assert seen and seen[0].read_bytes() == MARKER, "the container read its image (the file is in its upper dir)"
     pid = _task_pid(ctrd, "long1")
     if restart == "bdserver":
         daemon.stop()
