@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bdserver.digest import sha256_digest
-from bdserver.errors import ContainerdError, FormatError, IntegrityError, NoLazyImageError
+from bdserver.errors import BadReference, ContainerdError, FormatError, IntegrityError, NoLazyImageError
 from bdserver.runtime.containerd.remote import (CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER, CRI_MANIFEST,
                                                 SNAPSHOT_REF, chain_ids)
 
@@ -153,9 +153,11 @@ def pull(cfg: Any, ref_text: str, address: str, namespace: str) -> PullResult:
     from bdserver.daemon.registry_source import open_store
     from bdserver.oci.reference import parse_reference
 
-    ref = parse_reference(ref_text)
-    if ref.is_layout:
-        raise NoLazyImageError(f"{ref_text}: `bdserver pull` takes registry references (containerd pulls from registries)")
+    ref = parse_reference(ref_text) if not ref_text.startswith(("file:", "/")) else None
+    if ref is None or ref.is_layout:
+        exc = BadReference(f"{ref_text}: `bdserver pull` takes registry references (containerd pulls from registries)")
+        exc.hint = "write HOST[:PORT]/REPO[:TAG|@DIGEST]"
+        raise exc
     img = _fetch_image(open_store(ref.store_ref(), cfg), ref)
     man_data, man_desc = img.manifest
     ctd = _Containerd(address, namespace)

@@ -92,6 +92,12 @@ class RemoteResolver:
         except NoLazyImageError as exc:
             log.info("snapshotter: %s has no trusted lazy image (%s): unpacking plainly", image, exc)
             found = None
+        except SnapshotInvalid:
+            raise
+        except BdError as exc:  # registry trouble, odd manifests: containerd's own pull still works
+            log.warning("snapshotter: cannot look for a lazy image of %s (%s): unpacking plainly",
+                        image, exc.user_message())
+            found = None
         with self._lock:
             if found is None:
                 self._misses[image] = time.monotonic()
