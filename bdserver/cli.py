@@ -177,7 +177,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from bdserver.runtime.containerd.pull import pull
 
     r = pull(_cfg(args), _check_ref(args.ref), args.address, args.namespace)
-    _emit(args, r.to_json(), f"{r.name} {r.manifest}: {r.layers} layers committed lazily on the bdserver snapshotter")
+    _emit(args, r.to_json(), f"{r.name} {r.manifest}: {r.layers - r.unpacked} of {r.layers} layers committed lazily "
+                             f"on the bdserver snapshotter, {r.unpacked} unpacked (no trusted lazy image)")
     return 0
 
 

@@ -30,6 +30,7 @@ PROTOS = (
     f"{API}/services/content/v1/content.proto",
     f"{API}/services/images/v1/images.proto",
     f"{API}/services/leases/v1/leases.proto",
+    f"{API}/services/diff/v1/diff.proto",
     "gogoproto/gogo.proto",
 )
 GEN = Path(__file__).with_name("_gen")
@@ -41,7 +42,7 @@ def _stamp_text() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return f"grpcio-tools {version('grpcio-tools')}\n"
+        return f"grpcio-tools {version('grpcio-tools')}; {' '.join(PROTOS)}\n"
     except PackageNotFoundError:
         return "grpcio-tools missing\n"
 
@@ -101,6 +102,8 @@ images_pb2 = _load(f"{_SVC}.images.v1.images_pb2")
 images_grpc = _load(f"{_SVC}.images.v1.images_pb2_grpc")
 leases_pb2 = _load(f"{_SVC}.leases.v1.leases_pb2")
 leases_grpc = _load(f"{_SVC}.leases.v1.leases_pb2_grpc")
+diff_pb2 = _load(f"{_SVC}.diff.v1.diff_pb2")
+diff_grpc = _load(f"{_SVC}.diff.v1.diff_pb2_grpc")
 
 if __name__ == "__main__":
     print(generate())

@@ -9,9 +9,10 @@ committing the layer lazily; the config is labelled with the top snapshot (so co
 keeps the chain while the image exists); then the image record points at the manifest. Layer
 blobs never enter the content store: `ctr run --snapshotter bdserver REF` needs only the chain.
 
-An image without a trusted lazy image gets a plain active snapshot instead; `bdserver pull`
-removes it and says so (containerd's own pull, `ctr image pull --snapshotter bdserver`, unpacks
-such images into the same snapshotter).
+A layer the snapshotter does not commit lazily (no trusted lazy image) gets a plain active
+snapshot instead, and `bdserver pull` unpacks it the way containerd's own pull does: the blob into
+the content store, containerd's Diff service applies it onto the snapshot's mounts, the result
+must match the config's diff ID, then Commit under the chain ID.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bdserver.digest import sha256_digest
-from bdserver.errors import BadReference, ContainerdError, FormatError, IntegrityError, NoLazyImageError
+from bdserver.errors import BadReference, ContainerdError, FormatError, IntegrityError
 from bdserver.runtime.containerd.remote import (CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER, CRI_MANIFEST,
                                                 SNAPSHOT_REF, chain_ids)
 
@@ -35,16 +36,20 @@ LEASE_TTL = dt.timedelta(hours=1)
 LABEL_MAX = 4096
 
 
+WRITE_CHUNK = 1 << 20
+
+
 @dataclass
 class PullResult:
     name: str
     manifest: str
     chain: list[str]
     layers: int
+    unpacked: int  # layers downloaded and unpacked (no trusted lazy image)
 
     def to_json(self) -> dict[str, Any]:
         return {"image": self.name, "manifest": self.manifest, "top_snapshot": self.chain[-1] if self.chain else "",
-                "layers": self.layers, "snapshotter": SNAPSHOTTER}
+                "layers": self.layers, "unpacked": self.unpacked, "snapshotter": SNAPSHOTTER}
 
 
 @dataclass
@@ -52,7 +57,8 @@ class _Image:
     top: tuple[bytes, Any] | None  # the index the tag names, if any
     manifest: tuple[bytes, Any]
     config: bytes
-    layers: list[str]
+    layers: list[Any]  # layer descriptors, bottom first
+    diff_ids: list[str]
     chain: list[str]
 
 
@@ -81,7 +87,7 @@ def _fetch_image(store: Any, ref: Any) -> _Image:
         raise FormatError(f"{ref}: image config has no rootfs.diff_ids ({exc})") from None
     if len(diff_ids) != len(m.layers):
         raise FormatError(f"{ref}: {len(m.layers)} layers but {len(diff_ids)} diff IDs")
-    return _Image(top, (data, desc), config, [d.digest for d in m.layers], chain_ids(diff_ids))
+    return _Image(top, (data, desc), config, list(m.layers), diff_ids, chain_ids(diff_ids))
 
 
 def _layers_label(layers: list[str]) -> str:
@@ -111,6 +117,7 @@ class _Containerd:
         self.images = api.images_grpc.ImagesStub(self.channel)
         self.leases = api.leases_grpc.LeasesStub(self.channel)
         self.snapshots = api.snapshots_grpc.SnapshotsStub(self.channel)
+        self.diff = api.diff_grpc.DiffStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -133,8 +140,27 @@ class _Containerd:
         pb = self.api.content_pb2
         req = pb.WriteContentRequest(action=pb.COMMIT, ref=f"bdserver-pull-{digest}", total=len(data),
                                      expected=digest, data=data, labels=labels)
+        return self._write(iter([req]), digest, labels)
+
+    def put_stream(self, f: Any, digest: str, size: int, labels: dict[str, str]) -> str:
+        """A blob streamed in chunks; containerd checks size and digest at the commit."""
+        pb = self.api.content_pb2
+
+        def requests() -> Any:
+            offset = 0
+            while chunk := f.read(WRITE_CHUNK):
+                yield pb.WriteContentRequest(action=pb.WRITE, ref=f"bdserver-pull-{digest}", total=size,
+                                             expected=digest, offset=offset, data=chunk)
+                offset += len(chunk)
+            yield pb.WriteContentRequest(action=pb.COMMIT, ref=f"bdserver-pull-{digest}", total=size,
+                                         expected=digest, offset=offset, labels=labels)
+
+        return self._write(requests(), digest, labels)
+
+    def _write(self, requests: Any, digest: str, labels: dict[str, str]) -> str:
+        pb = self.api.content_pb2
         try:
-            for _ in self.content.Write(iter([req]), metadata=self.meta, timeout=120):
+            for _ in self.content.Write(requests, metadata=self.meta, timeout=3600):
                 pass
         except self.grpc.RpcError as exc:
             if exc.code() != self.grpc.StatusCode.ALREADY_EXISTS:
@@ -158,7 +184,8 @@ def pull(cfg: Any, ref_text: str, address: str, namespace: str) -> PullResult:
         exc = BadReference(f"{ref_text}: `bdserver pull` takes registry references (containerd pulls from registries)")
         exc.hint = "write HOST[:PORT]/REPO[:TAG|@DIGEST]"
         raise exc
-    img = _fetch_image(open_store(ref.store_ref(), cfg), ref)
+    store = open_store(ref.store_ref(), cfg)
+    img = _fetch_image(store, ref)
     man_data, man_desc = img.manifest
     ctd = _Containerd(address, namespace)
     api = ctd.api
@@ -168,12 +195,12 @@ def pull(cfg: Any, ref_text: str, address: str, namespace: str) -> PullResult:
         ctd.call("a lease", ctd.leases.Create,
                  api.leases_pb2.CreateRequest(id=lease, labels={"containerd.io/gc.expire": expire}))
         ctd.meta.append(("containerd-lease", lease))
-        _prepare_layers(ctd, ref_text, man_desc.digest, img)
+        unpacked = _prepare_layers(ctd, store, ref_text, man_desc.digest, img)
         chain_top = img.chain[-1] if img.chain else ""
         cfg_labels = {f"containerd.io/gc.ref.snapshot.{SNAPSHOTTER}": chain_top} if chain_top else {}
         config_digest = ctd.put_content(img.config, cfg_labels)
         man_labels = {"containerd.io/gc.ref.content.config": config_digest}
-        man_labels.update({f"containerd.io/gc.ref.content.l.{i}": d for i, d in enumerate(img.layers)})
+        man_labels.update({f"containerd.io/gc.ref.content.l.{i}": d.digest for i, d in enumerate(img.layers)})
         ctd.put_content(man_data, man_labels)
         target = man_desc
         if img.top is not None:
@@ -187,30 +214,53 @@ def pull(cfg: Any, ref_text: str, address: str, namespace: str) -> PullResult:
                 ctd.call("lease removal", ctd.leases.Delete, api.leases_pb2.DeleteRequest(id=lease), ok=("NOT_FOUND",))
         finally:
             ctd.close()
-    return PullResult(str(ref), man_desc.digest, img.chain, len(img.layers))
+    return PullResult(str(ref), man_desc.digest, img.chain, len(img.layers), unpacked)
 
 
-def _prepare_layers(ctd: _Containerd, ref_text: str, manifest: str, img: _Image) -> None:
+def _prepare_layers(ctd: _Containerd, store: Any, ref_text: str, manifest: str, img: _Image) -> int:
+    """Each layer lazily if the snapshotter can, else unpacked; returns how many were unpacked."""
     pb = ctd.api.snapshots_pb2
+    digests = [d.digest for d in img.layers]
+    unpacked = 0
     for i, (layer, chain) in enumerate(zip(img.layers, img.chain)):
         if ctd.call("stat", ctd.snapshots.Stat, pb.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=chain),
                     ok=("NOT_FOUND",)) != "NOT_FOUND":
             continue  # already there (another image, an earlier pull)
-        labels = {SNAPSHOT_REF: chain, CRI_IMAGE_REF: ref_text, CRI_MANIFEST: manifest, CRI_LAYER: layer,
-                  CRI_IMAGE_LAYERS: _layers_label(img.layers[i:])}
+        labels = {SNAPSHOT_REF: chain, CRI_IMAGE_REF: ref_text, CRI_MANIFEST: manifest, CRI_LAYER: layer.digest,
+                  CRI_IMAGE_LAYERS: _layers_label(digests[i:])}
         key = f"extract-{uuid.uuid4().hex[:12]} {chain}"
-        r = ctd.call(f"the lazy snapshot of layer {i + 1}", ctd.snapshots.Prepare,
+        r = ctd.call(f"the snapshot of layer {i + 1}", ctd.snapshots.Prepare,
                      pb.PrepareSnapshotRequest(snapshotter=SNAPSHOTTER, key=key,
                                                parent=img.chain[i - 1] if i else "", labels=labels),
                      ok=("ALREADY_EXISTS",))
         if r == "ALREADY_EXISTS":
-            continue
-        ctd.call("removal of an unused snapshot", ctd.snapshots.Remove,
-                 pb.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key), ok=("NOT_FOUND",))
-        raise NoLazyImageError(
-            f"{ref_text}: the bdserver snapshotter found no trusted lazy image for layer {i + 1} (see `bdserver "
-            f"inspect {ref_text}` and the daemon log); convert it, or pull it plainly with `ctr image pull "
-            f"--snapshotter bdserver`")
+            continue  # committed lazily
+        try:
+            _unpack(ctd, store, layer, img.diff_ids[i], list(r.mounts))
+            ctd.call(f"the commit of layer {i + 1}", ctd.snapshots.Commit,
+                     pb.CommitSnapshotRequest(snapshotter=SNAPSHOTTER, name=chain, key=key, labels={SNAPSHOT_REF: chain}),
+                     ok=("ALREADY_EXISTS",))
+        except BaseException:
+            ctd.call("removal of an unfinished snapshot", ctd.snapshots.Remove,
+                     pb.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key), ok=("NOT_FOUND",))
+            raise
+        unpacked += 1
+    if unpacked:
+        log.info("%s: %d of %d layers had no trusted lazy image and were unpacked", ref_text, unpacked,
+                 len(img.layers))
+    return unpacked
+
+
+def _unpack(ctd: _Containerd, store: Any, layer: Any, diff_id: str, mounts: list[Any]) -> None:
+    """What containerd's unpacker does for one layer: blob into content, Diff.Apply onto the mounts."""
+    api = ctd.api
+    with store.open_blob(layer.digest, layer.size) as f:
+        ctd.put_stream(f, layer.digest, layer.size, {"containerd.io/uncompressed": diff_id})
+    desc = api.descriptor_pb2.Descriptor(media_type=layer.media_type, digest=layer.digest, size=layer.size)
+    applied = ctd.call(f"unpacking layer {layer.digest}", ctd.diff.Apply, api.diff_pb2.ApplyRequest(diff=desc,
+                                                                                                   mounts=mounts))
+    if applied.applied.digest != diff_id:
+        raise IntegrityError(f"layer {layer.digest} unpacked to {applied.applied.digest}, but the config says {diff_id}")
 
 
 def _record_image(ctd: _Containerd, name: str, target: Any) -> None:

@@ -16,7 +16,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from bdserver.errors import (BdError, NotFoundError, RegistryError, SnapshotBusy, SnapshotExists, SnapshotInvalid,
+from bdserver.errors import (BdError, ConfigError, NotFoundError, RegistryError, SnapshotBusy, SnapshotExists, SnapshotInvalid,
                              SnapshotNotFound)
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ class SnapshotterService:
         snapshots_grpc.add_SnapshotsServicer_to_server(_servicer(self.snapshotter), self._server)
         old = os.umask(0o177)  # born 0600: only root (containerd) may connect
         try:
-            self._server.add_insecure_port(f"unix:{self.socket_path}")
+            if not self._server.add_insecure_port(f"unix:{self.socket_path}"):
+                raise ConfigError(f"cannot listen on {self.socket_path} (a unix socket path must stay under 108 bytes)")
             self._server.start()
         finally:
             os.umask(old)
