@@ -72,6 +72,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         plain = small_tar_layer(base / "plain.tar", {"marker": b"plain image\n"})
         build_oci_layout([_busybox_layer(base / "busybox.tar"), plain], base / "layout-plain")
         reg.push_layout(base / "layout-plain", "latest", "plain", "v1")
+        build_oci_layout(debian_layers(), base / "layout-base")  # the app's first 3 layers, no lazy image
+        reg.push_layout(base / "layout-base", "latest", "base", "v1")
         from bdserver.oci.registry import RegistryClient
 
         client = RegistryClient(reg.host, hosts_dirs=[], docker_config="/nonexistent")
@@ -238,6 +240,25 @@ def test_image_without_lazy_image_unpacks_plainly(world: World, daemon, ctrd: Co
     assert p.stdout == "plain image\n"
     ctrd.ctr("images", "rm", "--sync", ref)
     _nothing_left(daemon, ctrd, tmp_path)
+
+
+def test_image_inside_a_lazy_image_mounts_its_layers(world: World, daemon, ctrd: Containerd, tmp_path: Path) -> None:
+    """`base` is the first 3 layers of `app`: pulled after app, its chain is app's lazy layers, and its
+    containers see those layers only (layer views of app's device), not app's top layer."""
+    app, base = world.ref("app"), world.ref("base")
+    daemon.cli("pull", app, "--address", ctrd.address)
+    r = daemon.json("pull", base, "--address", ctrd.address)
+    assert r["unpacked"] == 0, "every layer of base was already there, lazily"
+    p = ctrd.ctr("run", "--rm", "--snapshotter", "bdserver", base, "base1", "sh", "-c",
+                 "cat /etc/hostname; test -e /marker || echo no-marker; test -e /srv/app || echo no-app")
+    assert p.stdout.split("\n")[:3] == ["bdserver-test", "no-marker", "no-app"]
+    p = ctrd.ctr("run", "--rm", "--snapshotter", "bdserver", app, "app1", "cat", "/marker")
+    assert p.stdout.encode() == MARKER
+    assert len(daemon.json("ls")) <= 1, "one device, app's, at most"
+    ctrd.ctr("images", "rm", "--sync", base)
+    ctrd.ctr("images", "rm", "--sync", app)
+    _nothing_left(daemon, ctrd, tmp_path)
+    assert not list((daemon.base / "run" / "containerd" / "lower").glob("*")), "layer views left behind"
 
 
 def _field(num: int, payload: bytes) -> bytes:

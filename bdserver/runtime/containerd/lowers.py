@@ -4,6 +4,11 @@ Mounted through the daemon's DeviceManager (``mount(ref, target, lower_only=True
 device for the image and mounts its EROFS tree; ``umount(target)`` detaches it), so the trust
 policy, the cache and restart recovery are the daemon's. Whether an image is mounted is read back
 from the manager's ``ls()``, which survives restarts, so this module keeps no state of its own.
+
+A chain that ends inside an image (another image is the first k layers of this one) needs the
+first k layers alone: each is a complete EROFS image at its own offset of the same device, mounted
+read-only as a *layer view* (EROFS ``fsoffset``) beside the image mount; overlayfs stacks them. The
+views go with the image mount.
 """
 
 from __future__ import annotations
@@ -14,9 +19,13 @@ import os
 import threading
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
+
+from bdserver import mounts
 
 log = logging.getLogger(__name__)
+
+BLOCK = 4096
 
 
 class Devices(Protocol):
@@ -37,33 +46,67 @@ class ImageLowers:
     def target(self, image: str) -> Path:
         return self.root / hashlib.sha256(image.encode()).hexdigest()[:32]
 
+    def view_target(self, image: str, layer: int) -> Path:
+        t = self.target(image)
+        return t.with_name(f"{t.name}.layer{layer}")
+
+    def _drop_views(self, image_target: Path) -> None:
+        for v in sorted(self.root.glob(f"{image_target.name}.layer*")):
+            mounts.unmount(str(v))
+            try:
+                os.rmdir(v)
+            except OSError:
+                pass
+
+    def drop_all_views(self) -> None:
+        """At start: views made by a previous daemon may sit on a dead connection; they are remade on use."""
+        if self.root.is_dir():
+            for v in self.root.glob("*.layer*"):
+                try:
+                    mounts.sys_umount(str(v), mounts.MNT_DETACH)
+                except OSError:
+                    pass
+                try:
+                    os.rmdir(v)
+                except OSError:
+                    pass
+
     def _lock(self, image: str) -> threading.Lock:
         with self._guard:
             return self._locks[image]
 
     def mounted(self) -> dict[str, str]:
-        """target -> device id of the image mounts under root."""
+        """target -> device path of the image mounts under root."""
         out = {}
         prefix = str(self.root) + os.sep
         for dev in self.devices.ls():
             for t in dev.get("mounts", []):
                 if t.startswith(prefix):
-                    out[t] = dev["id"]
+                    out[t] = dev.get("path") or ""
         return out
 
-    def acquire(self, image: str) -> str:
-        """The image's EROFS mount point, attaching and mounting the device on first use."""
+    def acquire(self, image: str, views: Sequence[tuple[int, int]] = ()) -> str:
+        """The image's EROFS mount point, attaching and mounting the device on first use; ``views``
+        (first block, blocks) of layers 0..k also get their layer views."""
         target = str(self.target(image))
         with self._lock(image):
-            if target not in self.mounted():
+            have = self.mounted()
+            if target not in have:
                 self.root.mkdir(parents=True, exist_ok=True)
                 r = self.devices.mount(image, target, lower_only=True)
                 log.info("snapshotter: %s mounted at %s (device %s, %s)", image, target, r.get("id"), r.get("kind"))
+                have = self.mounted()
+            for k, (start, blocks) in enumerate(views):
+                v = str(self.view_target(image, k))
+                if not mounts.is_mountpoint(v):
+                    mounts.mount_erofs(have[target], v, offset=start * BLOCK, size=blocks * BLOCK)
+                    log.info("snapshotter: layer %d of %s mounted at %s", k + 1, image, v)
         return target
 
     def release(self, image: str) -> None:
         target = str(self.target(image))
         with self._lock(image):
+            self._drop_views(Path(target))
             if target in self.mounted():
                 self.devices.umount(target)
                 log.info("snapshotter: %s unmounted and detached", image)
@@ -78,6 +121,7 @@ class ImageLowers:
         dropped = []
         for target in self.mounted():
             if target not in keep:
+                self._drop_views(Path(target))
                 self.devices.umount(target)
                 dropped.append(target)
                 try:

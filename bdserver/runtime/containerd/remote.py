@@ -48,6 +48,7 @@ class LazyImage:
     layers: tuple[str, ...]  # layer digests, bottom first
     chain: tuple[str, ...]  # chain IDs, bottom first
     lazy: str  # the trusted lazy manifest's digest
+    spans: tuple[tuple[int, int], ...] = ()  # per layer: (first block, blocks) of its EROFS image in the device
 
 
 def pinned_reference(image_ref: str, manifest_digest: str) -> str:
@@ -129,4 +130,23 @@ class RemoteResolver:
         if len(diff_ids) != len(m.layers):
             raise FormatError(f"{image}: {len(m.layers)} layers but {len(diff_ids)} diff IDs")
         _, lazy = discover_lazy_image(store, r, self._trust_policy())
-        return LazyImage(image, tuple(d.digest for d in m.layers), tuple(chain_ids(diff_ids)), lazy.digest)
+        return LazyImage(image, tuple(d.digest for d in m.layers), tuple(chain_ids(diff_ids)), lazy.digest,
+                         _layer_spans(store, lazy.digest, len(m.layers)))
+
+
+def _layer_spans(store: Any, lazy_digest: str, n: int) -> tuple[tuple[int, int], ...]:
+    """Where each layer's own EROFS image lies in the device (a chain shorter than the image mounts
+    those); () when the lazy image does not say (then only the whole image mounts)."""
+    from bdserver.oci.model import Manifest, parse_manifest
+    from bdserver.vdev.lazyimage import plan
+
+    data, desc = store.get_manifest(lazy_digest)
+    if sha256_digest(data) != lazy_digest:
+        raise IntegrityError(f"lazy manifest {lazy_digest} does not match its digest")
+    m = parse_manifest(data, desc.media_type)
+    if not isinstance(m, Manifest):
+        return ()
+    _, plans = plan(m.layers)
+    if len(plans) != n or any(p.blocks is None for p in plans):
+        return ()
+    return tuple((p.start_block, int(p.blocks or 0)) for p in plans)

@@ -117,6 +117,7 @@ class SnapshotterService:
 
         self.socket_path = socket_path
         lowers = ImageLowers(devices, Path(run_dir) / "containerd" / "lower")
+        lowers.drop_all_views()
         self.snapshotter = Snapshotter(Path(state_dir) / "containerd", lowers, resolver)
         self._server: Any = None
 

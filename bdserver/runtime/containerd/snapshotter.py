@@ -10,9 +10,9 @@ Two kinds of committed layers:
 
 An active or view snapshot is an overlay (or a bind mount) whose lowers are the plain layers above
 the chain's first lazy layer and then that image's EROFS mount (lowers.py: attached on the first
-snapshot that needs it, detached with the last). A chain whose first lazy layer is not the top of
-its image cannot be mounted (the device shows the whole image): that is refused with
-SnapshotBusy (FailedPrecondition), never served wrong.
+snapshot that needs it, detached with the last). A chain whose first lazy layer is layer k < top
+of its image (image B is the first k layers of an image A pulled before it) gets A's layer views
+k..1 instead of A's whole tree.
 """
 
 from __future__ import annotations
@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 
 LAZY_LABEL = "containerd.io/snapshot/bdserver.lazy"  # on lazily committed layers: the image's pinned reference
 MAX_LABEL_BYTES = 4096  # containerd's limit for a label's key + value
+
+
+@dataclass(frozen=True)
+class LowerNeed:
+    """What a chain needs mounted below its plain layers: an image's tree, or its first layers."""
+
+    image: str
+    layer: int | None  # None: the whole image; k: its layers 0..k as views
+    labels: tuple[tuple[str, str], ...] = ()  # the lazy layer's labels (they name the image again)
 
 
 @dataclass
@@ -93,21 +102,32 @@ class Snapshotter:
             raise SnapshotNotFound(f"snapshot {key} does not exist")
         return s
 
-    def _chain_lowers(self, top: Snapshot | None) -> tuple[list[str], str]:
-        """Lower directories of the chain ending at ``top`` (top first) and the image whose mount ends it."""
+    def _chain_lowers(self, top: Snapshot | None) -> tuple[list[str], LowerNeed | None]:
+        """Lower directories of the chain ending at ``top`` (top first) and the image mount ending it."""
         dirs: list[str] = []
         s = top
         while s is not None:
             if s.remote is not None:
-                if not s.remote.top:
-                    raise SnapshotBusy(
-                        f"snapshot {s.key} is layer {s.remote.layer + 1} inside the lazy device of {s.remote.image}, "
-                        "which only mounts whole; remove that image or pull this one without bdserver")
-                dirs.append(str(self.lowers.target(s.remote.image)))
-                return dirs, s.remote.image
+                image = s.remote.image
+                if s.remote.top:
+                    return [*dirs, str(self.lowers.target(image))], LowerNeed(image, None)
+                views = [str(self.lowers.view_target(image, k)) for k in range(s.remote.layer, -1, -1)]
+                return [*dirs, *views], LowerNeed(image, s.remote.layer, tuple(sorted(s.labels.items())))
             dirs.append(str(self._dir(s.id) / "fs"))
             s = self.meta.by_id(s.parent_id) if s.parent_id is not None else None
-        return dirs, ""
+        return dirs, None
+
+    def _acquire(self, need: LowerNeed | None) -> None:
+        if need is None:
+            return
+        if need.layer is None:
+            self.lowers.acquire(need.image)
+            return
+        img = self.resolver.lookup(dict(need.labels)) if self.resolver is not None else None
+        if img is None or len(img.spans) <= need.layer:
+            raise SnapshotBusy(f"the chain ends at layer {need.layer + 1} inside the lazy device of {need.image}, "
+                               "whose lazy image no longer says where its layers lie")
+        self.lowers.acquire(need.image, img.spans[:need.layer + 1])
 
     def _mounts(self, s: Snapshot) -> list[Mount]:
         if s.remote is not None:
@@ -185,15 +205,16 @@ class Snapshotter:
             p = self._get(parent) if parent else None
             if p is not None and p.kind != COMMITTED:
                 raise SnapshotInvalid(f"parent {parent} is not a committed snapshot")
-            _, image = self._chain_lowers(p)
+            _, need = self._chain_lowers(p)
+            image = need.image if need else ""
             sid = self.meta.insert(key, kind, p.id if p else None, labels, lower_image=image)
             d = self._dir(sid)
             shutil.rmtree(d, ignore_errors=True)  # a directory left by a crash before its row committed
             (d / "fs").mkdir(parents=True)
             (d / "work").mkdir()
-        if image:
+        if need:
             try:
-                self.lowers.acquire(image)
+                self._acquire(need)
             except BaseException:
                 self.remove(key)
                 raise
@@ -203,8 +224,8 @@ class Snapshotter:
 
     def mounts(self, key: str) -> list[Mount]:
         s = self._get(key)
-        if s.lower_image:
-            self.lowers.acquire(s.lower_image)  # e.g. after a reboot lost the mount
+        if s.lower_image and s.parent_id is not None:  # e.g. after a reboot lost the mount
+            self._acquire(self._chain_lowers(self.meta.by_id(s.parent_id))[1])
         return self._mounts(s)
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
