@@ -42,7 +42,8 @@ def _mount_tree(mounts, target: Path) -> None:
         m.sys_mount(mt.source, str(target), mt.type, flags, ",".join(opts) or None)
 
 
-def test_graph_persists_across_daemon_restart(api, daemon, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_graph_persists_across_daemon_restart(how: str, api, daemon, tmp_path: Path) -> None:  # noqa: F811
     m = api.Prepare(pb.PrepareSnapshotRequest(snapshotter=S, key="a", labels={"x": "1"})).mounts
     assert [x.type for x in m] == ["bind"]
     fs = Path(m[0].source)
@@ -58,7 +59,9 @@ def test_graph_persists_across_daemon_restart(api, daemon, tmp_path: Path) -> No
     finally:
         cleanup_mounts(target)
     assert api.Usage(pb.UsageRequest(snapshotter=S, key="b")).size > 0
-    daemon.stop()
+    stray = daemon.state_dir / "containerd" / "snapshots" / "999"  # as a crash between mkdir and commit leaves
+    (stray / "fs").mkdir(parents=True)
+    daemon.stop() if how == "stop" else daemon.kill()
     daemon.start()
     with grpc.insecure_channel(f"unix://{daemon.base / 'run' / 'containerd-snapshotter.sock'}") as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
@@ -72,6 +75,9 @@ def test_graph_persists_across_daemon_restart(api, daemon, tmp_path: Path) -> No
         upd = api2.Update(pb.UpdateSnapshotRequest(
             snapshotter=S, info=pb.Info(name="A", labels={"k": "v"}), update_mask={"paths": ["labels.k"]})).info
         assert upd.labels == {"k": "v"}
+        api2.Cleanup(pb.CleanupRequest(snapshotter=S))
+        assert not stray.exists(), "Cleanup removes directories that no snapshot owns"
+        assert api2.Mounts(pb.MountsRequest(snapshotter=S, key="b")).mounts[0].type == "overlay"
         api2.Remove(pb.RemoveSnapshotRequest(snapshotter=S, key="b"))
         api2.Remove(pb.RemoveSnapshotRequest(snapshotter=S, key="A"))
         assert list(api2.List(pb.ListSnapshotsRequest(snapshotter=S)))[0].info == []
