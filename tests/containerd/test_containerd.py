@@ -261,6 +261,37 @@ def test_image_inside_a_lazy_image_mounts_its_layers(world: World, daemon, ctrd:
     assert not list((daemon.base / "run" / "containerd" / "lower").glob("*")), "layer views left behind"
 
 
+def test_pinning_the_lazy_manifest_earns_no_trust(world: World, daemon) -> None:  # noqa: F811
+    """A pod names images; naming the lazy manifest by digest must not make it trusted (the daemon's
+    `pinned_reference` trust is for the node admin's own references)."""
+    import grpc
+
+    from bdserver.runtime.containerd.api import snapshots_grpc, snapshots_pb2 as pb
+    from bdserver.runtime.containerd.remote import chain_ids
+
+    daemon.write_config("[trust]\nallowed = []\npinned_reference = true\n")
+    daemon.start()
+    from bdserver.oci.registry import RegistryClient
+
+    client = RegistryClient(world.registry.host, hosts_dirs=[], docker_config="/nonexistent")
+    try:
+        repo = client.repository("app")
+        man = json.loads(repo.get_manifest(world.lazy)[0])
+        diff_ids = json.loads(repo.read_blob(man["config"]["digest"], man["config"]["size"]))["rootfs"]["diff_ids"]
+    finally:
+        client.close()
+    labels = {"containerd.io/snapshot.ref": chain_ids(diff_ids)[0],
+              "containerd.io/snapshot/cri.image-ref": f"{world.proxy.host}/app@{world.lazy}",
+              "containerd.io/snapshot/cri.manifest-digest": world.lazy,
+              "containerd.io/snapshot/cri.layer-digest": man["layers"][0]["digest"]}
+    with grpc.insecure_channel(f"unix://{daemon.base / 'run' / 'containerd-snapshotter.sock'}") as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        api = snapshots_grpc.SnapshotsStub(ch)
+        r = api.Prepare(pb.PrepareSnapshotRequest(snapshotter="bdserver", key="pinned", labels=labels), timeout=60)
+        assert r.mounts[0].type == "bind", "a plain snapshot to unpack into, not a lazy commit"
+        api.Remove(pb.RemoveSnapshotRequest(snapshotter="bdserver", key="pinned"), timeout=30)
+
+
 def _field(num: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field (wire type 2)."""
     out, n = bytearray([num << 3 | 2]), len(payload)

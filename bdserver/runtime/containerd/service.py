@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -164,8 +165,9 @@ def start_snapshotter(cfg: Any, devices: Any) -> Callable[[], None]:
 
     def run() -> None:
         try:
+            # Image references reach the snapshotter from pod specs: pinning a digest earns no trust here.
             resolver = RemoteResolver(lambda ref: registry_source.open_store(ref, cfg),
-                                      lambda: registry_source.trust_policy(cfg))
+                                      lambda: replace(registry_source.trust_policy(cfg), trust_pinned_reference=False))
             svc = SnapshotterService(cfg.snapshotter_socket, cfg.state_dir, cfg.run_dir, devices, resolver)
             svc.start()
             holder["svc"] = svc
