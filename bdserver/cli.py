@@ -174,9 +174,13 @@ def cmd_trust(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from bdserver.daemon.client import ping, start_daemon
     from bdserver.runtime.containerd.pull import pull
 
-    r = pull(_cfg(args), _check_ref(args.ref), args.address, args.namespace)
+    cfg = _cfg(args)
+    if ping(cfg) is None:  # the snapshotter containerd calls lives in the daemon
+        start_daemon(cfg)
+    r = pull(cfg, _check_ref(args.ref), args.address, args.namespace)
     _emit(args, r.to_json(), f"{r.name} {r.manifest}: {r.layers - r.unpacked} of {r.layers} layers committed lazily "
                              f"on the bdserver snapshotter, {r.unpacked} unpacked (no trusted lazy image)")
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOTTER = "bdserver"
 LEASE_TTL = dt.timedelta(hours=1)
+UNAVAILABLE_WAIT_S = 10.0
 LABEL_MAX = 4096
 
 
@@ -123,17 +125,24 @@ class _Containerd:
         self.channel.close()
 
     def call(self, what: str, fn: Any, request: Any, *, ok: tuple[str, ...] = ()) -> Any:
-        """One unary call; statuses in ``ok`` come back as their code name, others raise ContainerdError."""
-        try:
-            return fn(request, metadata=self.meta, timeout=120)
-        except self.grpc.RpcError as exc:
-            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-            if code in ok:
-                return code
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
-            if code == "UNAVAILABLE":
-                raise ContainerdError(f"containerd at {self.address} is not reachable ({detail})") from None
-            raise ContainerdError(f"containerd refused {what}: {code}: {detail}") from None
+        """One unary call; statuses in ``ok`` come back as their code name, others raise ContainerdError.
+        UNAVAILABLE is retried for a while: containerd redials a restarted snapshotter with a backoff."""
+        deadline = time.monotonic() + UNAVAILABLE_WAIT_S
+        while True:
+            try:
+                return fn(request, metadata=self.meta, timeout=120)
+            except self.grpc.RpcError as exc:
+                code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+                if code in ok:
+                    return code
+                detail = exc.details() if hasattr(exc, "details") else str(exc)
+                if code == "UNAVAILABLE" and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                if code == "UNAVAILABLE":
+                    raise ContainerdError(f"containerd at {self.address}, or its bdserver snapshotter, is not "
+                                          f"reachable ({detail})") from None
+                raise ContainerdError(f"containerd refused {what}: {code}: {detail}") from None
 
     def put_content(self, data: bytes, labels: dict[str, str]) -> str:
         digest = sha256_digest(data)
