@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
     setup_logging(cfg.log_file, cfg.log_level)
-    return serve(cfg, services=[start_snapshotter])
+    return serve(cfg, extra_services=[start_snapshotter])
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -119,7 +119,7 @@ def _preload() -> None:
 Service = Callable[[Config, DeviceManager], Callable[[], None]]
 
 
-def serve(cfg: Config, services: Sequence[Service] = ()) -> int:
+def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
     """Run until SIGTERM/SIGINT or a `shutdown` request. Returns the exit status."""
     if os.geteuid() != 0:
         raise DaemonError("bdserver serve must run as root (it mounts and serves block devices)")
@@ -163,7 +163,7 @@ def serve(cfg: Config, services: Sequence[Service] = ()) -> int:
         f.write(f"{os.getpid()}\n")
     log.info("serving on %s state=%s devices=%d", cfg.socket, cfg.state_dir, len(mgr.records),
              extra={"fields": {"socket": cfg.socket, "pid": os.getpid()}})
-    stops = [start(cfg, mgr) for start in services]
+    stops = [start(cfg, mgr) for start in extra_services]
     try:
         srv.serve_forever(poll_interval=0.2)
     finally:

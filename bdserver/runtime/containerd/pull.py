@@ -185,15 +185,16 @@ class _Containerd:
 
 
 def pull(cfg: Any, ref_text: str, address: str, namespace: str) -> PullResult:
-    from bdserver.daemon.registry_source import open_store
     from bdserver.oci.reference import parse_reference
+    from bdserver.runtime.containerd.service import image_access
 
     ref = parse_reference(ref_text) if not ref_text.startswith(("file:", "/")) else None
     if ref is None or ref.is_layout:
         exc = BadReference(f"{ref_text}: `bdserver pull` takes registry references (containerd pulls from registries)")
         exc.hint = "write HOST[:PORT]/REPO[:TAG|@DIGEST]"
         raise exc
-    store = open_store(ref.store_ref(), cfg)
+    open_store, _ = image_access(cfg)
+    store = open_store(ref.store_ref())
     img = _fetch_image(store, ref)
     man_data, man_desc = img.manifest
     ctd = _Containerd(address, namespace)

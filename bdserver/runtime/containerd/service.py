@@ -154,10 +154,19 @@ class SnapshotterService:
         self.snapshotter.close()
 
 
+def image_access(cfg: Any) -> tuple[Callable[[Any], Any], Callable[[], Any]]:
+    """(open the store a reference lives in, the trust policy): the daemon's own, as its attach path
+    uses them (the one place this package reaches into the daemon's image plumbing). Image references reach the snapshotter from pod specs, so pinning a digest earns no
+    trust here (the `pinned_reference` rule is for the node admin's references)."""
+    from bdserver.daemon import registry_source
+
+    return (lambda ref: registry_source.open_store(ref, cfg),
+            lambda: replace(registry_source.trust_policy(cfg), trust_pinned_reference=False))
+
+
 def start_snapshotter(cfg: Any, devices: Any) -> Callable[[], None]:
     """A daemon service (see daemon.server.serve): starts in the background so that it never delays the
     control socket; a failure is logged and leaves the rest of the daemon working. Returns its stop."""
-    from bdserver.daemon import registry_source
     from bdserver.runtime.containerd.remote import RemoteResolver
 
     holder: dict[str, SnapshotterService] = {}
@@ -165,9 +174,7 @@ def start_snapshotter(cfg: Any, devices: Any) -> Callable[[], None]:
 
     def run() -> None:
         try:
-            # Image references reach the snapshotter from pod specs: pinning a digest earns no trust here.
-            resolver = RemoteResolver(lambda ref: registry_source.open_store(ref, cfg),
-                                      lambda: replace(registry_source.trust_policy(cfg), trust_pinned_reference=False))
+            resolver = RemoteResolver(*image_access(cfg))
             svc = SnapshotterService(cfg.snapshotter_socket, cfg.state_dir, cfg.run_dir, devices, resolver)
             svc.start()
             holder["svc"] = svc
