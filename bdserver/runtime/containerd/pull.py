@@ -248,7 +248,8 @@ def _prepare_layers(ctd: _Containerd, store: Any, ref_text: str, manifest: str, 
         try:
             _unpack(ctd, store, layer, img.diff_ids[i], list(r.mounts))
             ctd.call(f"the commit of layer {i + 1}", ctd.snapshots.Commit,
-                     pb.CommitSnapshotRequest(snapshotter=SNAPSHOTTER, name=chain, key=key, labels={SNAPSHOT_REF: chain}),
+                     pb.CommitSnapshotRequest(snapshotter=SNAPSHOTTER, name=chain, key=key,
+                                              labels={SNAPSHOT_REF: chain}),
                      ok=("ALREADY_EXISTS",))
         except BaseException:
             ctd.call("removal of an unfinished snapshot", ctd.snapshots.Remove,
@@ -270,7 +271,8 @@ def _unpack(ctd: _Containerd, store: Any, layer: Any, diff_id: str, mounts: list
     applied = ctd.call(f"unpacking layer {layer.digest}", ctd.diff.Apply, api.diff_pb2.ApplyRequest(diff=desc,
                                                                                                    mounts=mounts))
     if applied.applied.digest != diff_id:
-        raise IntegrityError(f"layer {layer.digest} unpacked to {applied.applied.digest}, but the config says {diff_id}")
+        raise IntegrityError(f"layer {layer.digest} unpacked to {applied.applied.digest}, "
+                             f"but the image config says {diff_id}")
 
 
 def _record_image(ctd: _Containerd, name: str, target: Any) -> None:

@@ -17,8 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from bdserver.errors import (BdError, ConfigError, NotFoundError, RegistryError, SnapshotBusy, SnapshotExists, SnapshotInvalid,
-                             SnapshotNotFound)
+from bdserver.errors import (BdError, ConfigError, NotFoundError, RegistryError, SnapshotBusy, SnapshotExists,
+                             SnapshotInvalid, SnapshotNotFound)
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,9 @@ class SnapshotterService:
 
 def image_access(cfg: Any) -> tuple[Callable[[Any], Any], Callable[[], Any]]:
     """(open the store a reference lives in, the trust policy): the daemon's own, as its attach path
-    uses them (the one place this package reaches into the daemon's image plumbing). Image references reach the snapshotter from pod specs, so pinning a digest earns no
-    trust here (the `pinned_reference` rule is for the node admin's references)."""
+    uses them; the one place this package reaches into the daemon's image plumbing. Image references
+    reach the snapshotter from pod specs, so pinning a digest earns no trust here (the
+    `pinned_reference` rule is for the node admin's references)."""
     from bdserver.daemon import registry_source
 
     return (lambda ref: registry_source.open_store(ref, cfg),
