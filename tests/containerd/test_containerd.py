@@ -243,6 +243,32 @@ def test_restart_keeps_container_running(restart: str, world: World, daemon, ctr
     _nothing_left(daemon, ctrd, tmp_path)
 
 
+def test_a_device_the_restarted_daemon_could_not_reopen_is_attached_again(world: World, daemon, ctrd: Containerd,
+                                                                         tmp_path: Path) -> None:
+    ref = world.ref("app")
+    daemon.cli("pull", ref, "--address", ctrd.address)
+    ctrd.ctr("containers", "create", "--snapshotter", "bdserver", ref, "made1")  # its snapshot mounts the image
+    assert [d["status"] for d in daemon.json("ls")] == ["attached"]
+    daemon.stop()
+    shutil.rmtree(daemon.base / "cache")
+    world.proxy.inject("status", status=404, count=10_000, match="/blobs/")
+    try:
+        daemon.start()
+        assert [d["status"] for d in daemon.json("ls")] == ["error"], "the registry was gone: no device"
+    finally:
+        world.proxy.clear_faults()
+    for _ in range(300):  # containerd redials the restarted snapshotter: bounded wait, 30 s
+        if ctrd.ctr("snapshots", "--snapshotter", "bdserver", "ls", check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    p = ctrd.ctr("run", "--rm", "--snapshotter", "bdserver", ref, "again1", "cat", "/marker")
+    assert p.stdout.encode() == MARKER, "a new container never gets the empty mount point of a failed device"
+    assert [d["status"] for d in daemon.json("ls")] == ["attached"]
+    ctrd.ctr("containers", "delete", "made1")
+    ctrd.ctr("images", "rm", "--sync", ref)
+    _nothing_left(daemon, ctrd, tmp_path)
+
+
 def test_image_without_lazy_image_unpacks_plainly(world: World, daemon, ctrd: Containerd, tmp_path: Path) -> None:
     ref = world.ref("plain")
     r = daemon.json("pull", ref, "--address", ctrd.address)  # downloads and unpacks, like containerd's pull

@@ -75,14 +75,14 @@ class ImageLowers:
         with self._guard:
             return self._locks[image]
 
-    def mounted(self) -> dict[str, str]:
-        """target -> device path of the image mounts under root."""
+    def mounted(self) -> dict[str, dict[str, Any]]:
+        """target -> the device (as ``ls`` describes it) of the image mounts under root."""
         out = {}
         prefix = str(self.root) + os.sep
         for dev in self.devices.ls():
             for t in dev.get("mounts", []):
                 if t.startswith(prefix):
-                    out[t] = dev.get("path") or ""
+                    out[t] = dev
         return out
 
     def acquire(self, image: str, views: Sequence[tuple[int, int]] = ()) -> str:
@@ -90,16 +90,23 @@ class ImageLowers:
         (first block, blocks) of layers 0..k also get their layer views."""
         target = str(self.target(image))
         with self._lock(image):
-            have = self.mounted()
-            if target not in have:
+            dev = self.mounted().get(target)
+            if dev is not None and (dev.get("status") != "attached" or not mounts.is_mountpoint(target)):
+                # e.g. a restarted daemon could not reopen it: never hand out the empty directory
+                log.warning("snapshotter: %s: device %s is %s; attaching it again", image, dev.get("id"),
+                            dev.get("status"))
+                self._drop_views(Path(target))
+                self.devices.umount(target)
+                dev = None
+            if dev is None:
                 self.root.mkdir(parents=True, exist_ok=True)
                 r = self.devices.mount(image, target, lower_only=True)
                 log.info("snapshotter: %s mounted at %s (device %s, %s)", image, target, r.get("id"), r.get("kind"))
-                have = self.mounted()
+                dev = self.mounted()[target]
             for k, (start, blocks) in enumerate(views):
                 v = str(self.view_target(image, k))
                 if not mounts.is_mountpoint(v):
-                    mounts.mount_erofs(have[target], v, offset=start * BLOCK, size=blocks * BLOCK)
+                    mounts.mount_erofs(dev["path"], v, offset=start * BLOCK, size=blocks * BLOCK)
                     log.info("snapshotter: layer %d of %s mounted at %s", k + 1, image, v)
         return target
 
