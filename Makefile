@@ -6,9 +6,9 @@ PYTEST := $(VENV)/bin/pytest
 # Expensive fixtures (debootstrap rootfs, lab kernel) are built once and shared.
 export BDSERVER_FIXTURES ?= $(CURDIR)/.cache/fixtures
 
-.PHONY: setup packages venv demo test test-host test-lab lab lab-kernel bench clean
+.PHONY: setup packages venv proto demo test test-host test-lab lab lab-kernel bench clean
 
-setup: packages venv ## idempotent: Debian packages + .venv with the CLI at .venv/bin/bdserver
+setup: packages venv proto ## idempotent: Debian packages + .venv with the CLI at .venv/bin/bdserver
 
 packages:
 	kernel-setup/install-packages
@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# containerd's gRPC API, generated from the protos of Debian's golang-github-containerd-containerd-dev
+# into bdserver/runtime/containerd/_gen (git-ignored; also generated on first use if missing).
+proto: venv
+	$(PY) -m bdserver.runtime.containerd.api >/dev/null
 
 lab-kernel: setup
 	kernel-setup/lab-kernel

@@ -102,11 +102,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from bdserver.daemon.logs import setup_logging
     from bdserver.daemon.server import serve
+    from bdserver.runtime.containerd.service import start_snapshotter
 
     cfg = _cfg(args)
     os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
     setup_logging(cfg.log_file, cfg.log_level)
-    return serve(cfg)
+    return serve(cfg, extra_services=[start_snapshotter])
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -172,6 +173,19 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from bdserver.daemon.client import ping, start_daemon
+    from bdserver.runtime.containerd.pull import pull
+
+    cfg = _cfg(args)
+    if ping(cfg) is None:  # the snapshotter containerd calls lives in the daemon
+        start_daemon(cfg)
+    r = pull(cfg, _check_ref(args.ref), args.address, args.namespace)
+    _emit(args, r.to_json(), f"{r.name} {r.manifest}: {r.layers - r.unpacked} of {r.layers} layers committed lazily "
+                             f"on the bdserver snapshotter, {r.unpacked} unpacked (no trusted lazy image)")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bdserver.images.commands import inspect
 
@@ -233,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("trust", cmd_trust, "lazy images this node may use: allow a digest, or list them")
     sp.add_argument("action", choices=["allow", "ls"])
     sp.add_argument("digest", nargs="?", metavar="DIGEST")
+    sp = add("pull", cmd_pull, "lazy pull into containerd: image record + snapshots, no layer downloaded")
+    sp.add_argument("ref", metavar="REF")
+    sp.add_argument("--address", default="/run/containerd/containerd.sock", help="containerd's socket")
+    sp.add_argument("--namespace", default="default", help="containerd namespace (CRI uses k8s.io)")
     sp = add("inspect", cmd_inspect, "describe an EROFS image file or a lazy image reference")
     sp.add_argument("image", metavar="IMAGE")
     return p

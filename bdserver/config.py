@@ -8,6 +8,7 @@ way). Example ``/etc/bdserver/config.toml``::
 
     state_dir = "/var/lib/bdserver"      # state.json, logs, on-node conversions, trust records
     run_dir = "/run/bdserver"            # socket, FUSE mount, EROFS lower mounts
+    snapshotter_socket = "/run/bdserver/containerd-snapshotter.sock"  # containerd proxy_plugins address
     cache_dir = "/var/lib/bdserver/cache"
     cache_max_bytes = 21474836480
     hosts_dir = "/etc/bdserver/certs.d"  # containerd-style <host>/hosts.toml (mirrors, TLS)
@@ -46,6 +47,7 @@ class Config:
     state_dir: str = "/var/lib/bdserver"
     run_dir: str = "/run/bdserver"
     socket: str = ""  # default: <run_dir>/bdserver.sock
+    snapshotter_socket: str = ""  # containerd proxy snapshotter; default: <run_dir>/containerd-snapshotter.sock
     cache_dir: str = ""  # default: <state_dir>/cache
     cache_max_bytes: int = 20 * 1024**3
     hosts_dir: str = "/etc/bdserver/certs.d"  # containerd-style hosts.toml tree
@@ -69,6 +71,8 @@ class Config:
     def finish(self) -> None:
         if not self.socket:
             self.socket = os.path.join(self.run_dir, "bdserver.sock")
+        if not self.snapshotter_socket:
+            self.snapshotter_socket = os.path.join(self.run_dir, "containerd-snapshotter.sock")
         if not self.cache_dir:
             self.cache_dir = os.path.join(self.state_dir, "cache")
         if not self.log_file:

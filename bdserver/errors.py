@@ -153,6 +153,39 @@ class PolicyError(BdError):
     hint = "only the node admin can allow this (config [trust], `bdserver trust allow`)"
 
 
+class SnapshotError(BdError):
+    """A containerd snapshotter request names snapshots in a way the snapshot graph forbids.
+
+    The subclasses are the gRPC statuses containerd expects (NotFound, AlreadyExists,
+    FailedPrecondition, InvalidArgument); the snapshotter service maps them once."""
+
+    exit_code = 15
+    hint = "see `ctr snapshots --snapshotter bdserver ls`"
+
+
+class SnapshotNotFound(SnapshotError):
+    pass
+
+
+class SnapshotExists(SnapshotError):
+    pass
+
+
+class SnapshotBusy(SnapshotError):
+    """The snapshot is in the wrong state for the request (committed, has children, is in use)."""
+
+
+class SnapshotInvalid(SnapshotError):
+    """The request itself is malformed (empty key, bad labels, an unusable image reference)."""
+
+
+class ContainerdError(BdError):
+    """containerd refused a request of `bdserver pull`, or could not be reached."""
+
+    exit_code = 16
+    hint = "is containerd running on that --address, with the bdserver proxy plugin in its config.toml?"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the daemon log)",
@@ -170,6 +203,8 @@ EXIT_CODES: dict[int, str] = {
     12: "the mount target is unusable (BadTarget)",
     13: "the configuration is invalid (ConfigError)",
     14: "forbidden by the node's policy (PolicyError)",
+    15: "a snapshot request conflicts with the snapshot graph (SnapshotError: NotFound, Exists, Busy, Invalid)",
+    16: "containerd refused `bdserver pull` or is unreachable (ContainerdError)",
 }
 
 __doc__ += "\n" + "\n".join(f"    {k:>3}  {v}" for k, v in EXIT_CODES.items()) + "\n"

@@ -106,24 +106,29 @@ def is_mountpoint(path: str) -> bool:
     return bool(find_mounts(target=path))
 
 
-def mount_erofs(source: str, target: str, *, allow_loop: bool = True) -> str:
+def mount_erofs(source: str, target: str, *, allow_loop: bool = True, offset: int = 0, size: int = 0) -> str:
     """Mount an EROFS image read-only at ``target``; ``source`` is a block device or a regular file.
 
-    A regular file is mounted file-backed (no loop device). Returns "blockdev", "file" or "loop:/dev/loopN".
+    A regular file is mounted file-backed (no loop device). ``offset``/``size`` select an image inside
+    ``source`` (EROFS ``fsoffset``, 6.16+; a loop device with that offset and size otherwise).
+    Returns "blockdev", "file" or "loop:/dev/loopN".
     """
     os.makedirs(target, exist_ok=True)
     st = os.stat(source)
     try:
-        sys_mount(source, target, "erofs", MS_RDONLY | MS_NODEV, None)
+        sys_mount(source, target, "erofs", MS_RDONLY | MS_NODEV, f"fsoffset={offset}" if offset else None)
         return "blockdev" if stat.S_ISBLK(st.st_mode) else "file"
     except OSError as exc:
-        if not (stat.S_ISREG(st.st_mode) and exc.errno == errno.ENOTBLK and allow_loop):
+        no_file = stat.S_ISREG(st.st_mode) and exc.errno == errno.ENOTBLK
+        no_offset = bool(offset) and exc.errno == errno.EINVAL
+        if not ((no_file or no_offset) and allow_loop):
             raise KernelError(f"cannot mount EROFS from {source} on {target}: {exc.strerror}") from exc
-    # Kernel without file-backed EROFS (< 6.12): a read-only loop device over the file.
-    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", source], capture_output=True,
+    # Kernel without file-backed EROFS (< 6.12) or fsoffset (< 6.16): a read-only loop device.
+    window = ["--offset", str(offset), "--sizelimit", str(size)] if offset else []
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", *window, source], capture_output=True,
                           text=True, check=False)
     if loop.returncode != 0:
-        raise KernelError(f"EROFS file-backed mounts unsupported and losetup failed: {loop.stderr.strip()}")
+        raise KernelError(f"EROFS cannot mount {source} here and losetup failed: {loop.stderr.strip()}")
     dev = loop.stdout.strip()
     try:
         sys_mount(dev, target, "erofs", MS_RDONLY | MS_NODEV, None)

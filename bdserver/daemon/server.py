@@ -15,7 +15,7 @@ import socket
 import socketserver
 import struct
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from bdserver.config import Config
 from bdserver.daemon.manager import DeviceManager
@@ -114,7 +114,12 @@ def _preload() -> None:
             log.debug("preloading %s failed: %s", name, exc)
 
 
-def serve(cfg: Config) -> int:
+# A service that runs beside the control socket (e.g. containerd's snapshotter): started with the
+# DeviceManager after recovery, it returns the function that stops it.
+Service = Callable[[Config, DeviceManager], Callable[[], None]]
+
+
+def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
     """Run until SIGTERM/SIGINT or a `shutdown` request. Returns the exit status."""
     if os.geteuid() != 0:
         raise DaemonError("bdserver serve must run as root (it mounts and serves block devices)")
@@ -159,9 +164,12 @@ def serve(cfg: Config) -> int:
         f.write(f"{os.getpid()}\n")
     log.info("serving on %s state=%s devices=%d", cfg.socket, cfg.state_dir, len(mgr.records),
              extra={"fields": {"socket": cfg.socket, "pid": os.getpid()}})
+    stops = [start(cfg, mgr) for start in extra_services]
     try:
         srv.serve_forever(poll_interval=0.2)
     finally:
+        for stop_service in reversed(stops):
+            stop_service()
         srv.server_close()
         try:
             os.unlink(cfg.socket)
