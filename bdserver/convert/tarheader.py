@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Iterator
 
+from bdserver.convert.limits import DEFAULT_LIMITS, ConvertLimits
 from bdserver.convert.tarstream import TarInput
 from bdserver.errors import FormatError
 
 BLOCK = 512
-MAX_LONGNAME = 64 << 10  # GNU L/K payload; PATH_MAX is 4096, anything near this is hostile
-MAX_PAX = 8 << 20  # one PAX header (xattrs included)
-MAX_SPARSE_ENTRIES = 1 << 20
 
 # Entry kinds
 REG, HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO = "reg", "link", "symlink", "chr", "blk", "dir", "fifo"
@@ -89,11 +87,14 @@ def _checksum_ok(block: bytes) -> bool:
     return want == signed
 
 
-def parse_pax(data: bytes, offset: int) -> list[tuple[str, bytes]]:
-    """Records ``"%d %s=%s\\n"`` in order (order matters for GNU sparse 0.0)."""
+def parse_pax(data: bytes, offset: int, max_records: int = DEFAULT_LIMITS.max_pax_records) -> list[tuple[str, bytes]]:
+    """Records ``"%d %s=%s\\n"`` in order (order matters for GNU sparse 0.0); more than
+    `max_records` is FormatError."""
     out: list[tuple[str, bytes]] = []
     pos = 0
     while pos < len(data):
+        if len(out) >= max_records:
+            raise FormatError(f"PAX header at byte {offset} has more than {max_records} records (limit max_pax_records)")
         if data[pos] == 0:  # some writers pad with NULs
             if data[pos:].strip(b"\0"):
                 raise FormatError(f"corrupt PAX header at byte {offset}")
@@ -196,7 +197,7 @@ def _xattrs_from_pax(recs: dict[str, bytes]) -> dict[str, bytes]:
     return x
 
 
-def _sparse_from_old_gnu(block: bytes, inp: TarInput) -> list[tuple[int, int]]:
+def _sparse_from_old_gnu(block: bytes, inp: TarInput, max_entries: int) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
 
     def take(area: bytes, n: int) -> None:
@@ -212,12 +213,12 @@ def _sparse_from_old_gnu(block: bytes, inp: TarInput) -> list[tuple[int, int]]:
         blk = inp.read_exact(BLOCK, "GNU sparse extension header")
         take(blk[:504], 21)
         ext = blk[504]
-        if len(runs) > MAX_SPARSE_ENTRIES:
-            raise FormatError("GNU sparse map has too many entries")
+        if len(runs) > max_entries:
+            raise FormatError(f"GNU sparse map has more than {max_entries} entries (limit max_sparse_entries)")
     return runs
 
 
-def _read_sparse_map_1_0(inp: TarInput, stored: int) -> tuple[list[tuple[int, int]], int]:
+def _read_sparse_map_1_0(inp: TarInput, stored: int, max_entries: int) -> tuple[list[tuple[int, int]], int]:
     """PAX 1.0: decimal numbers, one per line, at the start of the data, padded to a block."""
     nums: list[int] = []
     buf = b""
@@ -239,8 +240,10 @@ def _read_sparse_map_1_0(inp: TarInput, stored: int) -> tuple[list[tuple[int, in
                 raise FormatError("corrupt GNU sparse 1.0 map") from None
             if count < 0:
                 count = nums[0]
-                if count < 0 or count > MAX_SPARSE_ENTRIES:
+                if count < 0:
                     raise FormatError("GNU sparse 1.0 map has an invalid entry count")
+                if count > max_entries:
+                    raise FormatError(f"GNU sparse 1.0 map has {count} entries (limit max_sparse_entries={max_entries})")
         if (count < 0 or len(nums) < 2 * count + 1) and len(buf) > 64:
             raise FormatError("corrupt GNU sparse 1.0 map")
     runs = [(nums[1 + 2 * i], nums[2 + 2 * i]) for i in range(count)]
@@ -260,13 +263,15 @@ def _check_sparse(runs: list[tuple[int, int]], size: int, stored: int, path: byt
     return [(o, n) for o, n in runs if n]
 
 
-def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
+def iter_entries(inp: TarInput, limits: ConvertLimits = DEFAULT_LIMITS) -> Iterator[TarEntry]:
     """Yield members with extension headers applied. The caller MUST consume the member's
-    data (``read_data`` / ``skip_data``) before asking for the next one."""
+    data (``read_data`` / ``skip_data``) before asking for the next one. Sizes are checked
+    against `limits` before anything is read into memory."""
     global_pax: dict[str, bytes] = {}
     longname: bytes | None = None
     longlink: bytes | None = None
     pax: list[tuple[str, bytes]] | None = None
+    pending = 0  # extended header bytes read for the next member
     while True:
         start = inp.pos
         block = inp.read(BLOCK)
@@ -293,8 +298,8 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
 
         if tflag in (b"L", b"K"):
-            if size > MAX_LONGNAME:
-                raise FormatError(f"GNU long name of {size} bytes at byte {start} (limit {MAX_LONGNAME})")
+            if size > limits.max_path_bytes:
+                raise FormatError(f"GNU long name of {size} bytes at byte {start} (limit max_path_bytes={limits.max_path_bytes})")
             data = _cstr(inp.read_exact(padded, "GNU long name")[:size])
             if tflag == b"L":
                 longname = data
@@ -302,9 +307,10 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
                 longlink = data
             continue
         if tflag in (b"x", b"g", b"X"):
-            if size > MAX_PAX:
-                raise FormatError(f"PAX header of {size} bytes at byte {start} (limit {MAX_PAX})")
-            recs = parse_pax(inp.read_exact(padded, "PAX header")[:size], start)
+            held = size if tflag == b"g" else pending + size
+            if held > limits.max_pax_bytes:
+                raise FormatError(f"PAX headers of {held} bytes at byte {start} (limit max_pax_bytes={limits.max_pax_bytes})")
+            recs = parse_pax(inp.read_exact(padded, "PAX header")[:size], start, limits.max_pax_records)
             if tflag == b"g":
                 for k, v in recs:
                     if k in ("path", "linkpath", "size") or k.startswith("GNU.sparse."):
@@ -313,8 +319,15 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
                         global_pax[k] = v
                     else:
                         global_pax.pop(k, None)
+                if sum(len(k) + len(v) for k, v in global_pax.items()) > limits.max_pax_bytes:
+                    raise FormatError(f"global PAX records at byte {start} exceed {limits.max_pax_bytes} bytes "
+                                      "(limit max_pax_bytes)")
             else:
+                pending = held
                 pax = (pax or []) + recs
+                if len(pax) > limits.max_pax_records:
+                    raise FormatError(f"more than {limits.max_pax_records} PAX records for the member at byte {start} "
+                                      "(limit max_pax_records)")
             continue
         if tflag in (b"V",):  # volume label: not a file
             inp.skip(padded, "volume header")
@@ -350,6 +363,10 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
             link = recs["linkpath"]
         longname = longlink = None
         pax = None
+        pending = 0
+        if len(name) > limits.max_path_bytes or len(link) > limits.max_path_bytes:
+            raise FormatError(f"tar member at byte {start}: path or link target over {limits.max_path_bytes} bytes "
+                              "(limit max_path_bytes)")
 
         kind = _TYPES.get(tflag, REG)  # POSIX: unknown types are regular files
         if tflag in (b"0", b"\0") and name.endswith(b"/"):
@@ -383,7 +400,7 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
         # --- sparse files
         if tflag == b"S":
             e.size = parse_number(block[483:495], "GNU sparse realsize")
-            runs = _sparse_from_old_gnu(block, inp)
+            runs = _sparse_from_old_gnu(block, inp, limits.max_sparse_entries)
             e.sparse = _check_sparse(runs, e.size, e.stored, e.path)
         elif "GNU.sparse.major" in recs or "GNU.sparse.map" in recs or sparse_00:
             major = recs.get("GNU.sparse.major", b"0")
@@ -393,18 +410,24 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
                 if recs.get("GNU.sparse.minor", b"0") != b"0":
                     raise FormatError(f"{e.path!r}: unsupported GNU sparse version 1.{recs['GNU.sparse.minor']!r}")
                 e.size = _pax_int(recs.get("GNU.sparse.realsize", b""), "GNU.sparse.realsize")
-                runs, used = _read_sparse_map_1_0(inp, e.stored)
+                runs, used = _read_sparse_map_1_0(inp, e.stored, limits.max_sparse_entries)
                 e.stored -= used
                 padded -= used
             elif major == b"0":
                 e.size = _pax_int(recs.get("GNU.sparse.size", b""), "GNU.sparse.size")
                 if "GNU.sparse.map" in recs:
+                    if recs["GNU.sparse.map"].count(b",") >= 2 * limits.max_sparse_entries:
+                        raise FormatError(f"{e.path!r}: GNU sparse map has more than {limits.max_sparse_entries} "
+                                          "entries (limit max_sparse_entries)")
                     try:
                         nums = [int(x) for x in recs["GNU.sparse.map"].split(b",")] if recs["GNU.sparse.map"] else []
                     except ValueError:
                         raise FormatError(f"{e.path!r}: corrupt GNU.sparse.map") from None
                 else:
                     nums = sparse_00
+                if len(nums) > 2 * limits.max_sparse_entries:
+                    raise FormatError(f"{e.path!r}: GNU sparse map has more than {limits.max_sparse_entries} "
+                                      "entries (limit max_sparse_entries)")
                 if len(nums) % 2:
                     raise FormatError(f"{e.path!r}: odd number of values in the GNU sparse map")
                 runs = [(nums[i], nums[i + 1]) for i in range(0, len(nums), 2)]
@@ -412,6 +435,8 @@ def iter_entries(inp: TarInput) -> Iterator[TarEntry]:
                 raise FormatError(f"{e.path!r}: unsupported GNU sparse version {major!r}")
             e.sparse = _check_sparse(runs, e.size, e.stored, e.path)
             e.kind = REG
+        if e.size > limits.max_file_size:
+            raise FormatError(f"{e.path!r}: a file of {e.size} bytes (limit max_file_size={limits.max_file_size})")
         e.padded = padded
         yield e
 

@@ -250,7 +250,7 @@ class TarInput:
     ``direct`` is set for an uncompressed tar in a seekable OS file: file data can then be
     described in place (no spool copy) at ``direct_base + tar offset``."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, *, max_bytes: int | None = None) -> None:
         d = _direct_file(raw)
         head = _peek(raw, 8)
         self.compression = detect_compression(head)
@@ -265,14 +265,24 @@ class TarInput:
         self._buf = bytearray()
         self._sha = _Hasher()
         self.pos = 0  # offset in the uncompressed tar of the next byte handed out
+        self._pulled = 0  # uncompressed bytes taken from the decompressor
+        self._max = max_bytes
+
+    def _pull(self) -> bytes:
+        c = self._src.read(_READ)
+        if c:
+            c = bytes(c)
+            self._pulled += len(c)
+            if self._max is not None and self._pulled > self._max:
+                raise FormatError(f"layer is more than {self._max} bytes uncompressed (limit max_tar_bytes)")
+            self._sha.update(c)
+        return c
 
     def _fill(self, n: int) -> None:
         while len(self._buf) < n:
-            c = self._src.read(max(_READ, n - len(self._buf)))
+            c = self._pull()
             if not c:
                 return
-            c = bytes(c)
-            self._sha.update(c)
             self._buf += c
 
     def read(self, n: int) -> bytes:
@@ -314,11 +324,7 @@ class TarInput:
         """Consume the rest (after the end-of-archive marker) so the digest covers it all."""
         self.pos += len(self._buf)
         self._buf.clear()
-        while True:
-            c = self._src.read(_READ)
-            if not c:
-                return
-            self._sha.update(c)
+        while c := self._pull():
             self.pos += len(c)
 
     def diff_id(self) -> str:

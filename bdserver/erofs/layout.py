@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
@@ -26,6 +26,17 @@ BITS = S.BLKSZBITS
 U32 = 0xFFFFFFFF
 _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
+
+
+@dataclass(frozen=True)
+class LayoutLimits:
+    """What one image may make the layout allocate, whatever sizes the tree claims. A sparse
+    file's logical size is free (a tar header says it); its chunk indexes and the image blocks
+    its chunks take beyond its real data are not, so both are capped per image and a file is
+    refused with FormatError before anything proportional to its logical size is allocated."""
+
+    max_chunk_indexes: int = 1 << 23  # 8-byte chunk indexes in the whole image (64 MiB of metadata)
+    max_sparse_overhead: int = 1 << 30  # image bytes sparse files take beyond their data
 
 
 @dataclass(frozen=True)
@@ -161,23 +172,38 @@ def _dir_layout(p: Plan) -> None:
     p.entries = None
 
 
-def _chunk_plan(size: int, segs: Sequence[Segment]) -> tuple[int, list[bool]] | None:
-    """Pick a chunk size for a sparse file: minimise data bytes + 8-byte indexes. Returns
-    (chunk_bits, present-per-chunk) or None when no chunk would be a hole (store FLAT_PLAIN)."""
+def _present_chunks(segs: Sequence[Segment], bits: int) -> Iterator[int]:
+    """Indexes of the chunks of ``1 << bits`` bytes that hold data, ascending, each once."""
+    last = -1
+    for s in segs:
+        a = max(s.file_offset >> bits, last + 1)
+        last = max(last, (s.file_offset + s.length - 1) >> bits)
+        yield from range(a, last + 1)
+
+
+def _chunk_len(size: int, bits: int, i: int) -> int:
+    """Bytes of image chunk ``i`` takes: whole chunks, the last one rounded up to blocks."""
+    cs = 1 << bits
+    return min(cs, ((size - i * cs + BS - 1) >> BITS) << BITS)
+
+
+def _chunk_bits(size: int, segs: Sequence[Segment], max_chunks: int) -> int:
+    """Pick a chunk size for a sparse file: minimise data bytes + 8-byte indexes, with at most
+    `max_chunks` indexes (FormatError when no EROFS chunk size keeps within that)."""
+    minbits = max(BITS, ((size - 1) // max(1, max_chunks)).bit_length())
+    maxbits = min(max(BITS, (size - 1).bit_length()), BITS + S.CHUNK_FORMAT_BLKBITS_MASK)
+    if minbits > BITS + S.CHUNK_FORMAT_BLKBITS_MASK:
+        raise FormatError(f"a sparse file of {size} bytes would need more than {max_chunks} chunk indexes even "
+                          "in the largest EROFS chunks (limit max_chunk_indexes)")
     best: tuple[int, int] | None = None
-    maxbits = max(BITS, (size - 1).bit_length())
-    for bits in range(BITS, min(maxbits, BITS + 31) + 1):
+    for bits in range(minbits, max(minbits, maxbits) + 1):
         cs = 1 << bits
         n = (size + cs - 1) >> bits
         present = 0
         last = -1
         for s in segs:
-            if s.length <= 0:
-                continue
-            a = s.file_offset >> bits
+            a = max(s.file_offset >> bits, last + 1)
             b = (s.file_offset + s.length - 1) >> bits
-            if a <= last:
-                a = last + 1
             if b >= a:
                 present += b - a + 1
                 last = b
@@ -185,17 +211,33 @@ def _chunk_plan(size: int, segs: Sequence[Segment]) -> tuple[int, list[bool]] | 
         if best is None or cost < best[0]:
             best = (cost, bits)
     assert best is not None
-    bits = best[1]
-    n = (size + (1 << bits) - 1) >> bits
-    flags = [False] * n
-    for s in segs:
-        if s.length <= 0:
-            continue
-        for c in range(s.file_offset >> bits, ((s.file_offset + s.length - 1) >> bits) + 1):
-            flags[c] = True
-    if all(flags):
-        return None
-    return bits, flags
+    return best[1]
+
+
+class _Budget:
+    """Running totals of what the image allocates against `LayoutLimits`."""
+
+    def __init__(self, limits: LayoutLimits) -> None:
+        self.limits = limits
+        self.chunk_indexes = 0
+        self.overhead = 0
+
+    @property
+    def free_indexes(self) -> int:
+        return max(1, self.limits.max_chunk_indexes - self.chunk_indexes)
+
+    def indexes(self, n: int) -> None:
+        self.chunk_indexes += n
+        if self.chunk_indexes > self.limits.max_chunk_indexes:
+            raise FormatError(f"the image needs more than {self.limits.max_chunk_indexes} chunk indexes "
+                              "(limit max_chunk_indexes)")
+
+    def sparse(self, size: int, covered: int, taken: int, bits: int) -> None:
+        self.overhead += taken - covered
+        if self.overhead > self.limits.max_sparse_overhead:
+            raise FormatError(f"a sparse file of {size} bytes with {covered} bytes of data takes {taken} bytes "
+                              f"of image in {1 << bits}-byte chunks; sparse files may take at most "
+                              f"{self.limits.max_sparse_overhead} bytes beyond their data (limit max_sparse_overhead)")
 
 
 def check_segments(d: SpooledData) -> list[Segment]:
@@ -229,17 +271,19 @@ def plan_image(
     build_time_nsec: int = 0,
     devices: Sequence[DeviceSlot] = (),
     meta_only: bool = False,
+    limits: LayoutLimits = LayoutLimits(),
 ) -> ImageInfo:
     """What `write_image` would produce, without writing: lets a caller learn the size of a
     merged metadata image (block addresses in `BlockMap`s do not change it) before it picks
     the layers' `mapped_blkaddr`s."""
     with gc_paused():
-        lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only)
+        lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only, limits)
     return ImageInfo(blocks=lay.total_blocks, size=lay.total_blocks * BS, inodes=len(lay.order))
 
 
 def compute_layout(
-    root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool
+    root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool,
+    limits: LayoutLimits = LayoutLimits(),
 ) -> Layout:
     """Passes 1-3: shapes, inode placement, block allocation. Pure computation."""
     order = _collect(root)
@@ -266,6 +310,7 @@ def compute_layout(
     del xcount
 
     any_chunked = False
+    budget = _Budget(limits)
     for p in order:
         ino = p.inode
         mode = ino.mode
@@ -286,15 +331,18 @@ def compute_layout(
                 raise FormatError(f"symlink target must be 1..4095 bytes without NUL: {ino.symlink[:80]!r}")
         elif fmt == stat.S_IFREG:
             d = ino.data
+            if d is not None and not 0 <= d.size < 1 << 63:  # the kernel's i_size is a signed loff_t
+                raise FormatError(f"file size {d.size} does not fit EROFS (must be below 2**63)")
             if d is None or d.size == 0:
                 p.size = 0
             elif isinstance(d, BlockMap):
                 p.size = d.size
-                if not BITS <= d.chunk_bits <= BITS + 31:
+                if not BITS <= d.chunk_bits <= BITS + S.CHUNK_FORMAT_BLKBITS_MASK:
                     raise FormatError(f"BlockMap chunk_bits {d.chunk_bits} out of range")
                 n = (d.size + (1 << d.chunk_bits) - 1) >> d.chunk_bits
                 if len(d.blocks) != n:
                     raise FormatError(f"BlockMap has {len(d.blocks)} chunks, size needs {n}")
+                budget.indexes(n)
                 p.layout = S.LAYOUT_CHUNK_BASED
                 p.chunk_bits = d.chunk_bits
                 p.chunks = list(d.blocks)
@@ -306,6 +354,7 @@ def compute_layout(
                         f"TailedBlockMap of {d.size} bytes needs {d.size >> BITS} blocks and a "
                         f"{d.size % BS}-byte tail, got {len(d.blocks)} and {len(d.tail)}"
                     )
+                budget.indexes(len(d.blocks) + (1 if d.tail else 0))
                 p.layout = S.LAYOUT_CHUNK_BASED
                 p.chunk_bits = BITS
                 p.chunks = list(d.blocks) + ([0] if d.tail else [])  # tail block: allocated in pass 3
@@ -317,11 +366,17 @@ def compute_layout(
                 segs = check_segments(d)
                 covered = sum(s.length for s in segs)
                 if covered < d.size:
-                    cp = _chunk_plan(d.size, segs)
-                    if cp is not None:
+                    bits = _chunk_bits(d.size, segs, budget.free_indexes)
+                    n = (d.size + (1 << bits) - 1) >> bits
+                    taken = sum(_chunk_len(d.size, bits, i) for i in _present_chunks(segs, bits))
+                    if taken < d.size:  # some chunk is a hole: CHUNK_BASED, else FLAT_PLAIN
+                        budget.indexes(n)
+                        budget.sparse(d.size, covered, taken, bits)
                         p.layout = S.LAYOUT_CHUNK_BASED
-                        p.chunk_bits = cp[0]
-                        p.chunks = [0 if f else None for f in cp[1]]
+                        p.chunk_bits = bits
+                        p.chunks = [None] * n
+                        for i in _present_chunks(segs, bits):
+                            p.chunks[i] = 0  # allocated in pass 3
                         any_chunked = True
                 if p.layout == S.LAYOUT_FLAT_PLAIN:
                     p.nblocks = (d.size + BS - 1) >> BITS
