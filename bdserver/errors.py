@@ -153,6 +153,13 @@ class PolicyError(BdError):
     hint = "only the node admin can allow this (config [trust], `bdserver trust allow`)"
 
 
+class ResourceLimitError(BdError):
+    """A child process doing untrusted work (on-node conversion) was stopped by an OS limit."""
+
+    exit_code = 15
+    hint = "the image is too big for this node's conversion limits, or hostile; use a lazy image converted elsewhere"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the daemon log)",
@@ -170,6 +177,7 @@ EXIT_CODES: dict[int, str] = {
     12: "the mount target is unusable (BadTarget)",
     13: "the configuration is invalid (ConfigError)",
     14: "forbidden by the node's policy (PolicyError)",
+    15: "on-node conversion stopped by its memory, file-size, CPU or time limit (ResourceLimitError)",
 }
 
 __doc__ += "\n" + "\n".join(f"    {k:>3}  {v}" for k, v in EXIT_CODES.items()) + "\n"
