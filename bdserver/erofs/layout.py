@@ -285,10 +285,31 @@ def compute_layout(
     root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool,
     limits: LayoutLimits = LayoutLimits(),
 ) -> Layout:
-    """Passes 1-3: shapes, inode placement, block allocation. Pure computation."""
+    """The passes, in order: collect inodes, share xattrs, shape inodes, place them, allocate
+    data blocks. Pure computation."""
     order = _collect(root)
+    shared = _share_xattrs(order)
+    any_chunked = _shape_inodes(order, shared, build_time, build_time_nsec, meta_only, limits)
+    devt_off = S.SB_OFFSET + 128
+    meta_end = _place_inodes(order, devt_off + 128 * len(devices))
+    meta_blocks = (meta_end + BS - 1) >> BITS
+    xattr_blkaddr = meta_blocks if shared.size else 0
+    total_blocks = _allocate_blocks(order, meta_blocks + ((shared.size + BS - 1) >> BITS))
+    return Layout(order, shared.keys, shared.ids, meta_blocks, xattr_blkaddr, total_blocks, any_chunked, devt_off)
 
-    # -- pass 1: per-inode shapes (xattrs, layouts, sizes) --------------------------------
+
+@dataclass
+class _SharedXattrs:
+    """The shared xattr area: its entries in order, each one's id (4-byte units), its size."""
+
+    keys: list[bytes]
+    ids: dict[bytes, int]
+    size: int
+
+
+def _share_xattrs(order: list[Plan]) -> _SharedXattrs:
+    """Encode every inode's xattrs; an entry that two or more inodes carry goes to the shared
+    area once (EROFS stores it by id) instead of inline in each."""
     xcount: dict[bytes, int] = {}
     for p in order:
         ino = p.inode
@@ -300,117 +321,145 @@ def compute_layout(
                 items.append(entry)
                 xcount[entry] = xcount.get(entry, 0) + 1
             p.xattr_items = items
-    shared_keys = sorted(k for k, c in xcount.items() if c >= 2 and len(k) > 4)
-    shared_ids: dict[bytes, int] = {}
+    keys = sorted(k for k, c in xcount.items() if c >= 2 and len(k) > 4)
+    ids: dict[bytes, int] = {}
     off = 0
-    for k in shared_keys:
-        shared_ids[k] = off // 4
+    for k in keys:
+        ids[k] = off // 4
         off += len(k)
-    shared_bytes = off
-    del xcount
+    return _SharedXattrs(keys, ids, off)
 
-    any_chunked = False
+
+def _shape_inodes(order: list[Plan], shared: _SharedXattrs, build_time: int, build_time_nsec: int,
+                  meta_only: bool, limits: LayoutLimits) -> bool:
+    """Each inode's shape: xattr body, size, data layout, compact or extended. Returns whether
+    any inode is chunk-based (the superblock says so)."""
     budget = _Budget(limits)
     for p in order:
-        ino = p.inode
-        mode = ino.mode
-        fmt = stat.S_IFMT(mode)
-        if p.xattr_items:
-            inline = [e for e in p.xattr_items if e not in shared_ids]
-            p.xattr_shared = [e for e in p.xattr_items if e in shared_ids]
-            p.xattr_items = inline
-            body = 12 + 4 * len(p.xattr_shared) + sum(len(e) for e in inline)
-            if body > 12 + 4 * 0xFFFE:
-                raise FormatError("too many xattrs on one inode for EROFS")
-            p.xattr_isize = body
+        _split_xattrs(p, shared.ids)
+        fmt = stat.S_IFMT(p.inode.mode)
         if fmt == stat.S_IFDIR:
             _dir_layout(p)
         elif fmt == stat.S_IFLNK:
-            p.size = len(ino.symlink)
-            if not ino.symlink or len(ino.symlink) >= 4096 or b"\0" in ino.symlink:
-                raise FormatError(f"symlink target must be 1..4095 bytes without NUL: {ino.symlink[:80]!r}")
+            _shape_symlink(p)
         elif fmt == stat.S_IFREG:
-            d = ino.data
-            if d is not None and not 0 <= d.size < 1 << 63:  # the kernel's i_size is a signed loff_t
-                raise FormatError(f"file size {d.size} does not fit EROFS (must be below 2**63)")
-            if d is None or d.size == 0:
-                p.size = 0
-            elif isinstance(d, BlockMap):
-                p.size = d.size
-                if not BITS <= d.chunk_bits <= BITS + S.CHUNK_FORMAT_BLKBITS_MASK:
-                    raise FormatError(f"BlockMap chunk_bits {d.chunk_bits} out of range")
-                n = (d.size + (1 << d.chunk_bits) - 1) >> d.chunk_bits
-                if len(d.blocks) != n:
-                    raise FormatError(f"BlockMap has {len(d.blocks)} chunks, size needs {n}")
-                budget.indexes(n)
-                p.layout = S.LAYOUT_CHUNK_BASED
-                p.chunk_bits = d.chunk_bits
-                p.chunks = list(d.blocks)
-                any_chunked = True
-            elif isinstance(d, TailedBlockMap):
-                p.size = d.size
-                if len(d.blocks) != d.size >> BITS or len(d.tail) != d.size % BS:
-                    raise FormatError(
-                        f"TailedBlockMap of {d.size} bytes needs {d.size >> BITS} blocks and a "
-                        f"{d.size % BS}-byte tail, got {len(d.blocks)} and {len(d.tail)}"
-                    )
-                budget.indexes(len(d.blocks) + (1 if d.tail else 0))
-                p.layout = S.LAYOUT_CHUNK_BASED
-                p.chunk_bits = BITS
-                p.chunks = list(d.blocks) + ([0] if d.tail else [])  # tail block: allocated in pass 3
-                any_chunked = True
-            elif isinstance(d, SpooledData):
-                if meta_only:
-                    raise ValueError("meta_only image got a regular file with spooled data")
-                p.size = d.size
-                segs = check_segments(d)
-                covered = sum(s.length for s in segs)
-                if covered < d.size:
-                    bits = _chunk_bits(d.size, segs, budget.free_indexes)
-                    n = (d.size + (1 << bits) - 1) >> bits
-                    taken = sum(_chunk_len(d.size, bits, i) for i in _present_chunks(segs, bits))
-                    if taken < d.size:  # some chunk is a hole: CHUNK_BASED, else FLAT_PLAIN
-                        budget.indexes(n)
-                        budget.sparse(d.size, covered, taken, bits)
-                        p.layout = S.LAYOUT_CHUNK_BASED
-                        p.chunk_bits = bits
-                        p.chunks = [None] * n
-                        for i in _present_chunks(segs, bits):
-                            p.chunks[i] = 0  # allocated in pass 3
-                        any_chunked = True
-                if p.layout == S.LAYOUT_FLAT_PLAIN:
-                    p.nblocks = (d.size + BS - 1) >> BITS
-            else:
-                raise FormatError(f"unsupported file data type {type(d).__name__}")
+            _shape_regular(p, meta_only, budget)
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
             p.size = 0
         else:
-            raise FormatError(f"unsupported file mode {mode:o}")
+            raise FormatError(f"unsupported file mode {p.inode.mode:o}")
+        _shape_attrs(p, build_time, build_time_nsec)
+    return any(p.layout == S.LAYOUT_CHUNK_BASED for p in order)
 
-        p.extended = (
-            ino.mtime != build_time
-            or ino.mtime_nsec != build_time_nsec
-            or ino.uid > 0xFFFF
-            or ino.gid > 0xFFFF
-            or p.nlink > 0xFFFF
-            or p.size > 0xFFFFFFFF
-        )
-        if ino.uid < 0 or ino.gid < 0 or ino.uid > U32 or ino.gid > U32:
-            raise FormatError(f"uid/gid out of range: {ino.uid}/{ino.gid}")
-        if not 0 <= ino.mtime_nsec < 1_000_000_000:
-            raise FormatError(f"mtime_nsec out of range: {ino.mtime_nsec}")
-        if not -(1 << 63) <= ino.mtime < (1 << 63):
-            raise FormatError(f"mtime out of range: {ino.mtime}")
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK) and (
-            not 0 <= ino.rdev < (1 << 64) or os.major(ino.rdev) > 0xFFF or os.minor(ino.rdev) > 0xFFFFF
-        ):
-            raise FormatError(f"device number {ino.rdev:#x} does not fit EROFS (major < 4096, minor < 2^20)")
-        p.isize = 64 if p.extended else 32
 
-    # -- pass 2: place inodes in the metadata area ----------------------------------------
-    devt_off = S.SB_OFFSET + 128
-    pos = devt_off + 128 * len(devices)
-    pos = (pos + 31) & ~31
+def _split_xattrs(p: Plan, shared_ids: dict[bytes, int]) -> None:
+    if p.xattr_items:
+        inline = [e for e in p.xattr_items if e not in shared_ids]
+        p.xattr_shared = [e for e in p.xattr_items if e in shared_ids]
+        p.xattr_items = inline
+        body = 12 + 4 * len(p.xattr_shared) + sum(len(e) for e in inline)
+        if body > 12 + 4 * 0xFFFE:
+            raise FormatError("too many xattrs on one inode for EROFS")
+        p.xattr_isize = body
+
+
+def _shape_symlink(p: Plan) -> None:
+    target = p.inode.symlink
+    p.size = len(target)
+    if not target or len(target) >= 4096 or b"\0" in target:
+        raise FormatError(f"symlink target must be 1..4095 bytes without NUL: {target[:80]!r}")
+
+
+def _shape_regular(p: Plan, meta_only: bool, budget: _Budget) -> None:
+    """Size and layout of a regular file from its data: chunk-based for data already on the
+    device (block maps) and for sparse spooled data, flat otherwise."""
+    d = p.inode.data
+    if d is not None and not 0 <= d.size < 1 << 63:  # the kernel's i_size is a signed loff_t
+        raise FormatError(f"file size {d.size} does not fit EROFS (must be below 2**63)")
+    if d is None or d.size == 0:
+        p.size = 0
+    elif isinstance(d, BlockMap):
+        p.size = d.size
+        if not BITS <= d.chunk_bits <= BITS + S.CHUNK_FORMAT_BLKBITS_MASK:
+            raise FormatError(f"BlockMap chunk_bits {d.chunk_bits} out of range")
+        n = (d.size + (1 << d.chunk_bits) - 1) >> d.chunk_bits
+        if len(d.blocks) != n:
+            raise FormatError(f"BlockMap has {len(d.blocks)} chunks, size needs {n}")
+        budget.indexes(n)
+        p.layout = S.LAYOUT_CHUNK_BASED
+        p.chunk_bits = d.chunk_bits
+        p.chunks = list(d.blocks)
+    elif isinstance(d, TailedBlockMap):
+        p.size = d.size
+        if len(d.blocks) != d.size >> BITS or len(d.tail) != d.size % BS:
+            raise FormatError(
+                f"TailedBlockMap of {d.size} bytes needs {d.size >> BITS} blocks and a "
+                f"{d.size % BS}-byte tail, got {len(d.blocks)} and {len(d.tail)}"
+            )
+        budget.indexes(len(d.blocks) + (1 if d.tail else 0))
+        p.layout = S.LAYOUT_CHUNK_BASED
+        p.chunk_bits = BITS
+        p.chunks = list(d.blocks) + ([0] if d.tail else [])  # tail block: allocated with the data
+    elif isinstance(d, SpooledData):
+        if meta_only:
+            raise ValueError("meta_only image got a regular file with spooled data")
+        p.size = d.size
+        _shape_spooled(p, d, budget)
+    else:
+        raise FormatError(f"unsupported file data type {type(d).__name__}")
+
+
+def _shape_spooled(p: Plan, d: SpooledData, budget: _Budget) -> None:
+    """Spooled bytes: chunk-based when the best chunk size leaves a chunk as a hole, within
+    the budget; flat otherwise."""
+    segs = check_segments(d)
+    covered = sum(s.length for s in segs)
+    if covered < d.size:
+        bits = _chunk_bits(d.size, segs, budget.free_indexes)
+        n = (d.size + (1 << bits) - 1) >> bits
+        taken = sum(_chunk_len(d.size, bits, i) for i in _present_chunks(segs, bits))
+        if taken < d.size:  # some chunk is a hole: CHUNK_BASED, else FLAT_PLAIN
+            budget.indexes(n)
+            budget.sparse(d.size, covered, taken, bits)
+            p.layout = S.LAYOUT_CHUNK_BASED
+            p.chunk_bits = bits
+            p.chunks = [None] * n
+            for i in _present_chunks(segs, bits):
+                p.chunks[i] = 0  # allocated with the data
+            return
+    p.nblocks = (d.size + BS - 1) >> BITS
+
+
+def _shape_attrs(p: Plan, build_time: int, build_time_nsec: int) -> None:
+    """Compact (32 bytes) when mtime, ids, nlink and size fit it, else extended; refuse what
+    neither can hold."""
+    ino = p.inode
+    p.extended = (
+        ino.mtime != build_time
+        or ino.mtime_nsec != build_time_nsec
+        or ino.uid > 0xFFFF
+        or ino.gid > 0xFFFF
+        or p.nlink > 0xFFFF
+        or p.size > 0xFFFFFFFF
+    )
+    if ino.uid < 0 or ino.gid < 0 or ino.uid > U32 or ino.gid > U32:
+        raise FormatError(f"uid/gid out of range: {ino.uid}/{ino.gid}")
+    if not 0 <= ino.mtime_nsec < 1_000_000_000:
+        raise FormatError(f"mtime_nsec out of range: {ino.mtime_nsec}")
+    if not -(1 << 63) <= ino.mtime < (1 << 63):
+        raise FormatError(f"mtime out of range: {ino.mtime}")
+    if stat.S_IFMT(ino.mode) in (stat.S_IFCHR, stat.S_IFBLK) and (
+        not 0 <= ino.rdev < (1 << 64) or os.major(ino.rdev) > 0xFFF or os.minor(ino.rdev) > 0xFFFFF
+    ):
+        raise FormatError(f"device number {ino.rdev:#x} does not fit EROFS (major < 4096, minor < 2^20)")
+    p.isize = 64 if p.extended else 32
+
+
+def _place_inodes(order: list[Plan], start: int) -> int:
+    """Give each inode its position (and NID) in the metadata area from byte `start`, with its
+    inline xattrs, chunk indexes and inline directory/symlink tail (a tail never crosses a
+    block). Returns the end of the metadata."""
+    pos = (start + 31) & ~31
     for p in order:
         base = p.isize + p.xattr_isize
         fmt = stat.S_IFMT(p.inode.mode)
@@ -438,14 +487,15 @@ def compute_layout(
         p.nid = pos >> S.ISLOT_BITS
         p.meta_len = meta
         pos = (pos + meta + 31) & ~31
-    meta_end = pos
     if order[0].nid > 0xFFFF:
         raise FormatError("root NID exceeds 16 bits (device table too large)")
-    meta_blocks = (meta_end + BS - 1) >> BITS
-    xattr_blkaddr = meta_blocks if shared_bytes else 0
-    next_blk = meta_blocks + ((shared_bytes + BS - 1) >> BITS)
+    return pos
 
-    # -- pass 3: data blocks --------------------------------------------------------------
+
+def _allocate_blocks(order: list[Plan], next_blk: int) -> int:
+    """Data blocks from `next_blk` on, in inode order: flat runs first, then the chunks of
+    chunk-based files that this image holds (sparse data, copied tails). Returns the image's
+    size in blocks."""
     for p in order:
         if p.nblocks:
             p.blkaddr = next_blk
@@ -458,15 +508,10 @@ def compute_layout(
             next_blk += 1
         elif p.layout == S.LAYOUT_CHUNK_BASED and isinstance(d, SpooledData):
             assert p.chunks is not None
-            cs = 1 << p.chunk_bits
             for i, c in enumerate(p.chunks):
                 if c is not None:
-                    plen = min(cs, ((p.size - i * cs + BS - 1) >> BITS) << BITS)
                     p.chunks[i] = next_blk
-                    next_blk += plen >> BITS
-    total_blocks = next_blk
-    if total_blocks > U32:
+                    next_blk += _chunk_len(p.size, p.chunk_bits, i) >> BITS
+    if next_blk > U32:
         raise FormatError("image exceeds 2^32 blocks")
-
-    return Layout(order, shared_keys, shared_ids, meta_blocks, xattr_blkaddr, total_blocks, any_chunked,
-                   devt_off)
+    return next_blk
