@@ -26,7 +26,7 @@ import stat
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 from bdserver.erofs import structs as S
 from bdserver.errors import FormatError

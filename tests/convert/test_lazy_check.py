@@ -14,7 +14,7 @@ from bdserver.erofs import structs as S
 from bdserver.erofs.reader import ErofsImage
 from bdserver.errors import FormatError
 from bdserver.oci.layout import OCILayout
-from bdserver.oci.model import Descriptor, Manifest, parse_manifest
+from bdserver.oci.model import Manifest, parse_manifest
 from bdserver.vdev.lazyimage import layout_fetcher, open_lazy_image
 from tests.fixtures.layers import build_oci_layout
 from tests.fixtures.tarwriter import TarWriter
