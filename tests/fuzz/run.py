@@ -43,8 +43,9 @@ def main(argv: list[str]) -> None:
     Path(scratch).mkdir(parents=True, exist_ok=True)
     with atheris.instrument_imports(include=MODULES[target.name]):
         _import_all(MODULES[target.name])
+    words = CORPUS.parent / f"{target.name}.dict"  # libFuzzer dictionary of the format's tokens
     args = [sys.argv[0], scratch, str(CORPUS / target.name), f"-max_len={target.max_len}", "-rss_limit_mb=1024",
-            "-timeout=10", *flags]
+            "-timeout=10", *([f"-dict={words}"] if words.exists() else []), *flags]
     atheris.Setup(args, target.run)
     atheris.Fuzz()
 

@@ -190,6 +190,9 @@ def manifest_seeds() -> None:
         _save("manifest", data.replace(mt.OCI_MANIFEST.encode(), mt.DOCKER_MANIFEST.encode()))
         _save("manifest", idx.to_bytes().replace(mt.OCI_INDEX.encode(), mt.DOCKER_MANIFEST_LIST.encode()))
     _save("manifest", b'{"schemaVersion": 1, "name": "x", "tag": "y", "fsLayers": []}')
+    rnd = random.Random(11)
+    for n in (8, 32, 128):  # inputs of the structure-aware mode (see targets.fuzz_manifest)
+        _save("manifest", b"\0" + bytes([7]) + rnd.randbytes(n))
 
 
 def cdb_seeds() -> None:

@@ -145,12 +145,96 @@ def fuzz_erofs(data: bytes) -> None:
         pass
 
 
+_FIELDS = ("schemaVersion", "mediaType", "config", "layers", "manifests", "digest", "size", "annotations",
+           "platform", "os", "architecture", "variant", "os.version", "os.features", "urls", "data", "subject",
+           "artifactType", "org.opencontainers.image.created")
+_WORDS = ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+          "application/vnd.docker.distribution.manifest.v2+json", "sha256:" + "0" * 64, "sha512:" + "1" * 128,
+          "linux", "amd64", "arm64", "v8", "", "2024-01-01T00:00:00Z", "not a date", "\u0000")
+_NUMBERS = (0, 1, 2, -1, 1 << 63, 1 << 70, 0.5, float("1e308"))
+
+
+class _Draw:
+    """Turns fuzz bytes into choices (zeros once they run out)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def __call__(self, n: int) -> int:
+        b = self.data[self.pos] if self.pos < len(self.data) else 0
+        self.pos += 1
+        return b % n
+
+
+def _json_value(draw: _Draw, depth: int = 0) -> object:
+    """Any JSON value: scalars of every type, lists, objects keyed by manifest field names."""
+    kind = draw(6 if depth < 4 else 4)
+    if kind == 0:
+        return (None, True, False)[draw(3)]
+    if kind == 1:
+        return _NUMBERS[draw(len(_NUMBERS))]
+    if kind in (2, 3):
+        return _WORDS[draw(len(_WORDS))]
+    if kind == 4:
+        return [_json_value(draw, depth + 1) for _ in range(draw(4))]
+    return {_FIELDS[draw(len(_FIELDS))]: _json_value(draw, depth + 1) for _ in range(draw(5))}
+
+
+def _or_any(draw: _Draw, valid: Callable[[], object]) -> object:
+    """Mostly the valid value, one time in four any JSON value in its place."""
+    return _json_value(draw, 2) if draw(4) == 0 else valid()
+
+
+def _platform(draw: _Draw) -> dict[str, object]:
+    p: dict[str, object] = {"os": _or_any(draw, lambda: "linux"), "architecture": _or_any(draw, lambda: "amd64")}
+    for key, valid in (("variant", "v8"), ("os.version", "10.0"), ("os.features", ["erofs"])):
+        if draw(3) == 0:
+            p[key] = _or_any(draw, lambda v=valid: v)  # type: ignore[misc]
+    return p
+
+
+def _descriptor(draw: _Draw, depth: int) -> dict[str, object]:
+    d: dict[str, object] = {"mediaType": _or_any(draw, lambda: _WORDS[draw(3)]),
+                            "digest": _or_any(draw, lambda: _WORDS[3 + draw(2)]),
+                            "size": _or_any(draw, lambda: _NUMBERS[draw(4)])}
+    optional = (("annotations", lambda: {"org.opencontainers.image.created": _WORDS[10 + draw(2)]}),
+                ("platform", lambda: _platform(draw)), ("urls", lambda: ["https://x"]), ("data", lambda: "AAAA"),
+                ("artifactType", lambda: _WORDS[draw(3)]))
+    for key, valid in optional:
+        if draw(3) == 0:
+            d[key] = _or_any(draw, valid)
+    return d
+
+
+def _document(draw: _Draw) -> dict[str, object]:
+    """A manifest or an index whose every field is, now and then, of the wrong type."""
+    doc: dict[str, object] = {"schemaVersion": _or_any(draw, lambda: 2)}
+    if draw(2):
+        doc["mediaType"] = _or_any(draw, lambda: _WORDS[0])
+        doc["config"] = _or_any(draw, lambda: _descriptor(draw, 1))
+        doc["layers"] = _or_any(draw, lambda: [_descriptor(draw, 1) for _ in range(draw(3))])
+    else:
+        doc["mediaType"] = _or_any(draw, lambda: _WORDS[1])
+        doc["manifests"] = _or_any(draw, lambda: [_descriptor(draw, 1) for _ in range(draw(4))])
+    for key, valid in (("subject", lambda: _descriptor(draw, 1)), ("artifactType", lambda: _WORDS[draw(3)]),
+                       ("annotations", lambda: {"a": "b"})):
+        if draw(3) == 0:
+            doc[key] = _or_any(draw, valid)
+    return doc
+
+
 def fuzz_manifest(data: bytes) -> None:
+    """A first byte 0 makes the rest drive a JSON generator (structure-aware), anything else is
+    parsed as it is; the length picks the media type hint."""
+    import json
+
     from bdserver.oci import mediatypes as mt
     from bdserver.oci.model import Index, Manifest, parse_manifest
     from bdserver.oci.referrers import newest_first, referrer_descriptor
 
-    hint = (mt.OCI_MANIFEST, mt.OCI_INDEX, mt.DOCKER_MANIFEST, None)[data[0] & 3] if data else None
+    hint = (mt.OCI_MANIFEST, mt.OCI_INDEX, mt.DOCKER_MANIFEST, None)[len(data) & 3]
+    if data[:1] == b"\0":
+        data = json.dumps(_document(_Draw(data[1:]))).encode()
     try:
         m = parse_manifest(data, hint)
         again = parse_manifest(m.to_bytes(), m.media_type)  # what we write, we read back the same
