@@ -4,7 +4,7 @@ runner caps RSS). Limits are set low enough that one input runs in milliseconds.
 
 * ``tar``        tar / tar+gzip / tar+zstd layer -> tree -> EROFS image (convert/, erofs/ writer)
 * ``chunkindex`` chunk-index payloads and the zstd frames they point at (blob/)
-* ``erofs``      EROFS images: the metadata check, and the reader over what the check accepts
+* ``erofs``      EROFS images: the metadata check, and the reader
 * ``manifest``   manifests, indexes and referrers (oci/model.py, oci/referrers.py)
 * ``cdb``        SCSI CDBs (backends/scsi.py): must always answer, never raise
 """
@@ -133,8 +133,8 @@ def fuzz_erofs(data: bytes) -> None:
     try:
         check_image(data, _own_geometry(data))
     except BdError:
-        return
-    # what the check accepts, the reader must read without an untyped error
+        pass
+    # the reader reads layers from elsewhere too (merged metadata built on the node)
     try:
         img = ErofsImage(lambda off, n: data[off : off + n])
         for _, info in img.walk(max_entries=20_000):
