@@ -10,6 +10,7 @@ win. The exit status is 0 only when no input crashed, ran out of memory or timed
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 import tempfile
@@ -31,7 +32,20 @@ def _import_all(prefixes: list[str]) -> None:
                 importlib.import_module(info.name)
 
 
+def _own_peak_rss() -> None:
+    """Fork once and fuzz in the child. libFuzzer's -rss_limit_mb reads the peak RSS
+    (ru_maxrss), which Linux carries over from whatever started this process (a pytest that
+    grew to 600 MiB makes every target "run out of memory" at once); a forked child starts
+    its own count. The parent only waits and passes the child's exit status on."""
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
+
+
 def main(argv: list[str]) -> None:
+    _own_peak_rss()
     if not argv or argv[0] not in TARGETS:
         raise SystemExit(f"usage: python -m tests.fuzz.run {{{','.join(TARGETS)}}} [libFuzzer flags]")
     target = TARGETS[argv[0]]
