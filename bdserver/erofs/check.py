@@ -26,18 +26,15 @@ import stat
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NoReturn
 
 from bdserver.erofs import structs as S
+from bdserver.erofs.reader import KNOWN_INCOMPAT  # compressed inodes are refused one by one
 from bdserver.errors import FormatError
 
 BS = S.BLOCK_SIZE
 ReadAt = Callable[[int, int], bytes]
 
-# incompat bits whose meaning this check covers (compression-only bits: compressed inodes are
-# refused one by one, the superblock may still announce them)
-KNOWN_INCOMPAT = (S.INCOMPAT_ZERO_PADDING | S.INCOMPAT_COMPR_CFGS | S.INCOMPAT_CHUNKED_FILE
-                  | S.INCOMPAT_DEVICE_TABLE | S.INCOMPAT_ZTAILPACKING)
 _FT = {stat.S_IFREG: S.FT_REG, stat.S_IFDIR: S.FT_DIR, stat.S_IFCHR: S.FT_CHRDEV, stat.S_IFBLK: S.FT_BLKDEV,
        stat.S_IFIFO: S.FT_FIFO, stat.S_IFSOCK: S.FT_SOCK, stat.S_IFLNK: S.FT_SYMLINK}
 _U16 = struct.Struct("<H")
@@ -166,7 +163,7 @@ class _Checker:
         self.entries = 0
         self.chunk_indexes = 0
 
-    def fail(self, msg: str) -> None:
+    def fail(self, msg: str) -> NoReturn:
         raise FormatError(f"{self.name}: {msg}")
 
     # -- superblock and device table -------------------------------------------------------
@@ -337,7 +334,7 @@ class _Checker:
         if claim and k and k != claim:
             self.fail(f"{ino.label}: {field}: blocks [{unified}, {unified + nblocks}) lie in layer {k}, the inode's "
                       f"other data in layer {claim}")
-        return k  # type: ignore[return-value]
+        return k
 
     def chunks(self, ino: _Inode) -> None:
         cfmt = ino.u & 0xFFFF
