@@ -6,7 +6,7 @@ PYTEST := $(VENV)/bin/pytest
 # Expensive fixtures (debootstrap rootfs, lab kernel) are built once and shared.
 export BDSERVER_FIXTURES ?= $(CURDIR)/.cache/fixtures
 
-.PHONY: setup packages venv proto demo test test-host test-lab lab lab-kernel bench clean
+.PHONY: setup packages venv proto demo test test-host test-lab lab lab-kernel bench fuzz clean
 
 setup: packages venv proto ## idempotent: Debian packages + .venv with the CLI at .venv/bin/bdserver
 
@@ -43,6 +43,20 @@ test-lab: setup lab-kernel
 
 lab: setup lab-kernel
 	vagrant/lab
+
+# Coverage-guided fuzzing (atheris) of every parser of untrusted bytes, FUZZ_SECONDS per target; new
+# corpus entries go to .cache/fuzz/<target>, crashes to .cache/fuzz/crash-<target>-*. `make test` runs
+# each target briefly (tests/fuzz/test_fuzz.py).
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= tar chunkindex erofs manifest cdb
+fuzz: setup
+	@mkdir -p .cache/fuzz
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p .cache/fuzz/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  $(PY) -m tests.fuzz.run $$t -max_total_time=$(FUZZ_SECONDS) -corpus_dir=.cache/fuzz/$$t \
+	    -artifact_prefix=.cache/fuzz/crash-$$t- -print_final_stats=1 || exit 1; \
+	done
 
 bench: setup
 	$(PY) bench/convert.py

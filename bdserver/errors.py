@@ -186,6 +186,13 @@ class ContainerdError(BdError):
     hint = "is containerd running on that --address, with the bdserver proxy plugin in its config.toml?"
 
 
+class ResourceLimitError(BdError):
+    """A child process doing untrusted work (on-node conversion) was stopped by an OS limit."""
+
+    exit_code = 17
+    hint = "the image is too big for this node's conversion limits, or hostile; use a lazy image converted elsewhere"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the daemon log)",
@@ -205,6 +212,7 @@ EXIT_CODES: dict[int, str] = {
     14: "forbidden by the node's policy (PolicyError)",
     15: "a snapshot request conflicts with the snapshot graph (SnapshotError: NotFound, Exists, Busy, Invalid)",
     16: "containerd refused `bdserver pull` or is unreachable (ContainerdError)",
+    17: "on-node conversion stopped by its memory, file-size, CPU or time limit (ResourceLimitError)",
 }
 
 __doc__ += "\n" + "\n".join(f"    {k:>3}  {v}" for k, v in EXIT_CODES.items()) + "\n"

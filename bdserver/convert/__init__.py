@@ -12,6 +12,9 @@ Modules (imports point down: image -> merge, layer -> tar -> tarheader -> tarstr
 * `image`: `convert_image(src, src_ref, dest, dest_tag=None, *, tmpdir=None) -> ConvertResult`,
   `convert_layers_to_device(src, ref, workdir) -> LocalDevice`,
   `convert_tar_layers(openers, workdir, *, expected_diff_ids=None) -> LocalDevice`.
+* `limits`: `ConvertLimits`, every cap on what a layer may make the converter hold or write.
+* `isolated`: `convert_isolated(store_ref, ref, workdir, ...)`, the on-node conversion in a child
+  under memory, file-size and CPU limits (`ResourceLimitError` names the one that stopped it).
 * `publish` (registry engineer): pushes a converted layout as a referrer or to DEST.
 
 `bdserver convert SRC [DEST]` = `convert_image(open_store(SRC), SRC.tag or digest, scratch

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Callable, Sequence
 
 from bdserver.blob import chunked
 from bdserver.convert.layer import LayerResult, convert_layer
+from bdserver.convert.limits import DEFAULT_LIMITS, ConvertLimits
 from bdserver.convert.merge import MergedMeta, MergeLayer, build_merged_meta, device_tag
 from bdserver.erofs.reader import ErofsImage
 from bdserver.errors import FormatError, IntegrityError
@@ -125,9 +126,9 @@ def _check_tar_layers(m: Manifest) -> None:
 
 
 def _convert_one(open_layer: Callable[[], BinaryIO], image_path: Path, expected_diff_id: str | None,
-                 tmpdir: str) -> LayerResult:
+                 tmpdir: str, limits: ConvertLimits) -> LayerResult:
     with open_layer() as stream, open(image_path, "wb") as out:
-        r = convert_layer(stream, out, tmpdir=tmpdir)
+        r = convert_layer(stream, out, tmpdir=tmpdir, limits=limits)
     if expected_diff_id is not None and r.diff_id != expected_diff_id:
         raise IntegrityError(f"layer diff_id is {r.diff_id}, the image config says {expected_diff_id}")
     return r
@@ -144,7 +145,7 @@ def _merge_layers_from_images(paths: Sequence[Path], results: Sequence[LayerResu
 
 def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str | None = None, *,
                   tmpdir: str | None = None, chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
-                  level: int = chunked.DEFAULT_LEVEL) -> ConvertResult:
+                  level: int = chunked.DEFAULT_LEVEL, limits: ConvertLimits = DEFAULT_LIMITS) -> ConvertResult:
     """Convert the image ``src_ref`` (tag or digest; an index picks this host's platform) of
     ``src`` into its lazy image and store blobs + manifest in ``dest`` (under ``dest_tag`` if
     given); nothing is stored in ``dest`` unless every layer converted. Publishing as a referrer (Referrers API / ``sha256-<hex>`` tag) is convert/publish.py's
@@ -166,7 +167,7 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
         blobs: list[Path] = []  # stored in dest only once every layer converted
         for i, l in enumerate(m.layers):
             img = wd / f"layer{i}.erofs"
-            r = _convert_one(lambda l=l: src.open_blob(l.digest, l.size), img, diff_ids[i], work)  # type: ignore[misc]
+            r = _convert_one(lambda l=l: src.open_blob(l.digest, l.size), img, diff_ids[i], work, limits)  # type: ignore[misc]
             blob = wd / f"layer{i}.erofs.zst"
             with open(img, "rb") as fi, open(blob, "wb") as fo:
                 info = chunked.write_chunked_zstd(fi, fo, chunk_size=chunk_size, level=level)
@@ -240,7 +241,8 @@ def lazy_config(cfg: dict[str, Any], diff_ids: list[str]) -> bytes:
 
 
 def convert_tar_layers(openers: Sequence[Callable[[], BinaryIO]], workdir: str | os.PathLike[str], *,
-                       expected_diff_ids: Sequence[str] | None = None) -> LocalDevice:
+                       expected_diff_ids: Sequence[str] | None = None,
+                       limits: ConvertLimits = DEFAULT_LIMITS) -> LocalDevice:
     """Convert tar layers (each opener returns a fresh stream) into EROFS layer images and the
     merged metadata in ``workdir``: ``layer<i>.erofs`` and ``meta.erofs``. Tags are the hex of
     each EROFS image's sha256 (there is no registry blob to name)."""
@@ -251,7 +253,7 @@ def convert_tar_layers(openers: Sequence[Callable[[], BinaryIO]], workdir: str |
     for i, op in enumerate(openers):
         p = wd / f"layer{i}.erofs"
         exp = expected_diff_ids[i] if expected_diff_ids is not None else None
-        results.append(_convert_one(op, p, exp, str(wd)))
+        results.append(_convert_one(op, p, exp, str(wd), limits))
         paths.append(p)
     digests = [_sha256_file(p) for p in paths]
     mlayers = _merge_layers_from_images(paths, results, [device_tag(d) for d in digests])
@@ -262,7 +264,8 @@ def convert_tar_layers(openers: Sequence[Callable[[], BinaryIO]], workdir: str |
                        diff_ids=[r.diff_id for r in results], layer_digests=digests)
 
 
-def convert_layers_to_device(src: ImageStore, ref: str, workdir: str | os.PathLike[str]) -> LocalDevice:
+def convert_layers_to_device(src: ImageStore, ref: str, workdir: str | os.PathLike[str], *,
+                             limits: ConvertLimits = DEFAULT_LIMITS) -> LocalDevice:
     """Node fallback when an image has no lazy image: download its tar layers whole, convert
     them, and build the same ONE device (as local files) that a lazy image would give."""
     m, _ = resolve_image_manifest(src, ref)
@@ -273,4 +276,4 @@ def convert_layers_to_device(src: ImageStore, ref: str, workdir: str | os.PathLi
     if not isinstance(diff_ids, list) or len(diff_ids) != len(m.layers):
         diff_ids = None
     openers = [lambda l=l: src.open_blob(l.digest, l.size) for l in m.layers]
-    return convert_tar_layers(openers, workdir, expected_diff_ids=diff_ids)
+    return convert_tar_layers(openers, workdir, expected_diff_ids=diff_ids, limits=limits)

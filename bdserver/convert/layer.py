@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from bdserver.convert.limits import DEFAULT_LIMITS, ConvertLimits
 from bdserver.convert.tar import LayerTree, read_layer
 from bdserver.erofs.tree import Inode
 from bdserver.erofs.writer import write_image
@@ -49,14 +50,15 @@ def implicit_paths(lt: LayerTree) -> frozenset[bytes]:
 
 
 def convert_layer(stream: BinaryIO, out_image: BinaryIO, *, build_time: int = 0,
-                  tmpdir: str | None = None) -> LayerResult:
+                  tmpdir: str | None = None, limits: ConvertLimits = DEFAULT_LIMITS) -> LayerResult:
     """Read a tar / tar+gzip / tar+zstd layer from ``stream`` and write its EROFS image to
     the seekable ``out_image`` (at its current position). FormatError on a bad layer; in that
-    case ``out_image`` may hold partial bytes and should be discarded by the caller."""
-    lt = read_layer(stream, tmpdir=tmpdir)
+    case ``out_image`` may hold partial bytes and should be discarded by the caller. `limits`
+    bound what the layer may make the converter hold or write."""
+    lt = read_layer(stream, tmpdir=tmpdir, limits=limits)
     try:
         uuid = layer_uuid(lt.diff_id)
-        info = write_image(lt.root, out_image, build_time=build_time, uuid=uuid)
+        info = write_image(lt.root, out_image, build_time=build_time, uuid=uuid, limits=limits.layout)
         out_image.flush()
         return LayerResult(diff_id=lt.diff_id, tar_size=lt.tar_size, compression=lt.compression,
                            blocks=info.blocks, size=info.size, inodes=info.inodes, uuid=uuid,

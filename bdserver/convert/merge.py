@@ -82,27 +82,32 @@ class _Merger:
         return node
 
     def apply_dir(self, dst: Inode, src: Inode, path: bytes, fresh: bool) -> None:
-        if fresh or path not in self.layer.implicit:
-            _copy_attrs(dst, src)
-        assert dst.children is not None and src.children is not None
-        if _opaque(src):
-            dst.children.clear()
-        for name in sorted(src.children):
-            c = src.children[name]
-            cpath = (b"" if path == b"/" else path) + b"/" + name
-            if is_whiteout(c):
-                dst.children.pop(name, None)
-                continue
-            old = dst.children.get(name)
-            if c.is_dir:
-                if old is not None and old.is_dir:
-                    self.apply_dir(old, c, cpath, fresh=False)
+        """Apply the layer directory ``src`` onto ``dst``, subdirectories included (a work
+        list, not recursion: trees may be deeper than Python's recursion limit)."""
+        todo = [(dst, src, path, fresh)]
+        while todo:
+            dst, src, path, fresh = todo.pop()
+            if fresh or path not in self.layer.implicit:
+                _copy_attrs(dst, src)
+            assert dst.children is not None and src.children is not None
+            if _opaque(src):
+                dst.children.clear()
+            for name in sorted(src.children):
+                c = src.children[name]
+                cpath = (b"" if path == b"/" else path) + b"/" + name
+                if is_whiteout(c):
+                    dst.children.pop(name, None)
+                    continue
+                old = dst.children.get(name)
+                if c.is_dir:
+                    if old is not None and old.is_dir:
+                        todo.append((old, c, cpath, False))
+                    else:
+                        nd = Inode.directory(0o755)
+                        dst.children[name] = nd
+                        todo.append((nd, c, cpath, True))
                 else:
-                    nd = Inode.directory(0o755)
-                    dst.children[name] = nd
-                    self.apply_dir(nd, c, cpath, fresh=True)
-            else:
-                dst.children[name] = self.leaf(c)
+                    dst.children[name] = self.leaf(c)
 
 
 def merge_layers(layers: Sequence[MergeLayer], offsets: Sequence[int] | None = None) -> Inode:

@@ -30,6 +30,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from bdserver.convert.limits import DEFAULT_LIMITS, ConvertLimits
 from bdserver.convert.tarheader import (
     BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, TarEntry, entry_mode, iter_entries, skip_data,
 )
@@ -64,8 +65,9 @@ class LayerTree:
         self.spool.close()
 
 
-def split_path(path: bytes, what: str = "path") -> list[bytes]:
-    """Normalise a member path into components, refusing anything that could escape."""
+def split_path(path: bytes, what: str = "path", max_depth: int = DEFAULT_LIMITS.max_depth) -> list[bytes]:
+    """Normalise a member path into components, refusing anything that could escape (or is
+    more than `max_depth` components deep)."""
     if not path:
         raise FormatError(f"tar member with an empty {what}")
     if b"\0" in path:
@@ -78,11 +80,15 @@ def split_path(path: bytes, what: str = "path") -> list[bytes]:
             raise FormatError(f"tar {what} {path!r} contains '..'; it would escape the layer root")
         if len(c) > MAX_NAME:
             raise FormatError(f"tar {what} {path[:80]!r}... has a name of {len(c)} bytes (limit {MAX_NAME})")
+    if len(comps) > max_depth:
+        raise FormatError(f"tar {what} {path[:80]!r}... is {len(comps)} levels deep (limit max_depth={max_depth})")
     return comps
 
 
-def _clean_xattrs(e: TarEntry) -> dict[str, bytes]:
+def _clean_xattrs(e: TarEntry, max_bytes: int) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
+    if sum(len(k) + len(v) for k, v in e.xattrs.items()) > max_bytes:
+        raise FormatError(f"{e.path!r}: xattrs of more than {max_bytes} bytes (limit max_xattr_bytes)")
     for k, v in e.xattrs.items():
         if k.startswith("trusted.overlay."):
             continue
@@ -97,10 +103,21 @@ def _clean_xattrs(e: TarEntry) -> dict[str, bytes]:
 
 
 class _Builder:
-    def __init__(self, spool: BinaryIO) -> None:
+    def __init__(self, spool: BinaryIO, limits: ConvertLimits) -> None:
         self.root = Inode.directory(0o755)
         self.spool = spool
+        self.limits = limits
         self.implicit: dict[int, Inode] = {id(self.root): self.root}  # until "./" is seen
+        self.data_bytes = 0  # file data stored so far (limits.max_data_bytes)
+        self.sparse_runs = 0  # sparse map entries so far (limits.max_sparse_total)
+
+    def _link(self, parent: Inode, name: bytes, node: Inode) -> None:
+        """Enter ``node`` as ``name`` in ``parent`` (limits.max_dir_entries)."""
+        assert parent.children is not None
+        if name not in parent.children and len(parent.children) >= self.limits.max_dir_entries:
+            raise FormatError(f"a directory with more than {self.limits.max_dir_entries} entries (at {name!r}; "
+                              "limit max_dir_entries)")
+        parent.children[name] = node
 
     def _forget(self, inode: Inode | None) -> None:
         if inode is not None and inode.is_dir:
@@ -115,7 +132,7 @@ class _Builder:
                 nxt = Inode.directory(0o755)
                 if d.children.get(c) is not None:  # a whiteout of the same layer: lower dir hidden
                     nxt.xattrs[OVERLAY_OPAQUE] = b"y"
-                d.children[c] = nxt
+                self._link(d, c, nxt)
                 self.implicit[id(nxt)] = nxt
             elif not nxt.is_dir:
                 raise FormatError(f"tar member {path!r}: parent {c!r} is not a directory in this layer")
@@ -132,7 +149,7 @@ class _Builder:
         return d
 
     def add(self, inp: TarInput, e: TarEntry) -> None:
-        comps = split_path(e.path)
+        comps = split_path(e.path, max_depth=self.limits.max_depth)
         if not comps:  # "./": the root directory itself
             if e.kind != DIR:
                 raise FormatError(f"tar member {e.path!r} names the root but is not a directory")
@@ -155,7 +172,7 @@ class _Builder:
         old = parent.children.get(name)
         if e.kind == HARDLINK:
             skip_data(inp, e)
-            tcomps = split_path(e.linkpath, "hardlink target")
+            tcomps = split_path(e.linkpath, "hardlink target", self.limits.max_depth)
             target = self.lookup(tcomps)
             if target is None:
                 raise FormatError(f"hardlink {e.path!r} -> {e.linkpath!r}: target is not an earlier entry of this layer")
@@ -164,7 +181,7 @@ class _Builder:
             if tcomps == comps:
                 return
             self._forget(old)
-            parent.children[name] = target
+            self._link(parent, name, target)
             return
         if e.kind == DIR:
             skip_data(inp, e)
@@ -176,10 +193,10 @@ class _Builder:
             if old is not None and is_whiteout(old):
                 d.xattrs[OVERLAY_OPAQUE] = b"y"
             self._forget(old)
-            parent.children[name] = d
+            self._link(parent, name, d)
             return
         inode = Inode(mode=entry_mode(e), uid=e.uid, gid=e.gid, mtime=e.mtime, mtime_nsec=e.mtime_nsec,
-                      xattrs=_clean_xattrs(e))
+                      xattrs=_clean_xattrs(e, self.limits.max_xattr_bytes))
         if e.kind == REG:
             inode.data = self._spool(inp, e)
         else:
@@ -197,13 +214,13 @@ class _Builder:
             else:
                 assert e.kind == FIFO
         self._forget(old)
-        parent.children[name] = inode
+        self._link(parent, name, inode)
 
     def _set_dir_attrs(self, d: Inode, e: TarEntry) -> None:
         keep = {k: v for k, v in d.xattrs.items() if k in (OVERLAY_OPAQUE, OVERLAY_ORIGIN)}
         d.mode = stat.S_IFDIR | e.mode
         d.uid, d.gid, d.mtime, d.mtime_nsec = e.uid, e.gid, e.mtime, e.mtime_nsec
-        d.xattrs = _clean_xattrs(e)
+        d.xattrs = _clean_xattrs(e, self.limits.max_xattr_bytes)
         d.xattrs.update(keep)
         self._forget(d)
 
@@ -223,10 +240,19 @@ class _Builder:
             if old.is_dir:
                 old.xattrs[OVERLAY_OPAQUE] = b"y"
             return
-        parent.children[target] = whiteout(mtime=e.mtime)
+        self._link(parent, target, whiteout(mtime=e.mtime))
 
     def _spool(self, inp: TarInput, e: TarEntry) -> SpooledData | None:
         what = f"data of {e.path!r}"
+        self.data_bytes += e.stored
+        if self.data_bytes > self.limits.max_data_bytes:
+            raise FormatError(f"{e.path!r}: the layer stores more than {self.limits.max_data_bytes} bytes of file "
+                              "data (limit max_data_bytes)")
+        if e.sparse is not None:
+            self.sparse_runs += len(e.sparse)
+            if self.sparse_runs > self.limits.max_sparse_total:
+                raise FormatError(f"{e.path!r}: the layer's sparse files have more than {self.limits.max_sparse_total} "
+                                  "data runs (limit max_sparse_total)")
         if inp.direct is not None:  # plain tar in a file: point at its bytes, copy nothing
             base = inp.direct_base + inp.pos
             segs = []
@@ -269,24 +295,28 @@ class _Builder:
                 d.xattrs[OVERLAY_ORIGIN] = b""
 
 
-def read_layer(stream: BinaryIO, *, spool: BinaryIO | None = None, tmpdir: str | None = None) -> LayerTree:
+def read_layer(stream: BinaryIO, *, spool: BinaryIO | None = None, tmpdir: str | None = None,
+               limits: ConvertLimits = DEFAULT_LIMITS) -> LayerTree:
     """Parse a layer (tar, tar+gzip or tar+zstd, detected by magic) into a `LayerTree`.
 
     An uncompressed tar in a seekable OS file is described in place (the tree points into
     ``stream``, which must then stay open while the tree is written). Otherwise file data goes to ``spool`` (default: an anonymous temp file in ``tmpdir``); memory use
     grows with the number of entries, not with their sizes. Raises FormatError on anything
-    malformed or hostile.
+    malformed or hostile, or over one of `limits`.
     """
     own = spool is None
     sp: BinaryIO = spool if spool is not None else tempfile.TemporaryFile(dir=tmpdir)  # type: ignore[assignment]
     inp: TarInput | None = None
     try:
-        inp = TarInput(stream)
-        b = _Builder(sp)
+        inp = TarInput(stream, max_bytes=limits.max_tar_bytes)
+        b = _Builder(sp, limits)
         n = 0
-        for e in iter_entries(inp):
-            b.add(inp, e)
+        for e in iter_entries(inp, limits):
             n += 1
+            if n > limits.max_entries:
+                raise FormatError(f"tar member {e.path!r}: the layer has more than {limits.max_entries} members "
+                                  "(limit max_entries)")
+            b.add(inp, e)
         inp.drain()
         b.finish()
         sp.flush()

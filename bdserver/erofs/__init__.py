@@ -8,4 +8,6 @@
 * `reader`   `ErofsImage(read_at)` / `ErofsImage.open(path)`: walk, lookup, read, xattrs,
              extents, `to_tree(block_offset)`.
 * `inspect`  `summarize()`, `verify()`, `format_summary()`; `python -m bdserver.erofs.inspect`.
+* `check`    `check_image(image, DeviceGeometry)`: metadata from elsewhere, checked before the kernel
+             mounts it (the trust boundary; FormatError names the inode and the field).
 """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
@@ -26,6 +26,17 @@ BITS = S.BLKSZBITS
 U32 = 0xFFFFFFFF
 _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
+
+
+@dataclass(frozen=True)
+class LayoutLimits:
+    """What one image may make the layout allocate, whatever sizes the tree claims. A sparse
+    file's logical size is free (a tar header says it); its chunk indexes and the image blocks
+    its chunks take beyond its real data are not, so both are capped per image and a file is
+    refused with FormatError before anything proportional to its logical size is allocated."""
+
+    max_chunk_indexes: int = 1 << 23  # 8-byte chunk indexes in the whole image (64 MiB of metadata)
+    max_sparse_overhead: int = 1 << 30  # image bytes sparse files take beyond their data
 
 
 @dataclass(frozen=True)
@@ -161,23 +172,38 @@ def _dir_layout(p: Plan) -> None:
     p.entries = None
 
 
-def _chunk_plan(size: int, segs: Sequence[Segment]) -> tuple[int, list[bool]] | None:
-    """Pick a chunk size for a sparse file: minimise data bytes + 8-byte indexes. Returns
-    (chunk_bits, present-per-chunk) or None when no chunk would be a hole (store FLAT_PLAIN)."""
+def _present_chunks(segs: Sequence[Segment], bits: int) -> Iterator[int]:
+    """Indexes of the chunks of ``1 << bits`` bytes that hold data, ascending, each once."""
+    last = -1
+    for s in segs:
+        a = max(s.file_offset >> bits, last + 1)
+        last = max(last, (s.file_offset + s.length - 1) >> bits)
+        yield from range(a, last + 1)
+
+
+def _chunk_len(size: int, bits: int, i: int) -> int:
+    """Bytes of image chunk ``i`` takes: whole chunks, the last one rounded up to blocks."""
+    cs = 1 << bits
+    return min(cs, ((size - i * cs + BS - 1) >> BITS) << BITS)
+
+
+def _chunk_bits(size: int, segs: Sequence[Segment], max_chunks: int) -> int:
+    """Pick a chunk size for a sparse file: minimise data bytes + 8-byte indexes, with at most
+    `max_chunks` indexes (FormatError when no EROFS chunk size keeps within that)."""
+    minbits = max(BITS, ((size - 1) // max(1, max_chunks)).bit_length())
+    maxbits = min(max(BITS, (size - 1).bit_length()), BITS + S.CHUNK_FORMAT_BLKBITS_MASK)
+    if minbits > BITS + S.CHUNK_FORMAT_BLKBITS_MASK:
+        raise FormatError(f"a sparse file of {size} bytes would need more than {max_chunks} chunk indexes even "
+                          "in the largest EROFS chunks (limit max_chunk_indexes)")
     best: tuple[int, int] | None = None
-    maxbits = max(BITS, (size - 1).bit_length())
-    for bits in range(BITS, min(maxbits, BITS + 31) + 1):
+    for bits in range(minbits, max(minbits, maxbits) + 1):
         cs = 1 << bits
         n = (size + cs - 1) >> bits
         present = 0
         last = -1
         for s in segs:
-            if s.length <= 0:
-                continue
-            a = s.file_offset >> bits
+            a = max(s.file_offset >> bits, last + 1)
             b = (s.file_offset + s.length - 1) >> bits
-            if a <= last:
-                a = last + 1
             if b >= a:
                 present += b - a + 1
                 last = b
@@ -185,17 +211,33 @@ def _chunk_plan(size: int, segs: Sequence[Segment]) -> tuple[int, list[bool]] | 
         if best is None or cost < best[0]:
             best = (cost, bits)
     assert best is not None
-    bits = best[1]
-    n = (size + (1 << bits) - 1) >> bits
-    flags = [False] * n
-    for s in segs:
-        if s.length <= 0:
-            continue
-        for c in range(s.file_offset >> bits, ((s.file_offset + s.length - 1) >> bits) + 1):
-            flags[c] = True
-    if all(flags):
-        return None
-    return bits, flags
+    return best[1]
+
+
+class _Budget:
+    """Running totals of what the image allocates against `LayoutLimits`."""
+
+    def __init__(self, limits: LayoutLimits) -> None:
+        self.limits = limits
+        self.chunk_indexes = 0
+        self.overhead = 0
+
+    @property
+    def free_indexes(self) -> int:
+        return max(1, self.limits.max_chunk_indexes - self.chunk_indexes)
+
+    def indexes(self, n: int) -> None:
+        self.chunk_indexes += n
+        if self.chunk_indexes > self.limits.max_chunk_indexes:
+            raise FormatError(f"the image needs more than {self.limits.max_chunk_indexes} chunk indexes "
+                              "(limit max_chunk_indexes)")
+
+    def sparse(self, size: int, covered: int, taken: int, bits: int) -> None:
+        self.overhead += taken - covered
+        if self.overhead > self.limits.max_sparse_overhead:
+            raise FormatError(f"a sparse file of {size} bytes with {covered} bytes of data takes {taken} bytes "
+                              f"of image in {1 << bits}-byte chunks; sparse files may take at most "
+                              f"{self.limits.max_sparse_overhead} bytes beyond their data (limit max_sparse_overhead)")
 
 
 def check_segments(d: SpooledData) -> list[Segment]:
@@ -229,22 +271,45 @@ def plan_image(
     build_time_nsec: int = 0,
     devices: Sequence[DeviceSlot] = (),
     meta_only: bool = False,
+    limits: LayoutLimits = LayoutLimits(),
 ) -> ImageInfo:
     """What `write_image` would produce, without writing: lets a caller learn the size of a
     merged metadata image (block addresses in `BlockMap`s do not change it) before it picks
     the layers' `mapped_blkaddr`s."""
     with gc_paused():
-        lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only)
+        lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only, limits)
     return ImageInfo(blocks=lay.total_blocks, size=lay.total_blocks * BS, inodes=len(lay.order))
 
 
 def compute_layout(
-    root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool
+    root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool,
+    limits: LayoutLimits = LayoutLimits(),
 ) -> Layout:
-    """Passes 1-3: shapes, inode placement, block allocation. Pure computation."""
+    """The passes, in order: collect inodes, share xattrs, shape inodes, place them, allocate
+    data blocks. Pure computation."""
     order = _collect(root)
+    shared = _share_xattrs(order)
+    any_chunked = _shape_inodes(order, shared, build_time, build_time_nsec, meta_only, limits)
+    devt_off = S.SB_OFFSET + 128
+    meta_end = _place_inodes(order, devt_off + 128 * len(devices))
+    meta_blocks = (meta_end + BS - 1) >> BITS
+    xattr_blkaddr = meta_blocks if shared.size else 0
+    total_blocks = _allocate_blocks(order, meta_blocks + ((shared.size + BS - 1) >> BITS))
+    return Layout(order, shared.keys, shared.ids, meta_blocks, xattr_blkaddr, total_blocks, any_chunked, devt_off)
 
-    # -- pass 1: per-inode shapes (xattrs, layouts, sizes) --------------------------------
+
+@dataclass
+class _SharedXattrs:
+    """The shared xattr area: its entries in order, each one's id (4-byte units), its size."""
+
+    keys: list[bytes]
+    ids: dict[bytes, int]
+    size: int
+
+
+def _share_xattrs(order: list[Plan]) -> _SharedXattrs:
+    """Encode every inode's xattrs; an entry that two or more inodes carry goes to the shared
+    area once (EROFS stores it by id) instead of inline in each."""
     xcount: dict[bytes, int] = {}
     for p in order:
         ino = p.inode
@@ -256,106 +321,145 @@ def compute_layout(
                 items.append(entry)
                 xcount[entry] = xcount.get(entry, 0) + 1
             p.xattr_items = items
-    shared_keys = sorted(k for k, c in xcount.items() if c >= 2 and len(k) > 4)
-    shared_ids: dict[bytes, int] = {}
+    keys = sorted(k for k, c in xcount.items() if c >= 2 and len(k) > 4)
+    ids: dict[bytes, int] = {}
     off = 0
-    for k in shared_keys:
-        shared_ids[k] = off // 4
+    for k in keys:
+        ids[k] = off // 4
         off += len(k)
-    shared_bytes = off
-    del xcount
+    return _SharedXattrs(keys, ids, off)
 
-    any_chunked = False
+
+def _shape_inodes(order: list[Plan], shared: _SharedXattrs, build_time: int, build_time_nsec: int,
+                  meta_only: bool, limits: LayoutLimits) -> bool:
+    """Each inode's shape: xattr body, size, data layout, compact or extended. Returns whether
+    any inode is chunk-based (the superblock says so)."""
+    budget = _Budget(limits)
     for p in order:
-        ino = p.inode
-        mode = ino.mode
-        fmt = stat.S_IFMT(mode)
-        if p.xattr_items:
-            inline = [e for e in p.xattr_items if e not in shared_ids]
-            p.xattr_shared = [e for e in p.xattr_items if e in shared_ids]
-            p.xattr_items = inline
-            body = 12 + 4 * len(p.xattr_shared) + sum(len(e) for e in inline)
-            if body > 12 + 4 * 0xFFFE:
-                raise FormatError("too many xattrs on one inode for EROFS")
-            p.xattr_isize = body
+        _split_xattrs(p, shared.ids)
+        fmt = stat.S_IFMT(p.inode.mode)
         if fmt == stat.S_IFDIR:
             _dir_layout(p)
         elif fmt == stat.S_IFLNK:
-            p.size = len(ino.symlink)
-            if not ino.symlink or len(ino.symlink) >= 4096 or b"\0" in ino.symlink:
-                raise FormatError(f"symlink target must be 1..4095 bytes without NUL: {ino.symlink[:80]!r}")
+            _shape_symlink(p)
         elif fmt == stat.S_IFREG:
-            d = ino.data
-            if d is None or d.size == 0:
-                p.size = 0
-            elif isinstance(d, BlockMap):
-                p.size = d.size
-                if not BITS <= d.chunk_bits <= BITS + 31:
-                    raise FormatError(f"BlockMap chunk_bits {d.chunk_bits} out of range")
-                n = (d.size + (1 << d.chunk_bits) - 1) >> d.chunk_bits
-                if len(d.blocks) != n:
-                    raise FormatError(f"BlockMap has {len(d.blocks)} chunks, size needs {n}")
-                p.layout = S.LAYOUT_CHUNK_BASED
-                p.chunk_bits = d.chunk_bits
-                p.chunks = list(d.blocks)
-                any_chunked = True
-            elif isinstance(d, TailedBlockMap):
-                p.size = d.size
-                if len(d.blocks) != d.size >> BITS or len(d.tail) != d.size % BS:
-                    raise FormatError(
-                        f"TailedBlockMap of {d.size} bytes needs {d.size >> BITS} blocks and a "
-                        f"{d.size % BS}-byte tail, got {len(d.blocks)} and {len(d.tail)}"
-                    )
-                p.layout = S.LAYOUT_CHUNK_BASED
-                p.chunk_bits = BITS
-                p.chunks = list(d.blocks) + ([0] if d.tail else [])  # tail block: allocated in pass 3
-                any_chunked = True
-            elif isinstance(d, SpooledData):
-                if meta_only:
-                    raise ValueError("meta_only image got a regular file with spooled data")
-                p.size = d.size
-                segs = check_segments(d)
-                covered = sum(s.length for s in segs)
-                if covered < d.size:
-                    cp = _chunk_plan(d.size, segs)
-                    if cp is not None:
-                        p.layout = S.LAYOUT_CHUNK_BASED
-                        p.chunk_bits = cp[0]
-                        p.chunks = [0 if f else None for f in cp[1]]
-                        any_chunked = True
-                if p.layout == S.LAYOUT_FLAT_PLAIN:
-                    p.nblocks = (d.size + BS - 1) >> BITS
-            else:
-                raise FormatError(f"unsupported file data type {type(d).__name__}")
+            _shape_regular(p, meta_only, budget)
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
             p.size = 0
         else:
-            raise FormatError(f"unsupported file mode {mode:o}")
+            raise FormatError(f"unsupported file mode {p.inode.mode:o}")
+        _shape_attrs(p, build_time, build_time_nsec)
+    return any(p.layout == S.LAYOUT_CHUNK_BASED for p in order)
 
-        p.extended = (
-            ino.mtime != build_time
-            or ino.mtime_nsec != build_time_nsec
-            or ino.uid > 0xFFFF
-            or ino.gid > 0xFFFF
-            or p.nlink > 0xFFFF
-            or p.size > 0xFFFFFFFF
-        )
-        if ino.uid < 0 or ino.gid < 0 or ino.uid > U32 or ino.gid > U32:
-            raise FormatError(f"uid/gid out of range: {ino.uid}/{ino.gid}")
-        if not 0 <= ino.mtime_nsec < 1_000_000_000:
-            raise FormatError(f"mtime_nsec out of range: {ino.mtime_nsec}")
-        if not -(1 << 63) <= ino.mtime < (1 << 63):
-            raise FormatError(f"mtime out of range: {ino.mtime}")
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK) and (
-            not 0 <= ino.rdev < (1 << 64) or os.major(ino.rdev) > 0xFFF or os.minor(ino.rdev) > 0xFFFFF
-        ):
-            raise FormatError(f"device number {ino.rdev:#x} does not fit EROFS (major < 4096, minor < 2^20)")
-        p.isize = 64 if p.extended else 32
 
-    # -- pass 2: place inodes in the metadata area ----------------------------------------
-    devt_off = S.SB_OFFSET + 128
-    pos = devt_off + 128 * len(devices)
-    pos = (pos + 31) & ~31
+def _split_xattrs(p: Plan, shared_ids: dict[bytes, int]) -> None:
+    if p.xattr_items:
+        inline = [e for e in p.xattr_items if e not in shared_ids]
+        p.xattr_shared = [e for e in p.xattr_items if e in shared_ids]
+        p.xattr_items = inline
+        body = 12 + 4 * len(p.xattr_shared) + sum(len(e) for e in inline)
+        if body > 12 + 4 * 0xFFFE:
+            raise FormatError("too many xattrs on one inode for EROFS")
+        p.xattr_isize = body
+
+
+def _shape_symlink(p: Plan) -> None:
+    target = p.inode.symlink
+    p.size = len(target)
+    if not target or len(target) >= 4096 or b"\0" in target:
+        raise FormatError(f"symlink target must be 1..4095 bytes without NUL: {target[:80]!r}")
+
+
+def _shape_regular(p: Plan, meta_only: bool, budget: _Budget) -> None:
+    """Size and layout of a regular file from its data: chunk-based for data already on the
+    device (block maps) and for sparse spooled data, flat otherwise."""
+    d = p.inode.data
+    if d is not None and not 0 <= d.size < 1 << 63:  # the kernel's i_size is a signed loff_t
+        raise FormatError(f"file size {d.size} does not fit EROFS (must be below 2**63)")
+    if d is None or d.size == 0:
+        p.size = 0
+    elif isinstance(d, BlockMap):
+        p.size = d.size
+        if not BITS <= d.chunk_bits <= BITS + S.CHUNK_FORMAT_BLKBITS_MASK:
+            raise FormatError(f"BlockMap chunk_bits {d.chunk_bits} out of range")
+        n = (d.size + (1 << d.chunk_bits) - 1) >> d.chunk_bits
+        if len(d.blocks) != n:
+            raise FormatError(f"BlockMap has {len(d.blocks)} chunks, size needs {n}")
+        budget.indexes(n)
+        p.layout = S.LAYOUT_CHUNK_BASED
+        p.chunk_bits = d.chunk_bits
+        p.chunks = list(d.blocks)
+    elif isinstance(d, TailedBlockMap):
+        p.size = d.size
+        if len(d.blocks) != d.size >> BITS or len(d.tail) != d.size % BS:
+            raise FormatError(
+                f"TailedBlockMap of {d.size} bytes needs {d.size >> BITS} blocks and a "
+                f"{d.size % BS}-byte tail, got {len(d.blocks)} and {len(d.tail)}"
+            )
+        budget.indexes(len(d.blocks) + (1 if d.tail else 0))
+        p.layout = S.LAYOUT_CHUNK_BASED
+        p.chunk_bits = BITS
+        p.chunks = list(d.blocks) + ([0] if d.tail else [])  # tail block: allocated with the data
+    elif isinstance(d, SpooledData):
+        if meta_only:
+            raise ValueError("meta_only image got a regular file with spooled data")
+        p.size = d.size
+        _shape_spooled(p, d, budget)
+    else:
+        raise FormatError(f"unsupported file data type {type(d).__name__}")
+
+
+def _shape_spooled(p: Plan, d: SpooledData, budget: _Budget) -> None:
+    """Spooled bytes: chunk-based when the best chunk size leaves a chunk as a hole, within
+    the budget; flat otherwise."""
+    segs = check_segments(d)
+    covered = sum(s.length for s in segs)
+    if covered < d.size:
+        bits = _chunk_bits(d.size, segs, budget.free_indexes)
+        n = (d.size + (1 << bits) - 1) >> bits
+        taken = sum(_chunk_len(d.size, bits, i) for i in _present_chunks(segs, bits))
+        if taken < d.size:  # some chunk is a hole: CHUNK_BASED, else FLAT_PLAIN
+            budget.indexes(n)
+            budget.sparse(d.size, covered, taken, bits)
+            p.layout = S.LAYOUT_CHUNK_BASED
+            p.chunk_bits = bits
+            p.chunks = [None] * n
+            for i in _present_chunks(segs, bits):
+                p.chunks[i] = 0  # allocated with the data
+            return
+    p.nblocks = (d.size + BS - 1) >> BITS
+
+
+def _shape_attrs(p: Plan, build_time: int, build_time_nsec: int) -> None:
+    """Compact (32 bytes) when mtime, ids, nlink and size fit it, else extended; refuse what
+    neither can hold."""
+    ino = p.inode
+    p.extended = (
+        ino.mtime != build_time
+        or ino.mtime_nsec != build_time_nsec
+        or ino.uid > 0xFFFF
+        or ino.gid > 0xFFFF
+        or p.nlink > 0xFFFF
+        or p.size > 0xFFFFFFFF
+    )
+    if ino.uid < 0 or ino.gid < 0 or ino.uid > U32 or ino.gid > U32:
+        raise FormatError(f"uid/gid out of range: {ino.uid}/{ino.gid}")
+    if not 0 <= ino.mtime_nsec < 1_000_000_000:
+        raise FormatError(f"mtime_nsec out of range: {ino.mtime_nsec}")
+    if not -(1 << 63) <= ino.mtime < (1 << 63):
+        raise FormatError(f"mtime out of range: {ino.mtime}")
+    if stat.S_IFMT(ino.mode) in (stat.S_IFCHR, stat.S_IFBLK) and (
+        not 0 <= ino.rdev < (1 << 64) or os.major(ino.rdev) > 0xFFF or os.minor(ino.rdev) > 0xFFFFF
+    ):
+        raise FormatError(f"device number {ino.rdev:#x} does not fit EROFS (major < 4096, minor < 2^20)")
+    p.isize = 64 if p.extended else 32
+
+
+def _place_inodes(order: list[Plan], start: int) -> int:
+    """Give each inode its position (and NID) in the metadata area from byte `start`, with its
+    inline xattrs, chunk indexes and inline directory/symlink tail (a tail never crosses a
+    block). Returns the end of the metadata."""
+    pos = (start + 31) & ~31
     for p in order:
         base = p.isize + p.xattr_isize
         fmt = stat.S_IFMT(p.inode.mode)
@@ -383,14 +487,15 @@ def compute_layout(
         p.nid = pos >> S.ISLOT_BITS
         p.meta_len = meta
         pos = (pos + meta + 31) & ~31
-    meta_end = pos
     if order[0].nid > 0xFFFF:
         raise FormatError("root NID exceeds 16 bits (device table too large)")
-    meta_blocks = (meta_end + BS - 1) >> BITS
-    xattr_blkaddr = meta_blocks if shared_bytes else 0
-    next_blk = meta_blocks + ((shared_bytes + BS - 1) >> BITS)
+    return pos
 
-    # -- pass 3: data blocks --------------------------------------------------------------
+
+def _allocate_blocks(order: list[Plan], next_blk: int) -> int:
+    """Data blocks from `next_blk` on, in inode order: flat runs first, then the chunks of
+    chunk-based files that this image holds (sparse data, copied tails). Returns the image's
+    size in blocks."""
     for p in order:
         if p.nblocks:
             p.blkaddr = next_blk
@@ -403,15 +508,10 @@ def compute_layout(
             next_blk += 1
         elif p.layout == S.LAYOUT_CHUNK_BASED and isinstance(d, SpooledData):
             assert p.chunks is not None
-            cs = 1 << p.chunk_bits
             for i, c in enumerate(p.chunks):
                 if c is not None:
-                    plen = min(cs, ((p.size - i * cs + BS - 1) >> BITS) << BITS)
                     p.chunks[i] = next_blk
-                    next_blk += plen >> BITS
-    total_blocks = next_blk
-    if total_blocks > U32:
+                    next_blk += _chunk_len(p.size, p.chunk_bits, i) >> BITS
+    if next_blk > U32:
         raise FormatError("image exceeds 2^32 blocks")
-
-    return Layout(order, shared_keys, shared_ids, meta_blocks, xattr_blkaddr, total_blocks, any_chunked,
-                   devt_off)
+    return next_blk

@@ -113,16 +113,21 @@ class Inode:
         return 0
 
     def walk(self, prefix: bytes = b"") -> Iterator[tuple[bytes, "Inode"]]:
-        """Yield ``(path, inode)`` depth-first in sorted name order, the root as ``b"/"``."""
+        """Yield ``(path, inode)`` depth-first in sorted name order, the root as ``b"/"``.
+        Iterative: a tree may be deeper than Python's recursion limit."""
         yield (prefix or b"/"), self
-        if self.children:
-            for name in sorted(self.children):
-                child = self.children[name]
-                path = prefix + b"/" + name
-                if child.is_dir:
-                    yield from child.walk(path)
-                else:
-                    yield path, child
+        stack = [(prefix, self.children or {}, iter(sorted(self.children or {})))]
+        while stack:
+            pfx, children, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            child = children[name]
+            path = pfx + b"/" + name
+            yield path, child
+            if child.is_dir and child.children:
+                stack.append((path, child.children, iter(sorted(child.children))))
 
 
 OVERLAY_OPAQUE = "trusted.overlay.opaque"

@@ -24,13 +24,15 @@ from typing import BinaryIO, Sequence
 
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
-from bdserver.erofs.layout import BITS, BS, U32, ImageInfo, Plan, compute_layout, file_type, plan_image
+from bdserver.erofs.layout import (
+    BITS, BS, U32, ImageInfo, LayoutLimits, Plan, compute_layout, file_type, plan_image,
+)
 from bdserver.erofs.sink import Sink
 from bdserver.erofs.structs import DeviceSlot
 from bdserver.erofs.tree import Inode, SpooledData, TailedBlockMap
 from bdserver.erofs.util import gc_paused
 
-__all__ = ["ImageInfo", "DeviceSlot", "plan_image", "write_image"]
+__all__ = ["ImageInfo", "DeviceSlot", "LayoutLimits", "plan_image", "write_image"]
 
 _DIRENT = struct.Struct("<QHBB")
 _CHUNK = struct.Struct("<HHI")
@@ -48,13 +50,15 @@ def write_image(
     volume_name: bytes = b"",
     devices: Sequence[DeviceSlot] = (),
     meta_only: bool = False,
+    limits: LayoutLimits = LayoutLimits(),
 ) -> ImageInfo:
     """Write `root` as an EROFS image at the current position of the seekable `out`.
 
     `devices` become the superblock device table (device ids 1..N; tags must be non-empty so
     flatdev works on 6.4-6.6 kernels). With `meta_only`, a regular file whose bytes would have to
     be copied (`SpooledData` with data) is an error: merged metadata must only point at layers.
-    The output is truncated at the image's end; bytes not written read as zeros.
+    The output is truncated at the image's end; bytes not written read as zeros. `limits` caps
+    what sparse files may make the image allocate (FormatError beyond).
     """
     if len(uuid) != 16:
         raise ValueError("uuid must be 16 bytes")
@@ -65,7 +69,7 @@ def write_image(
             raise ValueError("device tags must be 1..64 bytes")
 
     with gc_paused():
-        return _write(root, out, build_time, build_time_nsec, uuid, volume_name, devices, meta_only)
+        return _write(root, out, build_time, build_time_nsec, uuid, volume_name, devices, meta_only, limits)
 
 
 def _write(
@@ -77,8 +81,9 @@ def _write(
     volume_name: bytes,
     devices: Sequence[DeviceSlot],
     meta_only: bool,
+    limits: LayoutLimits,
 ) -> ImageInfo:
-    lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only)
+    lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only, limits)
     order, shared_keys, shared_ids = lay.order, lay.shared_keys, lay.shared_ids
     meta_blocks, xattr_blkaddr, total_blocks = lay.meta_blocks, lay.xattr_blkaddr, lay.total_blocks
     any_chunked, devt_off = lay.any_chunked, lay.devt_off

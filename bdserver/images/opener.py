@@ -20,7 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from bdserver.convert.image import convert_layers_to_device, resolve_image_manifest
+from bdserver.convert.image import resolve_image_manifest
+from bdserver.convert.isolated import convert_isolated
 from bdserver.erofs.reader import ErofsImage
 from bdserver.errors import FormatError, NoLazyImageError, NotFoundError
 from bdserver.images.lazy import ManifestMemo, open_lazy
@@ -99,8 +100,11 @@ def _open_converted(r: Reference, services: NodeServices, source_digest: str,
     """Download + convert once per source manifest; the result stays under the state dir."""
 
     def convert(workdir: Any) -> tuple[Any, str]:
+        # untrusted tars are parsed in a child under memory, file-size and CPU limits: a bomb fails
+        # this attach, never the daemon and its other devices
+        local = convert_isolated(str(r.store_ref()), source_digest, workdir,
+                                 registry_kw={} if r.is_layout else services.registry)
         st = store()
-        local = convert_layers_to_device(st, source_digest, workdir)
         m, _ = resolve_image_manifest(st, source_digest)
         config = read_small_blob(st, m.config.digest, m.config.size)
         return local, services.saved.save(config)

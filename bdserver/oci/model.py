@@ -28,6 +28,10 @@ def _obj(data: Any, what: str) -> dict:
     return data
 
 
+def _str_list(v: Any) -> bool:
+    return v is None or isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
 def _str_map(v: Any, what: str) -> dict[str, str]:
     if v is None:
         return {}
@@ -49,6 +53,8 @@ class Platform:
         d = _obj(d, "platform")
         if not isinstance(d.get("os"), str) or not isinstance(d.get("architecture"), str):
             raise FormatError("platform: os and architecture are required strings")
+        if not _str_list(d.get("os.features")):
+            raise FormatError("platform: os.features must be a list of strings")
         return cls(
             os=d["os"],
             architecture=d["architecture"],
@@ -116,6 +122,8 @@ class Descriptor:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise FormatError(f"descriptor {digest}: size must be a non-negative integer")
         parse_digest(digest)
+        if not _str_list(d.get("urls")):
+            raise FormatError(f"descriptor {digest}: urls must be a list of strings")
         return cls(
             media_type=mtype,
             digest=digest,
@@ -269,7 +277,7 @@ class Index(_Document):
 def _load_json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise FormatError(f"{what}: not valid JSON ({e})") from None
 
 

@@ -28,6 +28,7 @@ from bdserver.blob.chunkindex import ChunkIndex
 from bdserver.blob.reader import ChunkedBlob, index_from_payload, load_index, parse_range
 from bdserver.digest import parse_digest, verify_bytes
 from bdserver.cache import CacheKey, ChunkCache
+from bdserver.erofs.check import DeviceGeometry, ExpectedSlot, check_image
 from bdserver.errors import BdError, FetchError, FormatError
 from bdserver.vdev.device import BLOCK_SIZE, Segment, VirtualDevice, blocks_for
 from bdserver.vdev.lazyblob import DEFAULT_FETCH_DEADLINE, LazyBlobSource
@@ -249,6 +250,9 @@ def open_lazy_image(
             info_layers.append(
                 {"digest": d.digest, "mapped_blkaddr": p.start_block, "blocks": blocks, "chunks": len(index)}
             )
+        # merged metadata from elsewhere reaches the kernel only checked (issue 8.4)
+        geometry = DeviceGeometry(segs[0].blocks, tuple(ExpectedSlot(s.start_block, s.blocks) for s in segs[1:]))
+        check_image(meta_bytes, geometry, name=f"merged metadata {meta.digest}")
         info = {"merged_meta": meta.digest, "meta_blocks": segs[0].blocks, "layers": info_layers}
         return VirtualDevice(segs, on_close=[pin.release for pin in pins], info=info, cache=cache)
     except BaseException:

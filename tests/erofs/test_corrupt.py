@@ -205,3 +205,42 @@ def test_writer_refuses_unrepresentable(node: Inode) -> None:
     root.children[b"n"] = node  # type: ignore[index]
     with pytest.raises(FormatError):
         write_image(root, io.BytesIO())
+
+
+_LAYOUT_BOMB = r"""
+import io, os, resource, stat, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from bdserver.errors import FormatError
+from bdserver.erofs.tree import Inode, Segment, SpooledData
+from bdserver.erofs.writer import write_image
+src = io.BytesIO(b"x" * 4096)
+size, step = int(sys.argv[1]), int(sys.argv[2])
+segs = [Segment(off, 1, 0) for off in range(0, size, step)] if step else [Segment(size - 1, 1, 0)]
+root = Inode.directory()
+root.children[b"s"] = Inode(mode=stat.S_IFREG | 0o644, data=SpooledData(src, size, segs))
+try:
+    write_image(root, io.BytesIO())
+    print("written")
+except FormatError as e:
+    print("FormatError", e)
+except MemoryError:
+    print("MemoryError")
+print([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1])
+"""
+
+
+@pytest.mark.parametrize("size,step,limit", [(1 << 62, 0, "max_sparse_overhead"), (1 << 63, 0, "2**63"),
+                                             (1 << 43, 1 << 32, "max_sparse_overhead")],
+                         ids=["2**62", "2**63", "spread"])
+def test_writer_sparse_bomb_allocates_nothing_per_block(size: int, step: int, limit: str) -> None:
+    """A sparse file's logical size never sizes a list: the layout refuses what would exceed
+    its LayoutLimits before allocating chunk tables (checked in a child with 1 GiB of address
+    space and its peak RSS)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LAYOUT_BOMB, str(size), str(step)], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[2])
+    out = r.stdout.splitlines()
+    assert r.returncode == 0 and out[0].startswith("FormatError") and limit in out[0], (r.stdout, r.stderr[-2000:])
+    assert int(out[1]) < 64 * 1024, f"peak RSS {int(out[1]) // 1024} MiB"

@@ -88,18 +88,45 @@ def _image(rnd: random.Random, blocks: int, tail: int = 0) -> bytes:
     return bytes(out) + rnd.randbytes(tail)
 
 
+def _merged_meta(layer_blocks: list[int], gap_blocks: int) -> tuple[bytes, list[int]]:
+    """A real merged metadata image (the device checks it before serving it): one file per layer
+    pointing at the layer's blocks; (image, start block of each layer)."""
+    from bdserver.erofs.structs import DeviceSlot
+    from bdserver.erofs.tree import BlockMap, Inode
+    from bdserver.erofs.writer import plan_image, write_image
+
+    def tree(starts: list[int]) -> Inode:
+        root = Inode.directory()
+        for i in range(200):  # a few blocks of metadata, as a real image has
+            root.children[b"empty%03d" % i] = Inode(mode=0o100644)
+        for k, (start, nb) in enumerate(zip(starts, layer_blocks)):
+            root.children[b"layer%d" % k] = Inode(mode=0o100644, data=BlockMap(nb * BS, (nb * BS - 1).bit_length(), [start]))
+        return root
+
+    slots = [DeviceSlot(b"layer%d" % k, nb, 0) for k, nb in enumerate(layer_blocks)]
+    meta_blocks = plan_image(tree([0] * len(layer_blocks)), devices=slots).blocks
+    starts, pos = [], meta_blocks + gap_blocks
+    for nb in layer_blocks:
+        starts.append(pos)
+        pos += nb + gap_blocks
+    out = io.BytesIO()
+    write_image(tree(starts), out, devices=[DeviceSlot(d.tag, d.blocks, st) for d, st in zip(slots, starts)],
+                meta_only=True)
+    return out.getvalue(), starts
+
+
 def build_lazy_image(seed: int = 0, layer_blocks=(40, 9, 1), gap_blocks: int = 2) -> LazyImage:
-    """[meta (3 blocks, last partial) | gap | layer 1 | gap | layer 2 | ...], layers chunked at CS."""
+    """[merged meta | gap | layer 1 | gap | layer 2 | ...], layers chunked at CS."""
     rnd = random.Random(seed)
     reg = FakeRegistry()
-    meta = _image(rnd, 2, tail=1000)
+    imgs = [_image(rnd, nb, tail=100 if k == 0 else 0) for k, nb in enumerate(layer_blocks)]  # layer 0 ends mid-block
+    meta, starts = _merged_meta([-(-len(img) // BS) for img in imgs], gap_blocks)
     meta_blocks = -(-len(meta) // BS)
     expected = bytearray(meta) + bytes(meta_blocks * BS - len(meta))
     layers_desc = []
     layers = []
-    next_block = meta_blocks + gap_blocks
-    for k, nb in enumerate(layer_blocks):
-        img = _image(rnd, nb, tail=100 if k == 0 else 0)  # layer 0's image ends mid-block
+    for k, img in enumerate(imgs):
+        next_block = starts[k]
         out = io.BytesIO()
         info = write_chunked_zstd(io.BytesIO(img), out, chunk_size=CS)
         blob = out.getvalue()
