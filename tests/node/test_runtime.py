@@ -201,7 +201,7 @@ def test_podman_precreate_rewrites_root_and_poststop_cleans(daemon, bb_registry:
              "annotations": config["annotations"]}
     daemon.cli("hook", input=json.dumps(state))  # stage inferred: poststop
     assert not mounts.find_mounts(target=str(root)) and daemon.json("ls") == []
-    assert not root.parent.exists()  # the per-start directory goes with it
+    assert not root.exists() and list(root.parent.iterdir()) == []  # the per-start mount point goes with it
     # a container without the annotation passes through untouched
     plain = {"root": {"path": "rootfs"}}
     assert json.loads(daemon.cli("hook", "precreate", input=json.dumps(plain)).stdout) == plain
