@@ -196,12 +196,16 @@ class DeviceManager:
                 shutil.rmtree(os.path.dirname(m.upper), ignore_errors=True)
 
     @contextmanager
-    def _tearing_down(self, rec: DeviceRecord) -> Iterator[None]:
+    def _tearing_down(self, rec: DeviceRecord, owner: str = "") -> Iterator[None]:
         """One teardown per device: an umount or detach racing another (a poststop hook and the
-        owner reaper at container exit) gets NoSuchDevice instead of undoing mounts twice."""
+        owner reaper at container exit) gets NoSuchDevice instead of undoing mounts twice. With
+        ``owner`` (a token from `own` or attach), only while the device is still that process's:
+        a late poststop never takes down a later container's device that reuses the id or target."""
         with self.lock:
             if rec.id in self.tearing_down or self.records.get(rec.id) is not rec:
                 raise NoSuchDevice(f"no device {rec.id!r} (already being detached)")
+            if owner and (rec.owner is None or rec.owner.token != owner):
+                raise NoSuchDevice(f"device {rec.id} no longer belongs to process {owner}")
             self.tearing_down.add(rec.id)
         try:
             yield
@@ -209,7 +213,7 @@ class DeviceManager:
             with self.lock:
                 self.tearing_down.discard(rec.id)
 
-    def umount(self, target: str) -> dict[str, Any]:
+    def umount(self, target: str, owner: str = "") -> dict[str, Any]:
         real = os.path.realpath(target)
         with self.lock:
             rec = next((r for r in self.records.values()
@@ -217,7 +221,7 @@ class DeviceManager:
         if rec is None:
             raise NoSuchDevice(f"{target} is not mounted by bdserver")
         detached = False
-        with self._tearing_down(rec):
+        with self._tearing_down(rec, owner):
             m = next(m for m in rec.mounts if os.path.realpath(m.target) == real)
             self._undo_mount(m)
             with self.lock:
@@ -229,11 +233,11 @@ class DeviceManager:
         log.info("unmounted %s (device %s%s)", target, rec.id, ", detached" if detached else "")
         return {"target": real, "id": rec.id, "detached": detached}
 
-    def detach(self, key: str, force: bool = False) -> dict[str, Any]:
+    def detach(self, key: str, force: bool = False, owner: str = "") -> dict[str, Any]:
         rec = self.find(key)
         if rec.mounts and not force and rec.status != "error":  # a dead device's mounts are only in the way
             raise DeviceBusy(f"device {rec.id} is mounted at {', '.join(m.target for m in rec.mounts)}")
-        with self._tearing_down(rec):
+        with self._tearing_down(rec, owner):
             return self._detach(rec)
 
     def _detach(self, rec: DeviceRecord) -> dict[str, Any]:
@@ -305,6 +309,7 @@ class DeviceManager:
             "mounts": [m.target for m in rec.mounts],
             "status": rec.status if live or rec.status == "error" else "detached",
             "error": rec.error,
+            "owner": rec.owner.token if rec.owner else None,
         }
 
     def ls(self) -> list[dict[str, Any]]:

@@ -35,6 +35,11 @@ class Owner:
         st = _stat(pid)
         return cls(pid, st[1] if st else -1, time.time() + lease_s if lease_s > 0 else 0.0)
 
+    @property
+    def token(self) -> str:
+        """``PID:START``: names this process and no later one that reuses its pid."""
+        return f"{self.pid}:{self.start}"
+
     def gone(self, now: float) -> bool:
         if self.until and now > self.until:
             return True

@@ -3,10 +3,11 @@
 A container carrying the annotation ``org.bdserver.image=REF`` gets its rootfs from a lazily served
 device. Two ways, by runtime (hooks.d/ has one hook file for each):
 
-* podman: ``precreate`` mounts REF (EROFS + overlay) on the host and rewrites the config it echoes:
-  ``root.path`` points at the mount, and the image's Entrypoint/Cmd, Env, User and WorkingDir apply
-  (podman's ``--rootfs`` reads no image config). ``createRuntime`` then hands the device to the
-  container's init; ``poststop`` unmounts it.
+* podman: ``precreate`` mounts REF (EROFS + overlay) on the host onto the ``--rootfs`` directory
+  (``root.path``, which podman itself also reads: it checks the working directory there) and applies
+  the image's Entrypoint/Cmd, Env, User and WorkingDir to the config it echoes (``--rootfs`` reads no
+  image config). ``createRuntime`` then hands the device to the container's init; ``poststop``
+  unmounts it.
 * runc, CRI-O: ``createRuntime`` attaches REF and mounts it inside the container's mount namespace
   onto its rootfs (runtime/nsmount.py); ``poststop`` detaches the device and drops the upper dir.
 
@@ -27,20 +28,18 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
 from bdserver.config import Config
 from bdserver.daemon.client import request
-from bdserver.errors import BadReference, DaemonError, DaemonNotRunning, KernelError, NoSuchDevice
+from bdserver.errors import BadReference, BadTarget, DaemonError, DaemonNotRunning, KernelError, NoSuchDevice
 from bdserver.images.refs import Origin, check_reference
 from bdserver.runtime.bundle import apply_image_config, process_args
 
 ANNOTATION = "org.bdserver.image"
 BACKEND_ANNOTATION = "org.bdserver.backend"
 MARK = ".bdserver-hook.json"
-PRECREATE_DIR = "precreate"  # under run_dir: podman rootfs mounts, one directory per start
 HANDOVER_S = 600.0  # a precreate mount that no container's init took over by then is collected
 
 
@@ -48,11 +47,6 @@ def _rootfs(bundle: Path) -> Path:
     cfg = json.loads((bundle / "config.json").read_text())
     root = Path(cfg.get("root", {}).get("path", "rootfs"))
     return root if root.is_absolute() else bundle / root
-
-
-def _precreated(cfg: Config, rootfs: Path) -> bool:
-    """Whether ``rootfs`` is a mount that the precreate stage made."""
-    return os.path.realpath(rootfs.parent) == os.path.realpath(Path(cfg.run_dir) / PRECREATE_DIR)
 
 
 def _safe(name: str) -> str:
@@ -67,16 +61,19 @@ def create_runtime(cfg: Config, state: dict[str, Any]) -> None:
     bundle = Path(state["bundle"])
     pid = int(state["pid"])
     rootfs = _rootfs(bundle)
-    if _precreated(cfg, rootfs):  # podman: mounted already; the container's init owns it from now on
-        request(cfg, "own", {"key": str(rootfs), "pid": pid})
+    try:  # podman: precreate mounted the rootfs; the container's init owns it from now on
+        r = request(cfg, "own", {"key": str(rootfs), "pid": pid}, autostart=True)
+        (bundle / MARK).write_text(json.dumps({"target": str(rootfs), "owner": r["owner"]}))
         return
-    check_reference(ref, Origin.POD)  # refuse early, before the daemon starts; it checks again
+    except NoSuchDevice:
+        pass
+    check_reference(ref, Origin.POD)  # refuse early; the daemon checks again
     r = request(cfg, "attach", {"ref": ref, "backend": _backend(ann), "origin": Origin.POD.value,
                                 "owner_pid": pid}, autostart=True)
     cdir = Path(cfg.state_dir) / "containers" / f"hook-{_safe(state['id'])}"
     (cdir / "upper").mkdir(parents=True, exist_ok=True)
     (cdir / "work").mkdir(parents=True, exist_ok=True)
-    (bundle / MARK).write_text(json.dumps({"device": r["id"], "dir": str(cdir)}))
+    (bundle / MARK).write_text(json.dumps({"device": r["id"], "owner": r["owner"], "dir": str(cdir)}))
     stage = bundle / ".bdserver-stage"
     p = subprocess.run(
         [sys.executable, "-m", "bdserver.runtime.nsmount", "--pid", str(pid), "--device", r["path"],
@@ -90,46 +87,44 @@ def create_runtime(cfg: Config, state: dict[str, Any]) -> None:
 
 
 def poststop(cfg: Config, state: dict[str, Any]) -> None:
-    """Undo what createRuntime or precreate made; a device the daemon already collected is no error."""
+    """Undo what createRuntime recorded in the bundle, if the device is still this container's
+    (the daemon may have collected it when the container's init died, and reused its id since)."""
     bundle = Path(state.get("bundle", ""))
-    try:
-        root = _rootfs(bundle)
-    except (OSError, ValueError):
-        root = None
-    if root is not None and _precreated(cfg, root):
-        try:
-            request(cfg, "umount", {"target": str(root)})
-        except (NoSuchDevice, DaemonNotRunning):
-            pass  # collected when its owner died, or by the next daemon (the owner is gone by then)
     mark = bundle / MARK
     if not mark.exists():
         return
     info = json.loads(mark.read_text())
     try:
-        request(cfg, "detach", {"key": info["device"], "force": True})
+        if "target" in info:  # podman's precreate mount
+            request(cfg, "umount", {"target": info["target"], "owner": info["owner"]})
+        else:
+            request(cfg, "detach", {"key": info["device"], "force": True, "owner": info["owner"]})
     except (NoSuchDevice, DaemonNotRunning):
-        pass
-    shutil.rmtree(info["dir"], ignore_errors=True)
+        pass  # collected already, or left to the next daemon (its owner is gone by then)
+    if "dir" in info:
+        shutil.rmtree(info["dir"], ignore_errors=True)
     shutil.rmtree(bundle / ".bdserver-stage", ignore_errors=True)
     mark.unlink(missing_ok=True)
 
 
 def precreate(cfg: Config, config: dict[str, Any], owner_pid: int) -> dict[str, Any]:
-    """podman: mount on the host before `create`, point root.path at it and apply the image config.
+    """podman: mount onto root.path (the ``--rootfs`` directory) before `create` and apply the image config.
 
     ``owner_pid`` (podman) owns the mount until the container's init takes it over in
     createRuntime: if podman fails or dies before that, the daemon collects the mount.
     The command podman passes is Docker's CMD: the image's Entrypoint goes in front of it, and
     a single empty argument (``podman run ... --rootfs DIR ""``) stands for the image's own Cmd.
+    root.path is podman's (whoever runs podman chose it), never the pod author's; a directory
+    that is already a mount point (another running container's) is refused.
     """
     ann = config.get("annotations") or {}
     ref = ann.get(ANNOTATION)
     if not ref:
         return config
     check_reference(ref, Origin.POD)
-    base = Path(cfg.run_dir) / PRECREATE_DIR
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = base / uuid.uuid4().hex  # made (and removed) by the daemon; never shared by two starts
+    target = Path(config.get("root", {}).get("path", ""))
+    if not target.is_absolute():
+        raise BadTarget(f"root.path {str(target)!r} is not absolute: give podman --rootfs an absolute directory")
     r = request(cfg, "mount", {"ref": ref, "target": str(target), "backend": _backend(ann),
                                "origin": Origin.POD.value, "owner_pid": owner_pid, "owner_lease_s": HANDOVER_S},
                 autostart=True)
@@ -142,7 +137,6 @@ def precreate(cfg: Config, config: dict[str, Any], owner_pid: int) -> dict[str, 
     except BaseException:
         request(cfg, "umount", {"target": str(target)})
         raise
-    config.setdefault("root", {})["path"] = str(target)
     return config
 
 
