@@ -214,3 +214,5 @@ def test_a_failed_create_leaves_nothing(world: World, daemon, podman: Podman, fa
     p = podman.run(*args, ref=world.ref, rootfs=podman.rootfs("r"), cmd=cmd)
     assert p.returncode not in (0, 7), (p.returncode, p.stdout, p.stderr)
     assert_nothing_left(daemon, podman)
+    collected = "is gone" in (daemon.state_dir / "bdserver.log").read_text()  # the daemon, not a poststop hook
+    assert collected == (failure != "missing-command"), "podman's poststop behaviour changed: update the README"
