@@ -64,10 +64,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, world: World) -> Iterator[object]:
-    from tests.node.conftest import REPO, Daemon, cleanup_mounts
+def scratch() -> Iterator[Path]:
+    """A private tmpfs for the daemon and podman: the guest's /tmp is itself an overlay, which
+    overlayfs refuses as an upper dir; and podman wants a runroot path under 50 characters."""
+    from tests.node.conftest import cleanup_mounts
 
-    base = tmp_path / "d"
+    base = Path(tempfile.mkdtemp(prefix="bdpm-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700,size=1g", "bdserver-podman-test", str(base)], check=True)
+    try:
+        yield base
+    finally:
+        cleanup_mounts(base)
+        base.rmdir()
+
+
+@pytest.fixture
+def daemon(scratch: Path, world: World) -> Iterator[object]:
+    from tests.node.conftest import REPO, Daemon
+
+    base = scratch / "d"
     base.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
     env.update(BDSERVER_CONFIG=str(base / "config.toml"), PYTHONPATH=str(REPO))
@@ -79,7 +94,6 @@ def daemon(tmp_path: Path, world: World) -> Iterator[object]:
     finally:
         if d.pid() is not None:
             d.stop()
-        cleanup_mounts(tmp_path)
 
 
 @dataclass
@@ -117,14 +131,14 @@ class Podman:
 
 
 @pytest.fixture
-def podman(daemon) -> Iterator[Podman]:
+def podman(scratch: Path, daemon) -> Iterator[Podman]:
     """podman with private storage, run and config dirs; the hook dir is the shipped podman hook
     with this checkout's interpreter and the test daemon's config."""
     from tests.node.conftest import REPO, cleanup_mounts
 
-    base = Path(tempfile.mkdtemp(prefix="bdpm-", dir="/tmp"))  # podman wants a runroot under 50 characters
+    base = scratch / "pm"
     hooks = base / "hooks.d"
-    hooks.mkdir()
+    hooks.mkdir(parents=True)
     hook = json.loads((REPO / "bdserver" / "runtime" / "hooks.d" / "podman" / "bdserver.json").read_text())
     hook["hook"].update(path=sys.executable, args=[sys.executable, "-m", "bdserver.cli", "hook"],
                         env=[f"BDSERVER_CONFIG={daemon.env['BDSERVER_CONFIG']}", f"PYTHONPATH={REPO}",
@@ -139,7 +153,13 @@ def podman(daemon) -> Iterator[Podman]:
     finally:
         pm("rm", "--all", "--force", timeout=300)
         cleanup_mounts(base)
-        shutil.rmtree(base, ignore_errors=True)
+
+
+def failures(daemon) -> str:  # type: ignore[no-untyped-def]
+    """The daemon's refusals and errors (podman does not show what a hook printed)."""
+    log = daemon.state_dir / "bdserver.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return "\n".join(ln for ln in lines if "request failed" in ln or '"level": "error"' in ln)[-3000:]
 
 
 def residue(daemon) -> list[str]:  # type: ignore[no-untyped-def]
@@ -160,13 +180,13 @@ def test_podman_runs_the_image_command_on_the_lazy_rootfs(world: World, daemon, 
     rootfs = podman.rootfs("a")
     # "": the image's own Cmd, behind its Entrypoint, as its User, in its WorkingDir, with its Env
     p = podman.run("--rm", ref=world.ref, rootfs=rootfs)
-    assert (p.returncode, p.stdout.splitlines()) == (7, CMD_OUTPUT), p.stderr
+    assert (p.returncode, p.stdout.splitlines()) == (7, CMD_OUTPUT), p.stderr + failures(daemon)
     assert_nothing_left(daemon, podman)
     # a command replaces Cmd, the Entrypoint stays; podman's -e and --user win over the image's.
     # The same --rootfs directory again: the first run took everything down before it returned.
     p = podman.run("--rm", "-e", "GREETING=from podman", "--user", "99:98", ref=world.ref, rootfs=rootfs,
                    cmd=("sh", "-c", 'echo "$GREETING"; id -u; id -g; echo $PATH; exit 3'))
-    assert p.returncode == 3, p.stderr
+    assert p.returncode == 3, p.stderr + failures(daemon)
     assert p.stdout.splitlines() == ['entrypoint: sh -c echo "$GREETING"; id -u; id -g; echo $PATH; exit 3',
                                      "from podman", "99", "98", "/opt/bin:/bin"], p.stderr
     assert_nothing_left(daemon, podman)
@@ -175,7 +195,7 @@ def test_podman_runs_the_image_command_on_the_lazy_rootfs(world: World, daemon, 
 def test_the_device_lives_with_the_container_until_podman_rm(world: World, daemon, podman: Podman) -> None:
     p = podman.run("-d", "--name", "long", ref=world.ref, rootfs=podman.rootfs("long"),
                    cmd=("sh", "-c", "echo started > written; exec sleep 600"))  # as app, in /work
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 0, p.stderr + failures(daemon)
     pid = podman("inspect", "--format", "{{.State.Pid}}", "long", check=True).stdout.strip()
     [dev] = daemon.json("ls")
     assert dev["kind"] == "lazy" and dev["mounts"] == [str(podman.base / "rootfs" / "long")], dev
@@ -189,7 +209,7 @@ def test_the_device_lives_with_the_container_until_podman_rm(world: World, daemo
     assert_nothing_left(daemon, podman)
     # without --rm: the container exits, `podman rm` removes it
     p = podman.run("--name", "short", ref=world.ref, rootfs=podman.rootfs("short"))
-    assert p.returncode == 7, p.stderr
+    assert p.returncode == 7, p.stderr + failures(daemon)
     podman("rm", "short", check=True)
     assert_nothing_left(daemon, podman)
 
@@ -213,6 +233,7 @@ def test_a_failed_create_leaves_nothing(world: World, daemon, podman: Podman, fa
             "when": {"annotations": {"^org\\.bdserver\\.image$": ".+"}}, "stages": ["precreate"]}))
     p = podman.run(*args, ref=world.ref, rootfs=podman.rootfs("r"), cmd=cmd)
     assert p.returncode not in (0, 7), (p.returncode, p.stdout, p.stderr)
+    assert "bdserver.cli hook]" not in p.stderr, p.stderr + failures(daemon)  # bdserver's hook did not fail
     assert_nothing_left(daemon, podman)
     collected = "is gone" in (daemon.state_dir / "bdserver.log").read_text()  # the daemon, not a poststop hook
     assert collected == (failure != "missing-command"), "podman's poststop behaviour changed: update the README"
