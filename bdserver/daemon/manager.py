@@ -12,13 +12,15 @@ import os
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from bdserver import mounts
 from bdserver.backends.base import BACKEND_NAMES, Attached, Backend, get_backend, pick_backend
 from bdserver.config import Config
 from bdserver.daemon.metrics import MeteredDevice
+from bdserver.daemon.owner import Owner
 from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
 from bdserver.errors import BadTarget, BdError, DeviceBusy, NoSuchDevice
 from bdserver.images.opener import OpenedImage, open_image
@@ -46,6 +48,7 @@ class DeviceManager:
         self.live: dict[str, _Live] = {}
         self.pending: set[str] = set()
         self.pending_targets: set[str] = set()  # mount targets claimed by a mount still attaching
+        self.tearing_down: set[str] = set()  # devices an umount or detach is taking down
 
     # -- helpers -------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -93,15 +96,18 @@ class DeviceManager:
 
     # -- operations ----------------------------------------------------------------------------
     def attach(self, ref: str, backend: str = "", owned_by_mount: bool = False,
-               origin: str = Origin.ADMIN.value) -> dict[str, Any]:
-        """Attach ``ref``; ``origin`` "pod" when a pod author chose it (registry images only)."""
+               origin: str = Origin.ADMIN.value, owner_pid: int = 0, owner_lease_s: float = 0.0) -> dict[str, Any]:
+        """Attach ``ref``; ``origin`` "pod" when a pod author chose it (registry images only).
+        ``owner_pid``: detach when that process is gone (or, with ``owner_lease_s``, has not handed
+        the device over with `own` within that many seconds)."""
         origin = Origin(origin).value
         with self.lock:
             dev_id = self._new_id()
             self.pending.add(dev_id)
         try:
             rec = DeviceRecord(id=dev_id, ref=ref, backend=backend or self.cfg.backend, created=time.time(),
-                               owned_by_mount=owned_by_mount, origin=origin)
+                               owned_by_mount=owned_by_mount, origin=origin,
+                               owner=Owner.of(owner_pid, owner_lease_s) if owner_pid else None)
             live, opened = self._attach_record(rec, None)
             with self.lock:
                 self.records[dev_id] = rec
@@ -124,27 +130,35 @@ class DeviceManager:
             self.pending_targets.add(target)
 
     def mount(self, ref: str, target: str, backend: str = "", lower_only: bool = False,
-              origin: str = Origin.ADMIN.value) -> dict[str, Any]:
+              origin: str = Origin.ADMIN.value, owner_pid: int = 0, owner_lease_s: float = 0.0) -> dict[str, Any]:
         target = os.path.abspath(target)
         self._claim_target(target)
+        made = False
         try:
             try:
+                made = not os.path.lexists(target)
                 os.makedirs(target, exist_ok=True)
             except OSError as exc:
                 raise BadTarget(f"cannot create mount point {target}: {exc.strerror}") from None
             if not os.path.isdir(target) or os.path.islink(target):
                 raise BadTarget(f"{target} is not a directory")
-            info = self.attach(ref, backend, owned_by_mount=True, origin=origin)
+            info = self.attach(ref, backend, owned_by_mount=True, origin=origin, owner_pid=owner_pid,
+                               owner_lease_s=owner_lease_s)
             dev_id = info["id"]
             rec = self.records[dev_id]
             try:
                 m = self._do_mount(rec, target, lower_only)
+                m.made_target = made
             except BaseException:
                 self.detach(dev_id, force=True)
                 raise
             with self.lock:
                 rec.mounts.append(m)
                 self._save()
+        except BaseException:
+            if made:
+                _rmdir(target)
+            raise
         finally:
             with self.lock:
                 self.pending_targets.discard(target)
@@ -172,39 +186,61 @@ class DeviceManager:
 
     def _undo_mount(self, m: MountRecord) -> None:
         mounts.unmount(m.target)
+        if m.made_target:
+            _rmdir(m.target)
         if not m.lower_only:
             mounts.unmount(m.lower)
             for d in (m.lower, os.path.dirname(m.lower)):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    pass
+                _rmdir(d)
             if m.upper:
                 shutil.rmtree(os.path.dirname(m.upper), ignore_errors=True)
 
-    def umount(self, target: str) -> dict[str, Any]:
+    @contextmanager
+    def _tearing_down(self, rec: DeviceRecord, owner: str = "") -> Iterator[None]:
+        """One teardown per device: an umount or detach racing another (a poststop hook and the
+        owner reaper at container exit) gets NoSuchDevice instead of undoing mounts twice. With
+        ``owner`` (a token from `own` or attach), only while the device is still that process's:
+        a late poststop never takes down a later container's device that reuses the id or target."""
+        with self.lock:
+            if rec.id in self.tearing_down or self.records.get(rec.id) is not rec:
+                raise NoSuchDevice(f"no device {rec.id!r} (already being detached)")
+            if owner and (rec.owner is None or rec.owner.token != owner):
+                raise NoSuchDevice(f"device {rec.id} no longer belongs to process {owner}")
+            self.tearing_down.add(rec.id)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.tearing_down.discard(rec.id)
+
+    def umount(self, target: str, owner: str = "") -> dict[str, Any]:
         real = os.path.realpath(target)
         with self.lock:
             rec = next((r for r in self.records.values()
                         if any(os.path.realpath(m.target) == real for m in r.mounts)), None)
         if rec is None:
             raise NoSuchDevice(f"{target} is not mounted by bdserver")
-        m = next(m for m in rec.mounts if os.path.realpath(m.target) == real)
-        self._undo_mount(m)
-        with self.lock:
-            rec.mounts.remove(m)
-            self._save()
         detached = False
-        if rec.owned_by_mount and not rec.mounts:
-            self.detach(rec.id)
-            detached = True
+        with self._tearing_down(rec, owner):
+            m = next(m for m in rec.mounts if os.path.realpath(m.target) == real)
+            self._undo_mount(m)
+            with self.lock:
+                rec.mounts.remove(m)
+                self._save()
+            if rec.owned_by_mount and not rec.mounts:
+                self._detach(rec)
+                detached = True
         log.info("unmounted %s (device %s%s)", target, rec.id, ", detached" if detached else "")
         return {"target": real, "id": rec.id, "detached": detached}
 
-    def detach(self, key: str, force: bool = False) -> dict[str, Any]:
+    def detach(self, key: str, force: bool = False, owner: str = "") -> dict[str, Any]:
         rec = self.find(key)
         if rec.mounts and not force and rec.status != "error":  # a dead device's mounts are only in the way
             raise DeviceBusy(f"device {rec.id} is mounted at {', '.join(m.target for m in rec.mounts)}")
+        with self._tearing_down(rec, owner):
+            return self._detach(rec)
+
+    def _detach(self, rec: DeviceRecord) -> dict[str, Any]:
         for m in list(rec.mounts):
             try:
                 self._undo_mount(m)
@@ -224,6 +260,33 @@ class DeviceManager:
         if rec.kind == "converted-on-node":
             self.collect_conversions()
         return {"id": rec.id, "path": rec.path}
+
+    def own(self, key: str, pid: int) -> dict[str, Any]:
+        """Hand a device over to process ``pid`` (a container's init, from the hook that created it)."""
+        rec = self.find(key)
+        with self.lock:
+            rec.owner = Owner.of(pid)
+            self._save()
+        log.info("device %s now lives for pid %d", rec.id, pid)
+        return self._describe(rec)
+
+    def reap(self) -> list[str]:
+        """Detach the devices whose owner process is gone (or missed its hand-over deadline): a
+        container create that failed where no poststop hook runs leaves nothing behind."""
+        now = time.time()
+        with self.lock:
+            gone = [r for r in self.records.values() if r.owner is not None and r.id not in self.tearing_down]
+        gone = [r for r in gone if r.owner is not None and r.owner.gone(now)]
+        for rec in gone:
+            log.info("detaching %s: its owner (pid %d) is gone", rec.id, rec.owner.pid if rec.owner else 0)
+            try:
+                with self._tearing_down(rec):  # this record, not a later device that reuses its id
+                    self._detach(rec)
+            except NoSuchDevice:
+                pass  # a poststop hook was quicker
+            except BdError as exc:
+                log.warning("detaching %s for its gone owner failed: %s", rec.id, exc)
+        return [r.id for r in gone]
 
     def _discard(self, rec: DeviceRecord) -> None:
         """The kernel device of a record nobody serves: fail its I/O (EIO) and delete it, so that
@@ -246,6 +309,7 @@ class DeviceManager:
             "mounts": [m.target for m in rec.mounts],
             "status": rec.status if live or rec.status == "error" else "detached",
             "error": rec.error,
+            "owner": rec.owner.token if rec.owner else None,
         }
 
     def ls(self) -> list[dict[str, Any]]:
@@ -324,3 +388,10 @@ class DeviceManager:
                     b.close()
                 except Exception as exc:  # noqa: BLE001
                     log.warning("backend %s close: %s", name, exc)
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

@@ -24,6 +24,7 @@ from bdserver.errors import BdError, DaemonError, KernelError
 from bdserver.images.services import NodeServices
 
 log = logging.getLogger(__name__)
+REAP_INTERVAL_S = 1.0  # how often devices whose owner process is gone are detached (daemon/owner.py)
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -148,6 +149,7 @@ def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
         "mount": mgr.mount,
         "umount": mgr.umount,
         "detach": mgr.detach,
+        "own": mgr.own,
         "ls": mgr.ls,
         "stats": mgr.stats,
         "shutdown": shutdown,
@@ -158,6 +160,14 @@ def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
         log.info("signal %d: shutting down", signum)
         shutdown()
 
+    def reap_owners() -> None:
+        while not stop.wait(REAP_INTERVAL_S):
+            try:
+                mgr.reap()
+            except Exception:  # noqa: BLE001 - the reaper must outlive one bad pass
+                log.exception("detaching devices of gone owners failed")
+
+    threading.Thread(target=reap_owners, name="owner-reaper", daemon=True).start()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with open(cfg.pid_file, "w") as f:

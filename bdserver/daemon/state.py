@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bdserver.daemon.owner import Owner
 from bdserver.fsutil import atomic_write
 
 STATE_VERSION = 1
@@ -19,6 +20,7 @@ class MountRecord:
     upper: str = ""
     work: str = ""
     lower_only: bool = False
+    made_target: bool = False  # the daemon created the mount point: umount removes it
 
 
 @dataclass
@@ -35,11 +37,13 @@ class DeviceRecord:
     mounts: list[MountRecord] = field(default_factory=list)
     status: str = "attached"  # attached | error
     error: str = ""
+    owner: Owner | None = None  # detached when this process is gone (runtime hooks; daemon/owner.py)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DeviceRecord:
         d = dict(d)
         d["mounts"] = [MountRecord(**m) for m in d.get("mounts", [])]
+        d["owner"] = Owner(**d["owner"]) if d.get("owner") else None
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -1,5 +1,6 @@
-"""OCI bundles: config.json from runc's own default spec plus the image config (Env, WorkingDir,
-Entrypoint/Cmd, User)."""
+"""The image config (Entrypoint/Cmd, Env, User, WorkingDir) applied to an OCI process, Docker's way:
+for the bundles `bdserver run` writes from runc's default spec, and for the spec podman hands the
+precreate hook (podman's `--rootfs` reads no image config)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,32 @@ def process_args(image_config: dict[str, Any], cmd: list[str]) -> list[str]:
     return args
 
 
+def merge_env(image_env: list[str], runtime_env: list[str]) -> list[str]:
+    """The image's Env with the runtime's variables on top, except a PATH that is only the
+    runtime's default (podman puts DEFAULT_PATH in every spec); PATH is never left unset."""
+    merged: dict[str, str] = {}
+    for entry in image_env:
+        k, _, v = entry.partition("=")
+        merged[k] = v
+    for entry in runtime_env:
+        k, _, v = entry.partition("=")
+        if not (entry == DEFAULT_PATH and "PATH" in merged):
+            merged[k] = v
+    merged.setdefault("PATH", DEFAULT_PATH.partition("=")[2])
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def apply_image_config(process: dict[str, Any], image_config: dict[str, Any], rootfs: Path) -> None:
+    """Env, User (names looked up in the image's own /etc/passwd) and WorkingDir of the image on an
+    OCI ``process``; a user or directory the runtime chose (not root, not ``/``) stays."""
+    process["env"] = merge_env(list(image_config.get("Env") or []), list(process.get("env") or []))
+    user = process.setdefault("user", {"uid": 0, "gid": 0})
+    if user.get("uid", 0) == 0 and user.get("gid", 0) == 0:
+        user["uid"], user["gid"] = resolve_user(rootfs, image_config.get("User", ""))
+    if process.get("cwd", "/") == "/":
+        process["cwd"] = image_config.get("WorkingDir") or "/"
+
+
 def write_bundle(bundle: Path, rootfs: Path, args: list[str], image_config: dict[str, Any] | None = None,
                  hostname: str = "bdserver", annotations: dict[str, str] | None = None) -> dict[str, Any]:
     """Create ``bundle/config.json`` (runc's default spec, edited). ``rootfs`` must exist."""
@@ -78,13 +105,8 @@ def write_bundle(bundle: Path, rootfs: Path, args: list[str], image_config: dict
     if p.returncode != 0:
         raise BdError(f"runc spec failed: {p.stderr.strip()}")
     config = json.loads(spec.read_text())
-    env = list(cfg_img.get("Env") or [])
-    if not any(e.startswith("PATH=") for e in env):
-        env.insert(0, DEFAULT_PATH)
-    uid, gid = resolve_user(rootfs, cfg_img.get("User", ""))
-    config["process"].update(
-        terminal=False, args=args, env=env, cwd=cfg_img.get("WorkingDir") or "/", user={"uid": uid, "gid": gid}
-    )
+    config["process"].update(terminal=False, args=args, env=[], cwd="/", user={"uid": 0, "gid": 0})
+    apply_image_config(config["process"], cfg_img, rootfs)
     config["root"] = {"path": os.path.relpath(rootfs, bundle) if rootfs.is_relative_to(bundle) else str(rootfs),
                       "readonly": False}
     config["hostname"] = hostname

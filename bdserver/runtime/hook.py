@@ -1,10 +1,20 @@
-"""`bdserver hook STAGE`: the OCI runtime hook entry point.
+"""`bdserver hook [STAGE]`: the OCI runtime hook entry point.
 
 A container carrying the annotation ``org.bdserver.image=REF`` gets its rootfs from a lazily served
-device: ``createRuntime`` (or deprecated ``prestart``) attaches REF through the daemon and mounts EROFS +
-overlay inside the container's mount namespace onto its rootfs (runtime/nsmount.py); ``poststop``
-detaches the device and drops the upper dir. ``precreate`` (podman) instead mounts on the host and
-rewrites ``root.path`` in the config it echoes. Containers without the annotation pass untouched.
+device. Two ways, by runtime (hooks.d/ has one hook file for each):
+
+* podman: ``precreate`` mounts REF (EROFS + overlay) on the host onto the ``--rootfs`` directory
+  (``root.path``, which podman itself also reads: it checks the working directory there) and applies
+  the image's Entrypoint/Cmd, Env, User and WorkingDir to the config it echoes (``--rootfs`` reads no
+  image config). ``createRuntime`` then hands the device to the container's init; ``poststop``
+  unmounts it.
+* runc, CRI-O: ``createRuntime`` attaches REF and mounts it inside the container's mount namespace
+  onto its rootfs (runtime/nsmount.py); ``poststop`` detaches the device and drops the upper dir.
+
+Runtimes skip poststop when a create fails (podman runs it only for a container it created; runc
+not when it rejects the spec), so every device a hook makes is owned by a process: the daemon
+detaches it when that process is gone (daemon/owner.py): podman itself until the container's init
+takes it over, then that init. A failed start leaves no device, mount or directory behind.
 
 The annotation is written by a pod author, not the node admin: it is sent to the daemon with
 origin "pod", so it may only name a registry image (never ``file:`` or ``oci:`` paths on the
@@ -18,18 +28,19 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
-from bdserver.daemon.client import request
 from bdserver.config import Config
-from bdserver.errors import BadReference, BdError, DaemonError, KernelError
+from bdserver.daemon.client import request
+from bdserver.errors import BadReference, BadTarget, DaemonError, DaemonNotRunning, KernelError, NoSuchDevice
 from bdserver.images.refs import Origin, check_reference
+from bdserver.runtime.bundle import apply_image_config, process_args
 
 ANNOTATION = "org.bdserver.image"
 BACKEND_ANNOTATION = "org.bdserver.backend"
 MARK = ".bdserver-hook.json"
+HANDOVER_S = 600.0  # a precreate mount that no container's init took over by then is collected
 
 
 def _rootfs(bundle: Path) -> Path:
@@ -49,16 +60,24 @@ def create_runtime(cfg: Config, state: dict[str, Any]) -> None:
         return
     bundle = Path(state["bundle"])
     pid = int(state["pid"])
-    check_reference(ref, Origin.POD)  # refuse early, before the daemon starts; it checks again
-    r = request(cfg, "attach", {"ref": ref, "backend": _backend(ann), "origin": Origin.POD.value}, autostart=True)
+    rootfs = _rootfs(bundle)
+    try:  # podman: precreate mounted the rootfs; the container's init owns it from now on
+        r = request(cfg, "own", {"key": str(rootfs), "pid": pid}, autostart=True)
+        (bundle / MARK).write_text(json.dumps({"target": str(rootfs), "owner": r["owner"]}))
+        return
+    except NoSuchDevice:
+        pass
+    check_reference(ref, Origin.POD)  # refuse early; the daemon checks again
+    r = request(cfg, "attach", {"ref": ref, "backend": _backend(ann), "origin": Origin.POD.value,
+                                "owner_pid": pid}, autostart=True)
     cdir = Path(cfg.state_dir) / "containers" / f"hook-{_safe(state['id'])}"
     (cdir / "upper").mkdir(parents=True, exist_ok=True)
     (cdir / "work").mkdir(parents=True, exist_ok=True)
-    (bundle / MARK).write_text(json.dumps({"device": r["id"], "dir": str(cdir)}))
+    (bundle / MARK).write_text(json.dumps({"device": r["id"], "owner": r["owner"], "dir": str(cdir)}))
     stage = bundle / ".bdserver-stage"
     p = subprocess.run(
         [sys.executable, "-m", "bdserver.runtime.nsmount", "--pid", str(pid), "--device", r["path"],
-         "--rootfs", str(_rootfs(bundle)), "--stage", str(stage), "--upper", str(cdir / "upper"),
+         "--rootfs", str(rootfs), "--stage", str(stage), "--upper", str(cdir / "upper"),
          "--work", str(cdir / "work")],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _pkg_root()},
     )
@@ -68,33 +87,56 @@ def create_runtime(cfg: Config, state: dict[str, Any]) -> None:
 
 
 def poststop(cfg: Config, state: dict[str, Any]) -> None:
+    """Undo what createRuntime recorded in the bundle, if the device is still this container's
+    (the daemon may have collected it when the container's init died, and reused its id since)."""
     bundle = Path(state.get("bundle", ""))
     mark = bundle / MARK
     if not mark.exists():
         return
     info = json.loads(mark.read_text())
     try:
-        request(cfg, "detach", {"key": info["device"], "force": True})
-    except BdError as exc:
-        if "no device" not in str(exc):
-            raise
-    shutil.rmtree(info["dir"], ignore_errors=True)
+        if "target" in info:  # podman's precreate mount
+            request(cfg, "umount", {"target": info["target"], "owner": info["owner"]})
+        else:
+            request(cfg, "detach", {"key": info["device"], "force": True, "owner": info["owner"]})
+    except (NoSuchDevice, DaemonNotRunning):
+        pass  # collected already, or left to the next daemon (its owner is gone by then)
+    if "dir" in info:
+        shutil.rmtree(info["dir"], ignore_errors=True)
     shutil.rmtree(bundle / ".bdserver-stage", ignore_errors=True)
     mark.unlink(missing_ok=True)
 
 
-def precreate(cfg: Config, config: dict[str, Any]) -> dict[str, Any]:
-    """podman: mount on the host before `create` and point root.path at it."""
-    ref = (config.get("annotations") or {}).get(ANNOTATION)
+def precreate(cfg: Config, config: dict[str, Any], owner_pid: int) -> dict[str, Any]:
+    """podman: mount onto root.path (the ``--rootfs`` directory) before `create` and apply the image config.
+
+    ``owner_pid`` (podman) owns the mount until the container's init takes it over in
+    createRuntime: if podman fails or dies before that, the daemon collects the mount.
+    The command podman passes is Docker's CMD: the image's Entrypoint goes in front of it, and
+    a single empty argument (``podman run ... --rootfs DIR ""``) stands for the image's own Cmd.
+    root.path is podman's (whoever runs podman chose it), never the pod author's; a directory
+    that is already a mount point (another running container's) is refused.
+    """
+    ann = config.get("annotations") or {}
+    ref = ann.get(ANNOTATION)
     if not ref:
         return config
     check_reference(ref, Origin.POD)
-    base = Path(cfg.run_dir) / "precreate"
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(prefix="r", dir=base)) / "rootfs"  # atomic: never shared by two starts
-    request(cfg, "mount", {"ref": ref, "target": str(target), "backend": _backend(config.get("annotations") or {}),
-                           "origin": Origin.POD.value}, autostart=True)
-    config.setdefault("root", {})["path"] = str(target)
+    target = Path(config.get("root", {}).get("path", ""))
+    if not target.is_absolute():
+        raise BadTarget(f"root.path {str(target)!r} is not absolute: give podman --rootfs an absolute directory")
+    r = request(cfg, "mount", {"ref": ref, "target": str(target), "backend": _backend(ann),
+                               "origin": Origin.POD.value, "owner_pid": owner_pid, "owner_lease_s": HANDOVER_S},
+                autostart=True)
+    try:
+        image_config = r.get("image_config") or {}
+        process = config.setdefault("process", {})
+        cmd = list(process.get("args") or [])
+        process["args"] = process_args(image_config, [] if cmd == [""] else cmd)
+        apply_image_config(process, image_config, target)
+    except BaseException:
+        request(cfg, "umount", {"target": str(target)})
+        raise
     return config
 
 
@@ -112,31 +154,17 @@ def _pkg_root() -> str:
 def hook_main(cfg: Config, stage: str, stdin: TextIO, stdout: TextIO) -> int:
     data = json.loads(stdin.read() or "{}")
     if stage == "auto":
-        stage = {"creating": "createRuntime", "stopped": "poststop"}.get(data.get("status", ""), "")
+        # A container state has a status; podman's precreate hands over the config instead (no status).
+        status = data.get("status")
+        stage = "precreate" if status is None else {"creating": "createRuntime", "stopped": "poststop"}.get(status, "")
         if not stage:
             return 0  # other stages: nothing to do
     if stage in ("createRuntime", "prestart"):
         create_runtime(cfg, data)
     elif stage == "poststop":
         poststop(cfg, data)
-        # a precreate mount is recorded by the daemon under root.path
-        try:
-            root = _rootfs(Path(data["bundle"])) if data.get("bundle") else None
-        except (OSError, ValueError):
-            root = None
-        base = Path(cfg.run_dir) / "precreate"
-        if root is not None and root.parent.parent == base:
-            try:
-                request(cfg, "umount", {"target": str(root)})
-            except BdError:
-                pass
-            for d in (root, root.parent):
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
     elif stage == "precreate":
-        json.dump(precreate(cfg, data), stdout)
+        json.dump(precreate(cfg, data, os.getppid()), stdout)
     else:
         raise DaemonError(f"unknown hook stage {stage}")
     return 0
