@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from concurrent import futures
 from dataclasses import replace
@@ -134,13 +136,19 @@ class SnapshotterService:
             pass
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="snapshotter"))
         snapshots_grpc.add_SnapshotsServicer_to_server(_servicer(self.snapshotter), self._server)
-        old = os.umask(0o177)  # born 0600: only root (containerd) may connect
+        # Only root (containerd) may connect. The socket is bound inside a fresh 0700 directory, made
+        # 0600 and only then renamed into place: no window where others could connect, and no
+        # process-wide umask change while the daemon's other threads create files.
+        private = tempfile.mkdtemp(prefix=".s", dir=os.path.dirname(self.socket_path) or ".")
+        bound = os.path.join(private, "s")
         try:
-            if not self._server.add_insecure_port(f"unix:{self.socket_path}"):
+            if not self._server.add_insecure_port(f"unix:{bound}"):
                 raise ConfigError(f"cannot listen on {self.socket_path} (a unix socket path must stay under 108 bytes)")
             self._server.start()
+            os.chmod(bound, 0o600)
+            os.replace(bound, self.socket_path)
         finally:
-            os.umask(old)
+            shutil.rmtree(private, ignore_errors=True)
         log.info("snapshotter: serving containerd's Snapshots API on %s", self.socket_path)
 
     def stop(self) -> None:
