@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from bdserver.config import Config
 from bdserver.daemon.manager import DeviceManager
+from bdserver.daemon.metrics import count_requests
+from bdserver.daemon.prometheus import start_metrics
 from bdserver.daemon.protocol import encode, error_reply, read_line
 from bdserver.errors import BdError, DaemonError, KernelError
 from bdserver.images.services import NodeServices
@@ -130,6 +132,7 @@ def serve(cfg: Config) -> int:
     mgr = DeviceManager(cfg, services)
     mgr.recover()
     srv = _bind(cfg.socket)
+    metrics = start_metrics(cfg, mgr, services)
     stop = threading.Event()
 
     def shutdown() -> dict[str, Any]:
@@ -137,7 +140,7 @@ def serve(cfg: Config) -> int:
         threading.Thread(target=srv.shutdown, daemon=True).start()
         return {"stopping": True}
 
-    srv.ops = {
+    srv.ops = count_requests(mgr.events, {
         "ping": lambda: {"pid": os.getpid(), "state_dir": cfg.state_dir},
         "attach": mgr.attach,
         "mount": mgr.mount,
@@ -147,7 +150,7 @@ def serve(cfg: Config) -> int:
         "stats": mgr.stats,
         "shutdown": shutdown,
         "cache_prune": services.prune_cache,
-    }
+    })
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
@@ -163,6 +166,8 @@ def serve(cfg: Config) -> int:
         srv.serve_forever(poll_interval=0.2)
     finally:
         srv.server_close()
+        if metrics is not None:
+            metrics.close()
         try:
             os.unlink(cfg.socket)
         except OSError:
