@@ -74,6 +74,11 @@ class Events:
         with self._lock:
             self._counts[(name, labels)] += 1
 
+    def declare(self, name: str, *labels: str) -> None:
+        """Make the series exist at 0 (Prometheus sees a counter start rather than appear)."""
+        with self._lock:
+            self._counts[(name, labels)] += 0
+
     def snapshot(self, name: str) -> dict[tuple[str, ...], int]:
         with self._lock:
             return {labels: n for (k, labels), n in self._counts.items() if k == name}
@@ -94,4 +99,7 @@ def count_requests(events: Events, ops: dict[str, Callable[..., Any]]) -> dict[s
 
         return call
 
+    for op in ops:
+        events.declare("request", op, "ok")
+        events.declare("request", op, "error")
     return {op: counted(op, fn) for op, fn in ops.items()}

@@ -155,15 +155,17 @@ class DaemonCollector:
             fam = CounterMetricFamily(name, help_) if is_counter else GaugeMetricFamily(name, help_)
             fam.add_metric([], float(cache.get(key, 0)))
             yield fam
-        for event, name, help_, labels in (
-            ("recovery", "bdserver_recoveries", "Devices taken back from saved state at daemon start, by outcome.",
-             ["outcome"]),
-            ("request", "bdserver_requests", "Control socket requests, by operation and outcome.", ["op", "outcome"]),
-        ):
-            fam = CounterMetricFamily(name, help_, labels=labels)
-            for values, n in sorted(self.mgr.events.snapshot(event).items()):
-                fam.add_metric(list(values), n)
-            yield fam
+        recoveries = self.mgr.events.snapshot("recovery")
+        fam = CounterMetricFamily("bdserver_recoveries", "Devices taken back from saved state at daemon start, "
+                                  "by outcome.", labels=["outcome"])
+        for outcome in ("ok", "failed"):
+            fam.add_metric([outcome], recoveries.get((outcome,), 0))
+        yield fam
+        fam = CounterMetricFamily("bdserver_requests", "Control socket requests, by operation and outcome.",
+                                  labels=["op", "outcome"])
+        for values, n in sorted(self.mgr.events.snapshot("request").items()):
+            fam.add_metric(list(values), n)
+        yield fam
         conv = CounterMetricFamily("bdserver_conversions", "Images converted on the node (no trusted lazy image), "
                                    "by outcome.", labels=["outcome"])
         for outcome, n in sorted(self.services.conversions.counts.items()):

@@ -5,6 +5,7 @@ accepts the exposition, detached devices disappear, and the endpoint answers onl
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import stat
@@ -99,6 +100,8 @@ def test_counters_follow_reads_through_the_registry(daemon, small_lazy, proxy) -
         m1.value("bdserver_device_read_latency_seconds_count", **dev)
     assert m1.value("bdserver_cache_stored_bytes_total") > 0 and m1.value("bdserver_cache_used_bytes") > 0
     assert m1.value("process_resident_memory_bytes") > 0
+    alerted = set(re.findall(r"\b(bdserver_[a-z_]+)", readme_rules()))
+    assert len(alerted) == 5 and alerted <= {n for n, _ in m1.samples}  # the README alerts on what exists
 
     # promtool (Prometheus's own linter) accepts the exposition as it is
     p = subprocess.run(["promtool", "check", "metrics"], input=m1.text, capture_output=True, text=True, timeout=60)
@@ -156,6 +159,33 @@ def test_prefetch_bytes(daemon, small_lazy, proxy) -> None:
     ahead, useful = m.value("bdserver_prefetch_bytes_total", **dev), m.value("bdserver_prefetch_useful_bytes_total", **dev)
     assert ahead > 0 and 0 < useful <= ahead
     assert ahead % 4096 == 0 and useful % 4096 == 0  # whole chunks of the image, uncompressed
+
+
+def test_recoveries_and_conversions(daemon, small_lazy, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    daemon.write_config(f'metrics_address = "127.0.0.1:{port}"\n')  # no trust: the image is converted here
+    c = daemon.json("attach", small_lazy.ref())
+    assert c["kind"] == "converted-on-node"
+    src = tmp_path / "gone"
+    src.mkdir()
+    (src / "f").write_text("x")
+    gone = subprocess.run(["mkfs.erofs", "--quiet", str(tmp_path / "gone.erofs"), str(src)], check=True)
+    assert gone.returncode == 0
+    g = daemon.json("attach", f"file:{tmp_path / 'gone.erofs'}")
+    m = Exposition(scrape(url))
+    assert m.value("bdserver_conversions_total", outcome="ok") == 1
+    assert m.value("bdserver_recoveries_total", outcome="ok") == 0
+    daemon.stop()
+    (tmp_path / "gone.erofs").unlink()  # this one cannot come back
+    daemon.start()
+    m = Exposition(scrape(url))
+    assert m.value("bdserver_recoveries_total", outcome="ok") == 1
+    assert m.value("bdserver_recoveries_total", outcome="failed") == 1
+    assert m.value("bdserver_devices", backend="fuse", kind="file", status="error") == 1
+    assert m.value("bdserver_devices", backend="fuse", kind="converted-on-node", status="attached") == 1
+    assert m.value("bdserver_conversions_total", outcome="ok") == 0  # reopened, not converted again
+    assert not m.has("bdserver_device_size_bytes", device=g["id"])  # nothing is served for it
 
 
 # -- where the endpoint can be reached -----------------------------------------------------------
@@ -247,3 +277,20 @@ def test_off_by_default(daemon, erofs_image) -> None:
     assert f"pid={pid}," not in out  # the daemon listens on no TCP port
     with socket.socket(socket.AF_UNIX) as s:  # (and its control socket still works)
         s.connect(str(daemon.socket))
+
+
+def readme_rules() -> str:
+    """The alert rules the README gives operators (the yaml block of its Metrics section)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Metrics"):readme.index("## Logs")]
+    blocks = [b.split("\n", 1)[1] for b in section.split("```yaml")[1:]]
+    rules = [b[:b.index("```")] for b in blocks if b.startswith("groups:")]
+    assert len(rules) == 1
+    return rules[0]
+
+
+def test_readme_alert_rules_are_valid(tmp_path: Path) -> None:
+    (tmp_path / "rules.yml").write_text(readme_rules())
+    p = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and "5 rules found" in p.stdout, p.stdout + p.stderr
