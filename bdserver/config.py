@@ -189,7 +189,10 @@ class ListenAddress:
         host, sep, port = text.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"metrics_address {text!r} is not HOST:PORT (1-65535) or unix:PATH")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ConfigError(f"metrics_address {text!r}: write an IPv6 address in brackets, [::1]:PORT")
         host = "127.0.0.1" if host == "localhost" else host
         try:
             loopback = ipaddress.ip_address(host).is_loopback

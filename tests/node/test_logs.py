@@ -15,7 +15,9 @@ from typing import Iterator
 
 import pytest
 
+from bdserver.config import load_config
 from bdserver.daemon.logs import JournalHandler, RepeatFilter, event
+from bdserver.errors import ConfigError
 from tests.fixtures.proxy import FaultProxy
 from tests.node.small_lazy import read_device, small_lazy, until  # noqa: F401  (fixture)
 
@@ -96,6 +98,17 @@ def _logger(name: str, handler: logging.Handler) -> logging.Logger:
     lg.propagate = False
     lg.setLevel(logging.DEBUG)
     return lg
+
+
+@pytest.mark.parametrize("text, word", [
+    ('log_target = "syslog"\n', "log_target must be one of"),
+    ("log_max_bytes = 1000\n", "log_max_bytes must be at least"),
+    ("log_backups = 0\n", "log_backups must be at least 1"),
+])
+def test_log_settings_fail_closed(tmp_path: Path, text: str, word: str) -> None:
+    (tmp_path / "config.toml").write_text(text)
+    with pytest.raises(ConfigError, match=word):
+        load_config(str(tmp_path / "config.toml"))
 
 
 def test_repeated_warnings_pass_once_per_window_then_with_a_count() -> None:

@@ -19,6 +19,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bdserver.config import ListenAddress
+from bdserver.errors import ConfigError
 from tests.fixtures.proxy import FaultProxy
 from tests.fixtures.registry import free_port
 from tests.node.small_lazy import read_device, scrape, small_lazy, until  # noqa: F401  (fixture)
@@ -247,6 +249,27 @@ def test_addresses_other_than_loopback_are_refused(daemon, erofs_image, address:
     p = daemon.cli("attach", f"file:{image}", check=False)
     assert p.returncode == 13 and "metrics_address" in p.stderr and why in p.stderr, p.stderr  # ConfigError
     assert daemon.pid() is None  # nothing was started
+
+
+@pytest.mark.parametrize("text, host, port", [("127.0.0.1:9717", "127.0.0.1", 9717), ("127.9.8.7:1", "127.9.8.7", 1),
+                                              ("localhost:9717", "127.0.0.1", 9717), ("[::1]:65535", "::1", 65535)])
+def test_loopback_addresses_parse(text: str, host: str, port: int) -> None:
+    assert ListenAddress.parse(text) == ListenAddress(host=host, port=port)
+    assert ListenAddress.parse("unix:/run/x.sock") == ListenAddress(path="/run/x.sock")
+    for bad in ("127.0.0.1:0", "127.0.0.1:65536", "[::1]", "::1:80", "[::ffff:10.0.0.1]:80", "unix:"):
+        with pytest.raises(ConfigError):
+            ListenAddress.parse(bad)
+
+
+def test_ipv6_loopback_endpoint(daemon, erofs_image) -> None:
+    image, _ = erofs_image
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    daemon.write_config(f'metrics_address = "[::1]:{port}"\n')
+    daemon.cli("attach", f"file:{image}")
+    assert "bdserver_device_info" in scrape(f"http://[::1]:{port}/metrics")
+    assert not _connects("127.0.0.1", port)  # exactly the address configured
 
 
 def test_unix_socket_endpoint_is_root_only(daemon, erofs_image, tmp_path: Path) -> None:
