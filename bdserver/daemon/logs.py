@@ -233,8 +233,8 @@ class RepeatFilter(logging.Filter):
 
 
 # -- setup -------------------------------------------------------------------------------------
-def setup_logging(cfg: Config) -> logging.Handler:
-    """Send the daemon's logs where `cfg` says (see the module docstring); returns the main handler."""
+def setup_logging(cfg: Config) -> None:
+    """Send the daemon's logs where `cfg` says (see the module docstring)."""
     root = logging.getLogger()
     for h in root.handlers[:]:
         root.removeHandler(h)
@@ -268,4 +268,3 @@ def setup_logging(cfg: Config) -> logging.Handler:
                 repeats.flush()
 
         threading.Thread(target=flush_repeats, name="log-repeats", daemon=True).start()
-    return handlers[0]

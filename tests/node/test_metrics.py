@@ -158,7 +158,8 @@ def test_prefetch_bytes(daemon, small_lazy, proxy) -> None:
     until(lambda: proxy.stats.bytes(r"/blobs/") == Exposition(scrape(url)).value("bdserver_fetch_bytes_total", **dev),
           "every fetch, ahead or on demand, is counted")
     m = Exposition(scrape(url))
-    ahead, useful = m.value("bdserver_prefetch_bytes_total", **dev), m.value("bdserver_prefetch_useful_bytes_total", **dev)
+    ahead = m.value("bdserver_prefetch_bytes_total", **dev)
+    useful = m.value("bdserver_prefetch_useful_bytes_total", **dev)
     assert ahead > 0 and 0 < useful <= ahead
     assert ahead % 4096 == 0 and useful % 4096 == 0  # whole chunks of the image, uncompressed
 
