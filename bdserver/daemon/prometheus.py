@@ -119,7 +119,7 @@ class DaemonCollector:
 
     def _devices(self, devices: list[dict[str, Any]], metered: dict[str, MeteredDevice],
                  digests: dict[str, str]) -> Iterator[Metric]:
-        info = GaugeMetricFamily("bdserver_device_info", "An attached device (value 1) and what it serves.",
+        info = GaugeMetricFamily("bdserver_device_info", "A device in the daemon's state (value 1) and what it serves.",
                                  labels=[*DEVICE, "backend", "kind", "image_digest"])
         count = GaugeMetricFamily("bdserver_devices", "Devices in the daemon's state, by backend, kind and status.",
                                   labels=["backend", "kind", "status"])
