@@ -10,11 +10,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from bdserver.config import Config, load_config
 from bdserver.daemon.client import request
-from bdserver.errors import BadReference, BdError, DaemonNotRunning
+from bdserver.errors import BadReference, BdError, DaemonNotRunning, UsageError
 
 if TYPE_CHECKING:
     from bdserver.images.services import NodeServices
@@ -85,18 +86,31 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    devs = request(_cfg(args), "stats", {"key": args.device} if args.device else {})
-    lines = []
-    for d in devs:
-        s = d.get("stats", {})
-        lat = s.get("latency_ms", {})
-        dev = s.get("device", {}) if isinstance(s.get("device"), dict) else {}
-        extra = " ".join(f"{k}={v}" for k, v in sorted(dev.items()) if isinstance(v, (int, float, str)))
-        lines.append(f"{d['id']} {d['ref']}: reads={s.get('reads', 0)} bytes={s.get('bytes_read', 0)} "
-                     f"errors={s.get('read_errors', 0)} p50={lat.get('p50', 0)}ms p90={lat.get('p90', 0)}ms "
-                     f"p99={lat.get('p99', 0)}ms {extra}".rstrip())
-    _emit(args, devs, "\n".join(lines))
-    return 0
+    from bdserver.daemon.statsview import table
+
+    if args.watch is not None and not args.watch > 0:
+        raise UsageError("--watch needs a positive number of seconds")
+    cfg = _cfg(args)
+    ask = {"key": args.device} if args.device else {}
+    if args.watch is None:
+        devs = request(cfg, "stats", ask)
+        _emit(args, devs, table(devs))
+        return 0
+    prev: dict[str, Any] = {}
+    then = 0.0
+    try:
+        while True:  # until Ctrl-C
+            devs, now = request(cfg, "stats", ask), time.monotonic()
+            if getattr(args, "json", False):
+                print(json.dumps(devs, sort_keys=True), flush=True)
+            else:
+                clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n"
+                print(f"{clear}bdserver stats every {args.watch:g}s at {time.strftime('%H:%M:%S')}\n"
+                      f"{table(devs, prev, now - then if then else 0.0)}", flush=True)
+            prev, then = {d["id"]: d for d in devs}, now
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -106,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args)
     os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
-    setup_logging(cfg.log_file, cfg.log_level)
+    setup_logging(cfg)
     return serve(cfg, extra_services=[start_snapshotter])
 
 
@@ -227,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("detach", cmd_detach, "detach a device by id or path")
     sp.add_argument("device", metavar="DEVICE|ID")
     add("ls", cmd_ls, "list devices and mounts")
-    sp = add("stats", cmd_stats, "read counters, cache hits/misses and latency percentiles")
+    sp = add("stats", cmd_stats, "per device: cache hit ratio, bytes fetched vs size, read latency, errors")
     sp.add_argument("device", nargs="?", metavar="DEVICE")
+    sp.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                    help="refresh every SECONDS (2) with read and fetch rates, until Ctrl-C")
     sp = add("run", cmd_run, "run a container (runc) on a lazily mounted rootfs")
     sp.add_argument("ref", metavar="REF")
     sp.add_argument("--backend", choices=BACKENDS, default="", help="default: the config's backend (auto)")

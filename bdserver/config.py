@@ -15,6 +15,12 @@ way). Example ``/etc/bdserver/config.toml``::
     docker_config = "/root/.docker/config.json"
     backend = "auto"                     # auto | ublk | tcmu | fuse
     log_level = "INFO"
+    log_target = "auto"                  # auto (journal under systemd, else file) | journal | file
+    log_max_bytes = 10485760             # the log file rotates at this size ...
+    log_backups = 3                      # ... keeping this many old files: at most 4 x 10 MiB on disk
+    log_repeat_window_s = 60.0           # an identical warning repeats at most once per window (+ count)
+    metrics_address = ""                 # Prometheus endpoint, off by default: "127.0.0.1:9717",
+                                         # "[::1]:9717" or "unix:/run/bdserver/metrics.sock" (loopback only)
     fetch_deadline_s = 30.0              # a fetch that takes longer fails the read with EIO
     prefetch_chunks = 12                 # fetch-ahead after a miss (0: off)
     prefetch_inflight = 12               # fetch-ahead requests on the wire per device
@@ -30,6 +36,7 @@ way). Example ``/etc/bdserver/config.toml``::
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -40,6 +47,8 @@ from typing import Any, get_type_hints
 from bdserver.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/bdserver/config.toml"
+LOG_TARGETS = ("auto", "journal", "file")
+MIN_LOG_BYTES = 64 * 1024  # a log file holds at least a few of the longest lines (logs.MAX_LINE)
 
 
 @dataclass
@@ -57,6 +66,12 @@ class Config:
     backend: str = "auto"
     log_file: str = ""  # default: <state_dir>/bdserver.log
     log_level: str = "INFO"
+    log_target: str = "auto"  # auto | journal | file (daemon/logs.py)
+    log_max_bytes: int = 10 * 1024**2
+    log_backups: int = 3
+    log_repeat_window_s: float = 60.0
+    journal_socket: str = "/run/systemd/journal/socket"
+    metrics_address: str = ""  # off; else loopback HOST:PORT or unix:PATH (see ListenAddress)
     fetch_deadline_s: float = 30.0
     prefetch_chunks: int = 12
     prefetch_inflight: int = 12
@@ -118,6 +133,7 @@ def load_config(path: str | None = None) -> Config:
     if unknown:
         raise ConfigError(f"config {src}: unknown keys {sorted(unknown)}")
     _check_types(values, src)
+    _check_values(values, src)
     for env, key in _ENV.items():
         if os.environ.get(env):
             values[key] = os.environ[env]
@@ -139,3 +155,54 @@ def _check_types(values: dict[str, Any], src: str) -> None:
                               f"not {type(value).__name__} {value!r}")
         if origin in (int, float) and value < 0:
             raise ConfigError(f"config {src}: {key} must not be negative")
+
+
+def _check_values(values: dict[str, Any], src: str) -> None:
+    if values.get("log_target", "auto") not in LOG_TARGETS:
+        raise ConfigError(f"config {src}: log_target must be one of {', '.join(LOG_TARGETS)}")
+    if values.get("log_max_bytes", MIN_LOG_BYTES) < MIN_LOG_BYTES:
+        raise ConfigError(f"config {src}: log_max_bytes must be at least {MIN_LOG_BYTES}")
+    if values.get("log_backups", 1) < 1:
+        raise ConfigError(f"config {src}: log_backups must be at least 1 (the file rotates into it)")
+    if values.get("metrics_address"):
+        try:
+            ListenAddress.parse(values["metrics_address"])
+        except ConfigError as exc:
+            raise ConfigError(f"config {src}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where the metrics endpoint listens: a loopback TCP address or a unix socket, nothing else.
+
+    The endpoint has no authentication and its labels name the images a node runs, so it is
+    never bound where another host could reach it; a remote Prometheus scrapes through a local
+    agent or an authenticating proxy (README "Metrics")."""
+
+    host: str = ""  # a loopback IP literal (TCP)
+    port: int = 0
+    path: str = ""  # a unix socket path
+
+    @classmethod
+    def parse(cls, text: str) -> "ListenAddress":
+        if text.startswith("unix:"):
+            path = text[len("unix:"):]
+            if not os.path.isabs(path):
+                raise ConfigError(f"metrics_address {text!r}: a unix socket needs an absolute path")
+            return cls(path=path)
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"metrics_address {text!r} is not HOST:PORT (1-65535) or unix:PATH")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ConfigError(f"metrics_address {text!r}: write an IPv6 address in brackets, [::1]:PORT")
+        host = "127.0.0.1" if host == "localhost" else host
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"metrics_address {text!r}: only loopback addresses (127.0.0.0/8, ::1, localhost) "
+                              "or unix:PATH; the endpoint has no authentication")
+        return cls(host=host, port=int(port))

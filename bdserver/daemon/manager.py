@@ -19,7 +19,8 @@ from typing import Any, Iterator
 from bdserver import mounts
 from bdserver.backends.base import BACKEND_NAMES, Attached, Backend, get_backend, pick_backend
 from bdserver.config import Config
-from bdserver.daemon.metrics import MeteredDevice
+from bdserver.daemon.logs import device_event
+from bdserver.daemon.metrics import Events, MeteredDevice
 from bdserver.daemon.owner import Owner
 from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
 from bdserver.errors import BadTarget, BdError, DeviceBusy, NoSuchDevice
@@ -49,6 +50,7 @@ class DeviceManager:
         self.pending: set[str] = set()
         self.pending_targets: set[str] = set()  # mount targets claimed by a mount still attaching
         self.tearing_down: set[str] = set()  # devices an umount or detach is taking down
+        self.events = Events()  # counted for the metrics endpoint
 
     # -- helpers -------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -116,7 +118,8 @@ class DeviceManager:
         finally:
             with self.lock:
                 self.pending.discard(dev_id)
-        log.info("attached %s ref=%s backend=%s path=%s kind=%s", dev_id, ref, rec.backend, rec.path, rec.kind)
+        log.info("attached %s ref=%s backend=%s path=%s kind=%s", dev_id, ref, rec.backend, rec.path, rec.kind,
+                 extra=device_event("attach", rec))
         return {**self._describe(rec), "message": opened.message, "image_config": opened.image_config}
 
     def _claim_target(self, target: str) -> None:
@@ -162,7 +165,7 @@ class DeviceManager:
         finally:
             with self.lock:
                 self.pending_targets.discard(target)
-        log.info("mounted %s at %s lower_only=%s", dev_id, target, lower_only)
+        log.info("mounted %s at %s lower_only=%s", dev_id, target, lower_only, extra=device_event("mount", rec))
         return {**self._describe(rec), "target": target, "message": info.get("message", ""),
                 "image_config": info.get("image_config", {})}
 
@@ -230,7 +233,8 @@ class DeviceManager:
             if rec.owned_by_mount and not rec.mounts:
                 self._detach(rec)
                 detached = True
-        log.info("unmounted %s (device %s%s)", target, rec.id, ", detached" if detached else "")
+        log.info("unmounted %s (device %s%s)", target, rec.id, ", detached" if detached else "",
+                 extra=device_event("umount", rec))
         return {"target": real, "id": rec.id, "detached": detached}
 
     def detach(self, key: str, force: bool = False, owner: str = "") -> dict[str, Any]:
@@ -256,7 +260,7 @@ class DeviceManager:
             self._discard(rec)
         with self.lock:
             self._save()
-        log.info("detached %s", rec.id)
+        log.info("detached %s", rec.id, extra=device_event("detach", rec))
         if rec.kind == "converted-on-node":
             self.collect_conversions()
         return {"id": rec.id, "path": rec.path}
@@ -350,10 +354,13 @@ class DeviceManager:
                         mounts.mount_erofs(rec.path, m.lower)
                         mounts.mount_overlay(m.lower, m.upper, m.work, m.target)
                 rec.status, rec.error = "attached", ""
-                log.info("recovered %s ref=%s path=%s mounts=%d", rec.id, rec.ref, rec.path, len(rec.mounts))
+                log.info("recovered %s ref=%s path=%s mounts=%d", rec.id, rec.ref, rec.path, len(rec.mounts),
+                         extra=device_event("recover", rec))
+                self.events.add("recovery", "ok")
             except Exception as exc:  # noqa: BLE001 - one bad device must not stop the others
                 rec.status, rec.error = "error", str(exc)
-                log.error("recover %s failed: %s", rec.id, exc)
+                log.error("recover %s failed: %s", rec.id, exc, extra=device_event("recover_failed", rec))
+                self.events.add("recovery", "failed")
                 self._discard(rec)
         self._save()
         self.collect_conversions()

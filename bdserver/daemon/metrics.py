@@ -1,10 +1,13 @@
-"""Per-device read metrics measured where the backend calls the device (what the kernel waits for)."""
+"""What the daemon counts itself: per-device reads where the backend calls the device (what the
+kernel waits for), and node events (requests, recoveries). The Prometheus endpoint and `bdserver
+stats` both read these, and the read path's own counters, at the time they are asked."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from collections import Counter
+from typing import Any, Callable
 
 from bdserver.backends.base import Device
 from bdserver.vdev.stats import LatencyWindow
@@ -13,12 +16,12 @@ SAMPLES = 8192
 
 
 class MeteredDevice:
-    """Wraps a device: counts reads, bytes, errors and keeps recent latencies for percentiles."""
+    """Wraps a device: counts reads, bytes, errors; keeps recent latencies and their histogram."""
 
     def __init__(self, inner: Device) -> None:
         self.inner = inner
         self._lock = threading.Lock()
-        self._lat = LatencyWindow(SAMPLES)
+        self.latency = LatencyWindow(SAMPLES)
         self.reads = 0
         self.bytes_read = 0
         self.errors = 0
@@ -39,7 +42,7 @@ class MeteredDevice:
         with self._lock:
             self.reads += 1
             self.bytes_read += len(data)
-        self._lat.add(dt)
+        self.latency.add(dt)
         return data
 
     def stats(self) -> dict[str, Any]:
@@ -49,7 +52,7 @@ class MeteredDevice:
                 "bytes_read": self.bytes_read,
                 "read_errors": self.errors,
             }
-        out["latency_ms"] = self._lat.summary()
+        out["latency_ms"] = self.latency.summary()
         inner_stats = getattr(self.inner, "stats", None)
         if callable(inner_stats):
             try:
@@ -57,3 +60,46 @@ class MeteredDevice:
             except Exception as exc:  # noqa: BLE001 - stats must never break the daemon
                 out["device"] = {"error": str(exc)}
         return out
+
+
+class Events:
+    """Counts of node events by name and label values, e.g. ("recovery", ("failed",)): a fixed,
+    small set of values, because each becomes a label value of the metrics endpoint."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, tuple[str, ...]]] = Counter()
+
+    def add(self, name: str, *labels: str) -> None:
+        with self._lock:
+            self._counts[(name, labels)] += 1
+
+    def declare(self, name: str, *labels: str) -> None:
+        """Make the series exist at 0 (Prometheus sees a counter start rather than appear)."""
+        with self._lock:
+            self._counts[(name, labels)] += 0
+
+    def snapshot(self, name: str) -> dict[tuple[str, ...], int]:
+        with self._lock:
+            return {labels: n for (k, labels), n in self._counts.items() if k == name}
+
+
+def count_requests(events: Events, ops: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    """The control socket's operations, each counting ("request", op, "ok" | "error")."""
+
+    def counted(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(**kw: Any) -> Any:
+            try:
+                result = fn(**kw)
+            except BaseException:
+                events.add("request", op, "error")
+                raise
+            events.add("request", op, "ok")
+            return result
+
+        return call
+
+    for op in ops:
+        events.declare("request", op, "ok")
+        events.declare("request", op, "error")
+    return {op: counted(op, fn) for op, fn in ops.items()}

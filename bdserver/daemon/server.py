@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 
 from bdserver.config import Config
 from bdserver.daemon.manager import DeviceManager
+from bdserver.daemon.metrics import count_requests
+from bdserver.daemon.prometheus import start_metrics
 from bdserver.daemon.protocol import encode, error_reply, read_line
 from bdserver.errors import BdError, DaemonError, KernelError
 from bdserver.images.services import NodeServices
@@ -136,6 +138,7 @@ def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
     mgr = DeviceManager(cfg, services)
     mgr.recover()
     srv = _bind(cfg.socket)
+    metrics = start_metrics(cfg, mgr, services)
     stop = threading.Event()
 
     def shutdown() -> dict[str, Any]:
@@ -143,7 +146,7 @@ def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
         threading.Thread(target=srv.shutdown, daemon=True).start()
         return {"stopping": True}
 
-    srv.ops = {
+    srv.ops = count_requests(mgr.events, {
         "ping": lambda: {"pid": os.getpid(), "state_dir": cfg.state_dir},
         "attach": mgr.attach,
         "mount": mgr.mount,
@@ -154,7 +157,7 @@ def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
         "stats": mgr.stats,
         "shutdown": shutdown,
         "cache_prune": services.prune_cache,
-    }
+    })
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
@@ -181,6 +184,8 @@ def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
         for stop_service in reversed(stops):
             stop_service()
         srv.server_close()
+        if metrics is not None:
+            metrics.close()
         try:
             os.unlink(cfg.socket)
         except OSError:

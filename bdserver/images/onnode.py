@@ -47,6 +47,7 @@ class OnNodeConversions:
         self.keep_s = keep_s
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self.counts: dict[str, int] = {"ok": 0, "failed": 0}  # conversions by outcome (metrics)
 
     def _lock(self, source: str) -> threading.Lock:
         with self._locks_lock:
@@ -91,10 +92,16 @@ class OnNodeConversions:
                 os.replace(tmp, base)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
+                self._count("failed")
                 raise
             found = self.find(source)
             assert found is not None
+            self._count("ok")
             return found, True
+
+    def _count(self, outcome: str) -> None:
+        with self._locks_lock:
+            self.counts[outcome] += 1
 
     def collect(self, in_use: Iterable[str], now: float | None = None) -> list[str]:
         """Remove conversions not in ``in_use`` (source digests) and unused for ``keep_s`` seconds,

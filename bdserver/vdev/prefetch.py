@@ -105,8 +105,12 @@ class FetchAhead:
             used = [i for i in chunks if i in self._window]
             self._window.difference_update(used)
         if used:
-            self.stats.add(prefetch_used=len(used))
+            self.stats.add(prefetch_used=len(used), prefetch_used_bytes=self._bytes(used))
             self.after(max(used))
+
+    def _bytes(self, chunks: Iterable[int]) -> int:
+        offs = self._layer.offsets
+        return sum(offs[i + 1] - offs[i] for i in chunks)
 
     def _schedule(self, i: int) -> None:
         pf = self.policy
@@ -160,7 +164,7 @@ class FetchAhead:
             for r in runs:
                 try:
                     self._fetch({i: own[i] for i in r})
-                    self.stats.add(prefetches=1, prefetched_chunks=len(r))
+                    self.stats.add(prefetches=1, prefetched_chunks=len(r), prefetched_bytes=self._bytes(r))
                 except BaseException as e:  # noqa: BLE001 - the claims carry the error; readers retry
                     self._forget(r)
                     self.stats.add(prefetch_errors=1)
