@@ -1,5 +1,5 @@
 """The FUSE backend on the real kernel: EROFS file-backed mount of the served file, concurrency with a
-parked slow miss, EIO on failed reads, and clean teardown."""
+parked slow miss, EIO on failed reads, and clean teardown (no mount, connection or thread left)."""
 
 from __future__ import annotations
 
@@ -43,8 +43,10 @@ def test_erofs_mount_of_fuse_file_equals_source(fuse_backend, erofs_image, tmp_p
     dev = FileDevice(str(image))
     att = fuse_backend.attach(dev, "t0")
     assert os.stat(att.path).st_size == image.stat().st_size
-    conn = fuse_backend.connection_id()
+    conn = fuse_backend.connection_id("t0")
     assert conn is not None and conn in fuse_connections()
+    fuse_mnt = fuse_backend.mountpoint("t0")
+    assert mounts.find_mounts(target=fuse_mnt)[0].fstype == "fuse.bdserver"
     target = tmp_path / "mnt" / "t0"
     how = mounts.mount_erofs(att.path, str(target))
     assert how == "file"  # file-backed EROFS: no loop device
@@ -57,9 +59,9 @@ def test_erofs_mount_of_fuse_file_equals_source(fuse_backend, erofs_image, tmp_p
         mounts.unmount(str(target))
     fuse_backend.detach(att)
     dev.close()
-    assert not mounts.find_mounts(target=fuse_backend.root)
+    assert not mounts.find_mounts(target=fuse_mnt)
     assert conn not in fuse_connections()
-    assert not fuse_backend.by_id and fuse_backend._thread is None
+    assert not fuse_backend.conns and not os.path.exists(fuse_mnt)
 
 
 def test_file_semantics_and_read_only(fuse_backend, tmp_path: Path) -> None:
