@@ -232,8 +232,9 @@ class FuseBackend(Backend):
             _unmount(mnt)
             _abort(stale.major_minor.split(":")[1])
         os.makedirs(mnt, mode=0o700, exist_ok=True)
-        if self.keeper is not None and FD_PREFIX + dev_id in self.keeper.names():
-            self.keeper.drop(FD_PREFIX + dev_id)  # its mount is gone: nothing to take over
+        if self.keeper is not None and (old := self.keeper.take(FD_PREFIX + dev_id)) is not None:
+            os.close(old)  # its mount is gone: nothing to take over
+            self.keeper.drop(FD_PREFIX + dev_id)
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         try:
             opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"

@@ -158,6 +158,8 @@ class FuseServer:
 
     def _handle(self, view: memoryview, n: int) -> None:
         _len, opcode, unique, nodeid = abi.IN_HEADER.unpack_from(view)[:4]
+        if unique & abi.UNIQUE_RESEND:
+            log.info("fuse %s: answering a request the previous daemon held (opcode %d)", self.name, opcode)
         if opcode == abi.READ:
             self._read(unique, nodeid, view)
             return

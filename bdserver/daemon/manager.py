@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bdserver.backends.base import Attached, Backend, get_backend, pick_backend
+from bdserver.backends.base import BACKEND_NAMES, Attached, Backend, get_backend, pick_backend
 from bdserver.daemon.config import Config
 from bdserver.daemon.metrics import MeteredDevice
 from bdserver.daemon.sources import OpenedDevice, open_source
@@ -36,11 +36,13 @@ class _Live:
 
 
 class DeviceManager:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, fd_keeper: Any = None) -> None:
         self.cfg = cfg
+        self.fd_keeper = fd_keeper  # daemon.fdstore: connections that outlive this process (FUSE)
         self.lock = threading.RLock()
         self.records: dict[str, DeviceRecord] = {}
         self.live: dict[str, _Live] = {}
+        self.failed: dict[str, tuple[Backend, Attached]] = {}  # taken back only to fail their I/O
         self.pending: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -55,7 +57,7 @@ class DeviceManager:
 
     def _backend(self, name: str) -> Backend:
         b = pick_backend(name or self.cfg.backend)
-        b.configure(run_dir=self.cfg.run_dir)
+        b.configure(run_dir=self.cfg.run_dir, fd_keeper=self.fd_keeper)
         return b
 
     def find(self, key: str) -> DeviceRecord:
@@ -192,11 +194,14 @@ class DeviceManager:
                 log.warning("detach %s: unmount %s: %s", rec.id, m.target, exc)
         with self.lock:
             live = self.live.pop(rec.id, None)
+            failed = self.failed.pop(rec.id, None)
             self.records.pop(rec.id, None)
         if live is not None:
             live.backend.detach(live.attached)
             if live.opened.close:
                 live.opened.close()
+        if failed is not None:
+            failed[0].detach(failed[1])
         with self.lock:
             self._save()
         log.info("detached %s", rec.id)
@@ -231,53 +236,86 @@ class DeviceManager:
 
     # -- restart -------------------------------------------------------------------------------
     def recover(self) -> None:
-        """Take back the devices in saved state: reopen the pinned images, re-attach under the same ids
-        and paths, and redo their mounts (stale mounts over a dead FUSE connection are detached first)."""
+        """Take back the devices in saved state: reopen the pinned images and re-attach under the same
+        ids and paths. A device whose backend still serves it from the previous daemon (a FUSE
+        connection kept in the fd store) is adopted and its mounts stay: containers keep running.
+        Otherwise stale mounts are detached and redone. A device whose source cannot be reopened
+        shows as ``error``; if its backend could be taken back it fails its I/O (never hangs)."""
         self.records = load_state(self.cfg.state_file)
-        for rec in self.records.values():
-            for m in rec.mounts:
-                for t in ([m.target] if m.lower_only else [m.target, m.lower]):
-                    if mounts.is_mountpoint(t):
-                        log.info("recover %s: detaching stale mount %s", rec.id, t)
-                        try:
-                            mounts.unmount(t, retries=3)
-                        except BdError as exc:
-                            log.warning("recover %s: %s", rec.id, exc)
         for rec in list(self.records.values()):
+            backend: Backend | None = None
+            keep = False
             try:
+                backend = self._backend(rec.backend)
+                keep = backend.adoptable(rec.id)
+                if not keep:
+                    self._unmount_stale(rec)
                 live, _ = self._attach_record(rec, rec.pin or None)
                 self.live[rec.id] = live
-                for m in rec.mounts:
-                    if m.lower_only:
-                        mounts.mount_erofs(rec.path, m.target)
-                    else:
-                        mounts.mount_erofs(rec.path, m.lower)
-                        mounts.mount_overlay(m.lower, m.upper, m.work, m.target)
+                self._remount(rec, keep=keep and bool(live.attached.extra.get("adopted")))
                 rec.status, rec.error = "attached", ""
-                log.info("recovered %s ref=%s path=%s mounts=%d", rec.id, rec.ref, rec.path, len(rec.mounts))
+                log.info("recovered %s ref=%s path=%s mounts=%d%s", rec.id, rec.ref, rec.path, len(rec.mounts),
+                         " (adopted: mounts kept)" if keep else "")
             except Exception as exc:  # noqa: BLE001 - one bad device must not stop the others
                 rec.status, rec.error = "error", str(exc)
                 log.error("recover %s failed: %s", rec.id, exc)
+                self._fail(rec, backend, keep, str(exc))
+        for name in BACKEND_NAMES:
+            b = get_backend(name)
+            b.configure(run_dir=self.cfg.run_dir, fd_keeper=self.fd_keeper)
+            b.end_recovery({r.id for r in self.records.values() if r.backend == name})
+        if self.fd_keeper is not None:
+            self.fd_keeper.close_unused()
         self._save()
 
+    def _unmount_stale(self, rec: DeviceRecord) -> None:
+        for m in rec.mounts:
+            for t in ([m.target] if m.lower_only else [m.target, m.lower]):
+                if mounts.is_mountpoint(t):
+                    log.info("recover %s: detaching stale mount %s", rec.id, t)
+                    try:
+                        mounts.unmount(t, retries=3)
+                    except BdError as exc:
+                        log.warning("recover %s: %s", rec.id, exc)
+
+    def _remount(self, rec: DeviceRecord, keep: bool) -> None:
+        """Mount what is missing; with ``keep`` the mounts still on the adopted device stay."""
+        for m in rec.mounts:
+            if keep and all(mounts.is_mountpoint(t) for t in ([m.target] if m.lower_only else [m.target, m.lower])):
+                continue
+            if m.lower_only:
+                mounts.mount_erofs(rec.path, m.target)
+            else:
+                mounts.mount_erofs(rec.path, m.lower)
+                mounts.mount_overlay(m.lower, m.upper, m.work, m.target)
+
+    def _fail(self, rec: DeviceRecord, backend: Backend | None, keep: bool, reason: str) -> None:
+        """A device that cannot be reopened: take it back only to fail its I/O, so that no reader of
+        its mounts waits forever; `detach` (or `umount`) removes it."""
+        attached = backend.fail(rec.id, reason) if backend is not None and keep else None
+        if attached is not None:
+            self.failed[rec.id] = (backend, attached)
+        else:
+            self._unmount_stale(rec)
+
     def shutdown(self) -> None:
-        """Stop serving (devices stay in state, to be re-attached by the next daemon)."""
+        """Stop serving (devices stay in state, to be re-attached by the next daemon). Backends stop
+        first, so that no request is answered from a device being closed."""
         with self.lock:
             lives = list(self.live.values())
             self.live.clear()
-        seen: set[int] = set()
+            used = {id(b) for b, _ in self.failed.values()} | {id(live.backend) for live in lives}
+            self.failed.clear()
+        for name in ("fuse", "tcmu", "ublk"):
+            b = get_backend(name)
+            if id(b) in used:
+                try:
+                    b.close()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("backend %s close: %s", name, exc)
         for live in lives:
             if live.opened.close:
                 try:
                     live.opened.close()
                 except Exception:  # noqa: BLE001
                     pass
-            if id(live.backend) not in seen:
-                seen.add(id(live.backend))
-        for name in ("fuse", "tcmu", "ublk"):
-            b = get_backend(name)
-            if id(b) in seen:
-                try:
-                    b.close()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("backend %s close: %s", name, exc)

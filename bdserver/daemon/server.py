@@ -18,6 +18,7 @@ import threading
 from typing import Any, Callable
 
 from bdserver.daemon.config import Config
+from bdserver.daemon.fdstore import open_store
 from bdserver.daemon.manager import DeviceManager
 from bdserver.daemon.protocol import encode, error_reply, read_line
 from bdserver.errors import BdError, DaemonError, KernelError
@@ -126,7 +127,7 @@ def serve(cfg: Config) -> int:
     except BlockingIOError as exc:
         raise DaemonError(f"another bdserver daemon already uses {cfg.state_dir}") from exc
     _preload()
-    mgr = DeviceManager(cfg)
+    mgr = DeviceManager(cfg, fd_keeper=open_store(cfg.run_dir))
     mgr.recover()
     srv = _bind(cfg.socket)
     stop = threading.Event()

@@ -1,0 +1,161 @@
+"""The FUSE backend outlives its daemon (issue 9.1): a reader streams a large file from a lazily mounted
+image through a slow registry link; the daemon is SIGKILLed (a crash) or stopped (`bdserver stop`, an
+upgrade) mid-stream and a new `bdserver serve` starts. The reader must finish with the right checksum
+and never see an error; the mounts are the same mounts (taken over, not redone); and detaching the
+last device leaves no connection, holder process or fd behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from bdserver import mounts
+from tests.fixtures.layers import build_oci_layout, small_tar_layer
+from tests.fixtures.proxy import FaultProxy
+from tests.fixtures.registry import start_registry
+from tests.node.conftest import BDSERVER, REPO, fuse_connections
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+BIG = 48 * MiB
+
+READER = r"""
+import hashlib, os, sys, time
+path, progress = sys.argv[1], sys.argv[2]
+h, n = hashlib.sha256(), 0
+with open(path, "rb", buffering=0) as f:
+    while True:
+        b = f.read(256 * 1024)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+        with open(progress + ".tmp", "w") as p:
+            p.write(str(n))
+        os.replace(progress + ".tmp", progress)
+        time.sleep(0.02)  # a consumer, not a copy loop: the stream lasts seconds
+print(h.hexdigest(), n)
+"""
+
+
+@dataclass
+class Image:
+    ref: str  # through the slow proxy
+    trust: str  # [trust] TOML allowing its lazy image
+    digest: str  # sha256 of /data/big
+    proxy: FaultProxy
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
+    base = tmp_path_factory.mktemp("restart")
+    big = random.Random(9).randbytes(BIG)
+    layer = small_tar_layer(base / "big.tar", {"data/big": big, "data/small": b"small\n"})
+    build_oci_layout([layer], base / "layout")
+    reg = start_registry(base / "registry")
+    try:
+        reg.push_layout(base / "layout", "latest", "stream", "v1")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
+        env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
+                   PYTHONPATH=str(REPO))
+        p = subprocess.run(BDSERVER + ["convert", f"{reg.host}/stream:v1", "--json"], env=env, capture_output=True,
+                           text=True, timeout=600, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        lazy = json.loads(p.stdout)["lazy"]
+        with FaultProxy(reg.url) as proxy:
+            proxy.latency = 0.05  # every registry request waits 50 ms: fetches are in flight at the kill
+            yield Image(f"{proxy.host}/stream:v1", f'[trust]\nallowed = ["{lazy}"]\n',
+                        hashlib.sha256(big).hexdigest(), proxy)
+    finally:
+        reg.stop()
+
+
+def _holders(run_dir: Path) -> list[int]:
+    sock = str(run_dir / "fdholder.sock")
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"bdserver.daemon.fdholder" in cmd and sock.encode() in cmd:
+            out.append(int(pid))
+    return out
+
+
+def _fuse_fds(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"
+        except OSError:
+            pass
+    return n
+
+
+def _mount_ids(*targets: Path) -> list[int]:
+    return [mounts.find_mounts(target=str(t))[0].mount_id for t in targets]
+
+
+@pytest.mark.parametrize("how", ["sigkill", "stop"])
+def test_reader_survives_daemon_restart(image: Image, daemon, tmp_path: Path, how: str) -> None:
+    daemon.write_config(image.trust)
+    target = tmp_path / "rootfs"
+    info = daemon.json("mount", image.ref, str(target))
+    lower = daemon.base / "run" / "mnt" / info["id"] / "lower"
+    before = _mount_ids(target, lower)
+    conn = max((m for m in mounts.list_mounts() if m.fstype == "fuse.bdserver" and info["path"].startswith(m.target)),
+               key=lambda m: len(m.target)).major_minor.split(":")[1]
+    holders = _holders(daemon.base / "run")
+    progress = tmp_path / "progress"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(target / "data" / "big"), str(progress)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (progress.exists() and int(progress.read_text() or 0) >= 8 * MiB):
+            assert reader.poll() is None, reader.communicate()
+            assert time.monotonic() < deadline, "the reader never got going"
+            time.sleep(0.05)
+        if how == "sigkill":
+            daemon.kill()
+        else:
+            daemon.stop()
+        at_stop = int(progress.read_text())
+        time.sleep(1.0)  # the reader now waits on requests nobody serves
+        assert reader.poll() is None, f"the reader ended while no daemon ran: {reader.communicate()}"
+        daemon.start()
+        out, err = reader.communicate(timeout=300)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+    assert reader.returncode == 0, f"the reader saw an error: {err}"
+    assert holders, "the FUSE fd was not handed to a holder"
+    digest, n = out.split()
+    assert int(n) == BIG and digest == image.digest
+    assert at_stop < BIG, "the stream was over before the daemon went away"
+    assert _mount_ids(target, lower) == before, "the mounts were redone instead of kept"
+    assert [(d["id"], d["status"]) for d in daemon.json("ls")] == [(info["id"], "attached")]
+    assert "adopted" in (daemon.state_dir / "bdserver.log").read_text()
+    # stopping for good: the last device goes, and with it every trace of the connection
+    daemon.cli("umount", str(target))
+    assert daemon.json("ls") == []
+    assert not [m for m in mounts.list_mounts() if m.fstype == "fuse.bdserver"
+                and m.target.startswith(str(daemon.base))]
+    assert conn not in fuse_connections()
+    for _ in range(100):
+        if not _holders(daemon.base / "run"):
+            break
+        time.sleep(0.05)
+    assert not _holders(daemon.base / "run"), "the fd holder outlived the last device"
+    assert _fuse_fds(daemon.pid()) == 0
