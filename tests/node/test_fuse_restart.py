@@ -2,7 +2,8 @@
 image through a slow registry link; the daemon is SIGKILLed (a crash) or stopped (`bdserver stop`, an
 upgrade) mid-stream and a new `bdserver serve` starts. The reader must finish with the right checksum
 and never see an error; the mounts are the same mounts (taken over, not redone); and detaching the
-last device leaves no connection, holder process or fd behind."""
+last device leaves no connection, holder process or fd behind. A device whose source is gone after
+the restart fails its reads with EIO instead (issue 9.2) and still detaches cleanly."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from bdserver import mounts
 from tests.fixtures.layers import build_oci_layout, small_tar_layer
 from tests.fixtures.proxy import FaultProxy
 from tests.fixtures.registry import start_registry
-from tests.node.conftest import BDSERVER, REPO, fuse_connections
+from tests.node.conftest import BDSERVER, REPO, fuse_connections, mkfs_erofs
 
 pytestmark = pytest.mark.slow
 
@@ -153,6 +154,50 @@ def test_reader_survives_daemon_restart(image: Image, daemon, tmp_path: Path, ho
     assert not [m for m in mounts.list_mounts() if m.fstype == "fuse.bdserver"
                 and m.target.startswith(str(daemon.base))]
     assert conn not in fuse_connections()
+    for _ in range(100):
+        if not _holders(daemon.base / "run"):
+            break
+        time.sleep(0.05)
+    assert not _holders(daemon.base / "run"), "the fd holder outlived the last device"
+    assert _fuse_fds(daemon.pid()) == 0
+
+
+EIO_READER = r"""
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    os.pread(fd, 4096, int(sys.argv[2]))
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno, exc.errno))
+else:
+    print("read")
+"""
+
+
+def test_device_that_cannot_be_reopened_fails_its_io_and_detaches(daemon, tmp_path: Path) -> None:
+    """Issue 9.2: after a crash the device's source is gone. It shows as `error`, reads of it fail with
+    EIO at once (nothing waits for a daemon that cannot serve it), and `umount` removes it entirely."""
+    src = tmp_path / "src"
+    (src / "data").mkdir(parents=True)
+    (src / "data" / "big").write_bytes(random.Random(3).randbytes(24 * MiB))
+    (src / "data" / "small").write_text("small\n")
+    image = mkfs_erofs(tmp_path / "img.erofs", src)
+    target = tmp_path / "lower"
+    info = daemon.json("mount", f"file:{image}", str(target), "--lower-only")
+    assert (target / "data" / "small").read_text() == "small\n"
+    daemon.kill()
+    image.rename(tmp_path / "gone.erofs")  # the source cannot be reopened
+    daemon.start()
+    [dev] = daemon.json("ls")
+    assert dev["id"] == info["id"] and dev["status"] == "error" and "gone" not in dev["error"]
+    assert "img.erofs" in dev["error"]
+    # the tail of the big file was never read: the kernel must ask the daemon, which answers EIO
+    p = subprocess.run([sys.executable, "-c", EIO_READER, str(target / "data" / "big"), str(24 * MiB - 4096)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "EIO", (p.stdout, p.stderr)
+    daemon.cli("umount", str(target))
+    assert daemon.json("ls") == []
+    assert not [m for m in mounts.list_mounts() if m.target.startswith(str(daemon.base)) or m.target == str(target)]
     for _ in range(100):
         if not _holders(daemon.base / "run"):
             break
