@@ -30,13 +30,13 @@ from typing import Protocol
 from bdserver import mounts
 from bdserver.backends.base import Attached, Backend, Device
 from bdserver.backends.fuse_server import FuseServer
-from bdserver.errors import KernelError
+from bdserver.errors import BdError, KernelError
 
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 4096  # kernel readahead on each FUSE bdi (INIT only lets us lower the kernel's 128 KiB)
 MIN_THREADS = 2
-MAX_THREADS = 16  # per device
+MAX_THREADS = 32  # per device (as many as the kernel sends background READs, plus a few)
 FSTYPE = "fuse.bdserver"
 FD_PREFIX = "bdserver-fuse-"
 FUSECTL = "/sys/fs/fuse/connections"
@@ -248,8 +248,11 @@ class FuseBackend(Backend):
         conn = _Conn(dev_id, fd, mnt, major_minor, server)
         try:
             if self.keeper is not None:  # first, so that a crash from here on loses nothing
-                self.keeper.keep(FD_PREFIX + dev_id, fd)
-                conn.kept = True
+                try:
+                    self.keeper.keep(FD_PREFIX + dev_id, fd)
+                    conn.kept = True
+                except (BdError, OSError) as exc:
+                    log.warning("fuse: %s will not survive a daemon restart: %s", dev_id, exc)
             server.start()
             if not server.inited.wait(INIT_WAIT_S):
                 raise KernelError(f"the kernel never sent INIT on {mnt}")
@@ -266,10 +269,12 @@ class FuseBackend(Backend):
             _unmount(mnt)
         if major_minor:
             _abort(major_minor.split(":")[1])
-        if server is not None and not server.join(JOIN_WAIT_S):
-            log.warning("fuse: %s: %d reader threads did not end", dev_id, server.threads)
         if fd is not None:
-            os.close(fd)
+            if server is None or server.join(JOIN_WAIT_S):
+                os.close(fd)
+            else:  # a reader still waits for its device read: its late reply must not hit a reused fd
+                log.warning("fuse: %s: %d readers still busy; the fd closes when they end", dev_id, server.threads)
+                threading.Thread(target=_close_after, args=(server, fd), daemon=True).start()
         if self.keeper is not None:
             self.keeper.drop(FD_PREFIX + dev_id)
         try:
@@ -285,6 +290,11 @@ class FuseBackend(Backend):
             Path(f"/sys/class/bdi/{major_minor}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
         except OSError as exc:
             log.debug("fuse: read_ahead_kb of %s: %s", major_minor, exc)
+
+
+def _close_after(server: FuseServer, fd: int) -> None:
+    server.join(None)
+    os.close(fd)
 
 
 def _fuse_mount(mnt: str) -> mounts.MountInfo | None:

@@ -46,7 +46,7 @@ DISK_NAME = b"disk"
 VALID_S = 365 * 24 * 3600  # names and attributes never change while the device exists
 BUFFER_SIZE = 64 * 1024  # > max_write + headers; LOOKUP names and BATCH_FORGETs fit easily
 MAX_PAGES = 256  # 1 MiB per READ (the kernel caps it at fs.fuse.max_pages_limit)
-MAX_BACKGROUND = 32  # async (readahead) READs in flight per connection
+MAX_BACKGROUND = 24  # async (readahead) READs in flight per connection
 _EXIT_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF, errno.EPERM)
 
 _INIT_WANTED = abi.ASYNC_READ | abi.PARALLEL_DIROPS | abi.MAX_PAGES
@@ -101,7 +101,7 @@ class FuseServer:
         with self._lock:
             return sum(t.is_alive() for t in self._threads)
 
-    def join(self, timeout: float) -> bool:
+    def join(self, timeout: float | None) -> bool:
         """Wait until every reader has exited (after an unmount or abort); True if they all did."""
         with self._lock:
             threads = list(self._threads)
