@@ -128,6 +128,8 @@ class FuseServer:
     # -- the request loop ------------------------------------------------------------------------
     def _serve(self) -> None:
         buf = bytearray(BUFFER_SIZE)
+        for page in range(0, BUFFER_SIZE, 4096):  # fault every page in now: a copy into an absent page
+            buf[page] = 1                         # that fails as we are killed would end the request (EIO)
         view = memoryview(buf)
         fd = self.fd
         try:
