@@ -17,6 +17,7 @@ from typing import Any
 
 from bdserver.backends.base import BACKEND_NAMES, Attached, Backend, get_backend, pick_backend
 from bdserver.daemon.config import Config
+from bdserver.daemon.fdstore import FdStore
 from bdserver.daemon.metrics import MeteredDevice
 from bdserver.daemon.sources import OpenedDevice, open_source
 from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
@@ -36,9 +37,9 @@ class _Live:
 
 
 class DeviceManager:
-    def __init__(self, cfg: Config, fd_keeper: Any = None) -> None:
+    def __init__(self, cfg: Config, fd_keeper: FdStore | None = None) -> None:
         self.cfg = cfg
-        self.fd_keeper = fd_keeper  # daemon.fdstore: connections that outlive this process (FUSE)
+        self.fd_keeper = fd_keeper  # connections that outlive this process (FUSE)
         self.lock = threading.RLock()
         self.records: dict[str, DeviceRecord] = {}
         self.live: dict[str, _Live] = {}
