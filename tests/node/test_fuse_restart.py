@@ -204,3 +204,43 @@ def test_device_that_cannot_be_reopened_fails_its_io_and_detaches(daemon, tmp_pa
         time.sleep(0.05)
     assert not _holders(daemon.base / "run"), "the fd holder outlived the last device"
     assert _fuse_fds(daemon.pid()) == 0
+
+
+def test_connection_of_a_device_missing_from_state_is_removed(daemon, erofs_image, tmp_path: Path) -> None:
+    """A crash between handing a new connection to the holder and saving state (here: the record is
+    dropped from state.json) leaves a connection nobody claims: the next daemon removes it, with its
+    mount and, as it was the last one, the holder."""
+    image, _ = erofs_image
+    info = daemon.json("attach", f"file:{image}")
+    fuse_mnt = os.path.dirname(info["path"])
+    assert any(m.target == fuse_mnt for m in mounts.list_mounts())
+    daemon.kill()
+    state = daemon.state_dir / "state.json"
+    data = json.loads(state.read_text())
+    data["devices"].pop(info["id"])
+    state.write_text(json.dumps(data))
+    assert _holders(daemon.base / "run"), "nothing held the connection across the crash"
+    daemon.start()
+    assert daemon.json("ls") == []
+    assert not any(m.target == fuse_mnt for m in mounts.list_mounts())
+    for _ in range(100):
+        if not _holders(daemon.base / "run"):
+            break
+        time.sleep(0.05)
+    assert not _holders(daemon.base / "run")
+    assert _fuse_fds(daemon.pid()) == 0
+
+
+def test_holder_lets_go_of_a_connection_that_died(daemon, erofs_image) -> None:
+    """With the daemon stopped, someone unmounts the device's FUSE mount (the connection ends): the
+    holder closes its copy and, holding nothing, exits."""
+    image, _ = erofs_image
+    info = daemon.json("attach", f"file:{image}")
+    daemon.stop()
+    assert _holders(daemon.base / "run")
+    mounts.sys_umount(os.path.dirname(info["path"]), mounts.MNT_DETACH)
+    for _ in range(100):
+        if not _holders(daemon.base / "run"):
+            break
+        time.sleep(0.05)
+    assert not _holders(daemon.base / "run"), "the holder kept a dead connection"
