@@ -22,6 +22,12 @@ them wait (killable) until the connection is aborted or the device detached; eve
 after them is served. The resend is sent before our readers start, so it never re-queues a
 request this process is already working on.
 
+INIT comes once per mount; a daemon that takes a connection over does not see it again unless the
+dead one held it unanswered (then it is resent like any request, and answered again). All readers
+share the one fd rather than FUSE_DEV_IOC_CLONE copies: a clone is a device of its own whose
+processing queue the kernel fails (ECONNABORTED, an error in the reader) when its fd closes, so every
+clone would have to be kept in the fd store too; on two cores one queue is not the bottleneck.
+
 `release()` (the daemon is exiting but the connection lives on in the fd store): from then on a
 request read is left unanswered, and a device read failing because the device is being closed is
 not turned into EIO: both are resent to the next daemon.
