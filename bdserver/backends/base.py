@@ -70,6 +70,12 @@ class Backend(ABC):
     def detach(self, attached: Attached) -> None:
         """Remove the device; idempotent; nothing of it is left in the kernel afterwards."""
 
+    def discard(self, dev_id: str) -> None:
+        """Remove what the kernel still holds of ``dev_id`` that this process does not serve (a
+        restarted daemon that cannot reopen the device's source): its queued and future I/O fails
+        with EIO instead of waiting for a server that will never come, and the device goes.
+        Idempotent; nothing of ``dev_id`` is left afterwards."""
+
     def configure(self, **options: Any) -> None:
         """Daemon-wide settings (``run_dir`` for scratch mounts, ``fd_keeper`` for fds that must outlive
         the daemon); unknown keys are ignored."""
@@ -78,11 +84,6 @@ class Backend(ABC):
         """Whether `attach` of ``dev_id`` will take over a device the previous daemon left in the kernel
         (so the mounts on it stay valid and must not be redone)."""
         return False
-
-    def fail(self, dev_id: str, reason: str) -> Attached | None:
-        """Take back a leftover device whose source cannot be reopened so that its I/O fails at once
-        instead of waiting forever; `detach` then removes it. None: nothing of it is left."""
-        return None
 
     def end_recovery(self, dev_ids: set[str]) -> None:
         """After a restart's recovery: remove what a previous daemon left that no device in

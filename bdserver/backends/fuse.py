@@ -14,7 +14,9 @@ kernel to resend what the dead one held (see fuse_server) and serves on: readers
 
 `detach` unmounts and, if something (an EROFS mount) still holds the file, aborts the connection
 through fusectl; then the threads end, the fd is closed and the keeper drops its copy, so nothing of
-the device is left. `close` (the daemon exiting) keeps every connection that the keeper holds.
+the device is left. `discard` does the same to a connection a previous daemon left whose device
+cannot be reopened: its readers get EIO at once. `close` (the daemon exiting) keeps every connection
+that the keeper holds.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ class FuseBackend(Backend):
         with self.lock:
             if dev_id in self.conns:
                 raise KernelError(f"device {dev_id} is already attached")
-            conn = self._adopt(dev_id, device, "") or self._mount(dev_id, device)
+            conn = self._adopt(dev_id, device) or self._mount(dev_id, device)
             self.conns[dev_id] = conn
         adopted = conn.server.resend_ok is not None
         path = os.path.join(conn.mountpoint, "disk")
@@ -147,19 +149,21 @@ class FuseBackend(Backend):
     def adoptable(self, dev_id: str) -> bool:
         return self._leftover(dev_id) is not None
 
-    def fail(self, dev_id: str, reason: str) -> Attached | None:
-        """Take over a leftover connection whose device cannot be reopened: every read of it fails
-        with EIO (nothing waits forever) until `detach` removes it."""
+    def discard(self, dev_id: str) -> None:
+        """A device the previous daemon served whose source cannot be reopened: unmount its FUSE mount,
+        abort the connection (what was queued and what comes fails at once: readers of the EROFS
+        mounts on it get EIO) and drop its fd from the keeper. Nothing of it is left."""
         with self.lock:
-            if dev_id in self.conns:
-                return None
-            conn = self._adopt(dev_id, None, reason)
-            if conn is None:
-                return None
-            self.conns[dev_id] = conn
-        log.warning("fuse: %s answers EIO: %s", dev_id, reason)
-        return Attached(path=os.path.join(conn.mountpoint, "disk"), backend=self.name, dev_id=dev_id,
-                        extra={"fuse_root": self.root, "connection": conn.minor, "adopted": True, "failed": True})
+            conn = self.conns.pop(dev_id, None)
+        if conn is not None:
+            self._remove(conn.dev_id, conn.fd, conn.mountpoint, conn.major_minor, conn.server)
+            return
+        fd = self.keeper.take(FD_PREFIX + dev_id) if self.keeper is not None else None
+        mnt = self.mountpoint(dev_id)
+        found = _fuse_mount(mnt)
+        if fd is not None or found is not None:
+            log.warning("fuse: discarding %s: its readers get EIO", dev_id)
+        self._remove(dev_id, fd, mnt, found.major_minor if found else "", None)
 
     def end_recovery(self, dev_ids: set[str]) -> None:
         """Remove connections the keeper still holds for devices nobody took back."""
@@ -169,11 +173,8 @@ class FuseBackend(Backend):
             dev_id = name[len(FD_PREFIX):]
             if not name.startswith(FD_PREFIX) or dev_id in dev_ids or dev_id in self.conns:
                 continue
-            fd = self.keeper.take(name)
             log.warning("fuse: removing the leftover connection of unknown device %s", dev_id)
-            mnt = self.mountpoint(dev_id)
-            found = _fuse_mount(mnt)
-            self._remove(dev_id, fd, mnt, found.major_minor if found else "", None)
+            self.discard(dev_id)
 
     def detach(self, attached: Attached) -> None:
         with self.lock:
@@ -201,9 +202,9 @@ class FuseBackend(Backend):
         return conn.minor if conn is not None else None
 
     # -- connections ---------------------------------------------------------------------------
-    def _server(self, fd: int, dev_id: str, device: Device | None, failure: str, major_minor: str) -> FuseServer:
+    def _server(self, fd: int, dev_id: str, device: Device, major_minor: str) -> FuseServer:
         return FuseServer(fd, device, name=dev_id, min_threads=MIN_THREADS, max_threads=MAX_THREADS,
-                          failure=failure, on_init=lambda _init: self._tune_bdi(major_minor))
+                          on_init=lambda _init: self._tune_bdi(major_minor))
 
     def _leftover(self, dev_id: str) -> str | None:
         """The major:minor of a live FUSE mount a previous daemon left for ``dev_id`` whose fd the
@@ -213,14 +214,14 @@ class FuseBackend(Backend):
         found = _fuse_mount(self.mountpoint(dev_id))
         return found.major_minor if found else None
 
-    def _adopt(self, dev_id: str, device: Device | None, failure: str) -> _Conn | None:
+    def _adopt(self, dev_id: str, device: Device) -> _Conn | None:
         major_minor = self._leftover(dev_id)
         if major_minor is None or self.keeper is None:
             return None
         fd = self.keeper.take(FD_PREFIX + dev_id)
         if fd is None:
             return None
-        server = self._server(fd, dev_id, device, failure, major_minor)
+        server = self._server(fd, dev_id, device, major_minor)
         server.start(resend=True)
         self._tune_bdi(major_minor)
         return _Conn(dev_id, fd, self.mountpoint(dev_id), major_minor, server, kept=True)
@@ -244,7 +245,7 @@ class FuseBackend(Backend):
             raise KernelError(f"cannot mount FUSE at {mnt}: {exc.strerror}") from exc
         found = _fuse_mount(mnt)
         major_minor = found.major_minor if found else ""
-        server = self._server(fd, dev_id, device, "", major_minor)
+        server = self._server(fd, dev_id, device, major_minor)
         conn = _Conn(dev_id, fd, mnt, major_minor, server)
         try:
             if self.keeper is not None:  # first, so that a crash from here on loses nothing

@@ -59,15 +59,13 @@ _INIT_WANTED = abi.ASYNC_READ | abi.PARALLEL_DIROPS | abi.MAX_PAGES
 
 
 class FuseServer:
-    """Serves ``device`` (or, with ``device=None``, only errors: its source is gone) on ``fd``."""
+    """Serves ``device`` as the file ``disk`` on the FUSE connection ``fd``."""
 
-    def __init__(self, fd: int, device: Device | None, *, name: str, min_threads: int = 2,
-                 max_threads: int = 16, failure: str = "",
+    def __init__(self, fd: int, device: Device, *, name: str, min_threads: int = 2, max_threads: int = 16,
                  on_init: Callable[[abi.InitIn], None] | None = None) -> None:
         self.fd = fd
         self.device = device
         self.name = name
-        self.failure = failure
         self.min_threads = max(1, min_threads)
         self.max_threads = max(self.min_threads, max_threads)
         self.on_init = on_init
@@ -190,12 +188,11 @@ class FuseServer:
 
     def _read(self, unique: int, nodeid: int, view: memoryview) -> None:
         _fh, offset, size = abi.READ_IN.unpack_from(view, abi.IN_HEADER.size)[:3]
-        device = self.device
-        if nodeid != DISK_ID or device is None:
-            self._send(abi.reply(unique, error=errno.EISDIR if nodeid == abi.ROOT_ID else errno.EIO))
+        if nodeid != DISK_ID:
+            self._send(abi.reply(unique, error=errno.EISDIR if nodeid == abi.ROOT_ID else errno.EBADF))
             return
         try:
-            data = checked_read(device, offset, size)
+            data = checked_read(self.device, offset, size)
         except OSError as exc:
             if self._released:
                 return  # the device is closing under us: the next daemon answers it
@@ -233,8 +230,6 @@ class FuseServer:
         if nodeid == abi.ROOT_ID:
             return abi.Attr(abi.ROOT_ID, 0, stat.S_IFDIR | 0o500, nlink=2)
         if nodeid == DISK_ID:
-            if self.device is None:
-                raise OSError(errno.EIO, self.failure)
             return abi.Attr(DISK_ID, self.device.size, stat.S_IFREG | 0o400)
         raise OSError(errno.ENOENT, "no such node")
 
@@ -276,8 +271,7 @@ class FuseServer:
         return out
 
     def _statfs(self, _nodeid: int, _arg: memoryview) -> bytes:
-        size = self.device.size if self.device is not None else 0
-        return abi.StatfsOut(blocks=-(-size // 4096), files=2).pack()
+        return abi.StatfsOut(blocks=-(-self.device.size // 4096), files=2).pack()
 
 
 def _empty(_nodeid: int, _arg: memoryview) -> bytes:

@@ -43,7 +43,6 @@ class DeviceManager:
         self.lock = threading.RLock()
         self.records: dict[str, DeviceRecord] = {}
         self.live: dict[str, _Live] = {}
-        self.failed: dict[str, tuple[Backend, Attached]] = {}  # taken back only to fail their I/O
         self.pending: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ class DeviceManager:
 
     def detach(self, key: str, force: bool = False) -> dict[str, Any]:
         rec = self.find(key)
-        if rec.mounts and not force:
+        if rec.mounts and not force and rec.status != "error":  # a dead device's mounts are only in the way
             raise DeviceBusy(f"device {rec.id} is mounted at {', '.join(m.target for m in rec.mounts)}")
         for m in list(rec.mounts):
             try:
@@ -195,18 +194,26 @@ class DeviceManager:
                 log.warning("detach %s: unmount %s: %s", rec.id, m.target, exc)
         with self.lock:
             live = self.live.pop(rec.id, None)
-            failed = self.failed.pop(rec.id, None)
             self.records.pop(rec.id, None)
         if live is not None:
             live.backend.detach(live.attached)
             if live.opened.close:
                 live.opened.close()
-        if failed is not None:
-            failed[0].detach(failed[1])
+        else:
+            self._discard(rec)
         with self.lock:
             self._save()
         log.info("detached %s", rec.id)
         return {"id": rec.id, "path": rec.path}
+
+    def _discard(self, rec: DeviceRecord) -> None:
+        """The kernel device of a record nobody serves: fail its I/O (EIO) and delete it, so that
+        no reader waits forever on a device whose source cannot be reopened."""
+        try:
+            if rec.backend in BACKEND_NAMES:
+                get_backend(rec.backend).discard(rec.id)
+        except Exception as exc:  # noqa: BLE001 - reported; detach retries
+            log.error("discarding the kernel device of %s failed: %s", rec.id, exc)
 
     def _describe(self, rec: DeviceRecord) -> dict[str, Any]:
         live = self.live.get(rec.id)
@@ -241,10 +248,9 @@ class DeviceManager:
         ids and paths. A device whose backend still serves it from the previous daemon (a FUSE
         connection kept in the fd store) is adopted and its mounts stay: containers keep running.
         Otherwise stale mounts are detached and redone. A device whose source cannot be reopened
-        shows as ``error``; if its backend could be taken back it fails its I/O (never hangs)."""
+        shows as ``error``, loses its mounts and is discarded: its I/O fails instead of hanging."""
         self.records = load_state(self.cfg.state_file)
         for rec in list(self.records.values()):
-            backend: Backend | None = None
             keep = False
             try:
                 backend = self._backend(rec.backend)
@@ -260,7 +266,9 @@ class DeviceManager:
             except Exception as exc:  # noqa: BLE001 - one bad device must not stop the others
                 rec.status, rec.error = "error", str(exc)
                 log.error("recover %s failed: %s", rec.id, exc)
-                self._fail(rec, backend, keep, str(exc))
+                if keep:
+                    self._unmount_stale(rec)
+                self._discard(rec)
         for name in BACKEND_NAMES:
             b = get_backend(name)
             b.configure(run_dir=self.cfg.run_dir, fd_keeper=self.fd_keeper)
@@ -290,23 +298,13 @@ class DeviceManager:
                 mounts.mount_erofs(rec.path, m.lower)
                 mounts.mount_overlay(m.lower, m.upper, m.work, m.target)
 
-    def _fail(self, rec: DeviceRecord, backend: Backend | None, keep: bool, reason: str) -> None:
-        """A device that cannot be reopened: take it back only to fail its I/O, so that no reader of
-        its mounts waits forever; `detach` (or `umount`) removes it."""
-        attached = backend.fail(rec.id, reason) if backend is not None and keep else None
-        if attached is not None:
-            self.failed[rec.id] = (backend, attached)
-        else:
-            self._unmount_stale(rec)
-
     def shutdown(self) -> None:
         """Stop serving (devices stay in state, to be re-attached by the next daemon). Backends stop
         first, so that no request is answered from a device being closed."""
         with self.lock:
             lives = list(self.live.values())
             self.live.clear()
-            used = {id(b) for b, _ in self.failed.values()} | {id(live.backend) for live in lives}
-            self.failed.clear()
+            used = {id(live.backend) for live in lives}
         for name in ("fuse", "tcmu", "ublk"):
             b = get_backend(name)
             if id(b) in used:
