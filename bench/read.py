@@ -333,12 +333,14 @@ def proc_cpu_s(pid: int) -> float:
 
 
 def warm_compare(dev_path: str, loop_dev: str, mnt_dev: Path, mnt_loop: Path, runs: int, quick: bool,
-                 dev_backing: list[Path], loop_backing: list[Path], dev_cpu: Callable[[], float] | None = None
-                 ) -> list[dict[str, Any]]:
+                 dev_backing: list[Path], loop_backing: list[Path], dev_cpu: Callable[[], float] | None = None,
+                 dev_reads: Callable[[], int] | None = None) -> list[dict[str, Any]]:
     """The same measurements on the device under test and on the loop device, alternating, page cache
     dropped before every single measurement (rows marked "hot backing": then the files behind each
     device, bdserver's chunk cache files and the loop's image file, are read back into the page cache
-    before the run, so only the layers in between are measured). Returns rows."""
+    before the run, so only the layers in between are measured). ``dev_reads`` (the daemon's count of
+    device reads, i.e. kernel requests) gives the daemon CPU per request, which other load on the
+    machine barely changes, unlike the rates. Returns rows."""
     sides = {"dev": (dev_path, mnt_dev), "loop": (loop_dev, mnt_loop)}
     backing = {"dev": dev_backing, "loop": loop_backing}
     files = big_files(mnt_loop)
@@ -360,26 +362,32 @@ def warm_compare(dev_path: str, loop_dev: str, mnt_dev: Path, mnt_loop: Path, ru
         vals: dict[str, list[float]] = {"dev": [], "loop": []}
         cpu: list[float] = []  # daemon CPU seconds per run of the device side
         secs: list[float] = []
+        per_read: list[float] = []  # daemon CPU seconds per device read (one kernel request)
         for r in range(runs):
             order = ("dev", "loop") if r % 2 == 0 else ("loop", "dev")
             for side in order:
                 drop_caches()
                 if name.startswith("hot backing"):
                     read_files(backing[side])
+                n0 = dev_reads() if dev_reads and side == "dev" else 0  # before c0: the query costs CPU too
                 c0, t0 = (dev_cpu() if dev_cpu and side == "dev" else 0.0), time.perf_counter()
                 vals[side].append(fn(*sides[side]))
                 if dev_cpu and side == "dev":
                     cpu.append(dev_cpu() - c0)
                     secs.append(time.perf_counter() - t0)
+                    if dev_reads:
+                        per_read.append(cpu[-1] / max(1, dev_reads() - n0))
         rows.append({"test": name, "unit": unit, "dev": vals["dev"], "loop": vals["loop"],
                      "dev_median": med(vals["dev"]), "loop_median": med(vals["loop"]),
                      "ratio": med(vals["dev"]) / med(vals["loop"]),
                      "ratio_best": max(vals["dev"]) / max(vals["loop"]),
                      "daemon_cpu_share": med([c / t for c, t in zip(cpu, secs)]) if cpu else None,
+                     "daemon_us_per_read": med(per_read) * 1e6 if per_read else None,
                      "loadavg": os.getloadavg()[0], "cpu_pressure": cpu_pressure()})
         say(f"  {name}: dev {med(vals['dev']):.0f} loop {med(vals['loop']):.0f} {unit} "
             f"(dev {[round(v) for v in vals['dev']]}, loop {[round(v) for v in vals['loop']]}); daemon CPU "
-            f"{rows[-1]['daemon_cpu_share'] or 0:.2f} cores; load {rows[-1]['loadavg']:.1f}")
+            f"{rows[-1]['daemon_cpu_share'] or 0:.2f} cores, {rows[-1]['daemon_us_per_read'] or 0:.0f} us per "
+            f"request; load {rows[-1]['loadavg']:.1f}")
     tr = tree_read(mnt_loop)
     rows.append({"info": f"tree: {tr[2]} files, {tr[1] / 1e6:.1f} MB in regular files"})
     return rows
@@ -429,7 +437,8 @@ def warm_bench(daemon: Daemon, ref: str, work: Path, backend: str, runs: int, qu
             assert daemon.cache_dir is not None
             out["rows"] = warm_compare(dev_path, loop_dev, work / "mnt-dev", work / "mnt-loop", runs, quick,
                                        backing_files(daemon.cache_dir), [img],
-                                       lambda: proc_cpu_s(daemon.proc.pid) if daemon.proc else 0.0)
+                                       lambda: proc_cpu_s(daemon.proc.pid) if daemon.proc else 0.0,
+                                       lambda: sum(d["stats"]["reads"] for d in daemon.cli("stats")))
         finally:
             umount_under(work / "mnt-dev", work / "mnt-loop")
             if loop_dev:
@@ -628,7 +637,7 @@ def report(res: dict[str, Any]) -> str:
         L.append(f"1. Warm reads: {res['backend']} device vs loop device over the same bytes "
                  "(chunk cache warm, page cache dropped before each run)")
         hdr = (f"   {'test':50} {res['backend'] + ' MB/s':>10} {'loop MB/s':>10} {'ratio':>7}  {'target':8}"
-               f" {'best/best':>9} {'daemon CPU':>10} {res['backend'] + ' IOPS':>10} {'loop IOPS':>10}")
+               f" {'best/best':>9} {'daemon CPU':>10} {'CPU/req':>8} {res['backend'] + ' IOPS':>10} {'loop IOPS':>10}")
         L.append(hdr)
         L.append("   " + "-" * (len(hdr) - 3))
         for row in w["rows"]:
@@ -637,7 +646,8 @@ def report(res: dict[str, Any]) -> str:
             tgt = ">= 0.80x" if ("sequential" in row["test"] or "in order" in row["test"]) \
                 and "hot" not in row["test"] else ""
             cpu = f"{row['daemon_cpu_share']:.2f} cores" if row.get("daemon_cpu_share") is not None else ""
-            extra = f"{row['ratio_best']:8.2f}x {cpu:>10}"
+            per = f"{row['daemon_us_per_read']:.0f} us" if row.get("daemon_us_per_read") is not None else ""
+            extra = f"{row['ratio_best']:8.2f}x {cpu:>10} {per:>8}"
             if row["unit"] == "IOPS":
                 d, lo = row["dev_median"], row["loop_median"]
                 L.append(f"   {row['test']:50} {d * 4096 / 1e6:10.1f} {lo * 4096 / 1e6:10.1f} {row['ratio']:6.2f}x  "
@@ -651,7 +661,8 @@ def report(res: dict[str, Any]) -> str:
         psi = [r["cpu_pressure"] for r in w["rows"] if "cpu_pressure" in r]
         L.append(f"   ratio = median/median; best/best = fastest run / fastest run (less sensitive to other load: "
                  f"1-min load average {min(loads):.1f}-{max(loads):.1f} on {res['cpus']} CPUs, CPU pressure "
-                 f"{min(psi):.0f}-{max(psi):.0f} %); daemon CPU = bdserver daemon CPU time / wall time, device side")
+                 f"{min(psi):.0f}-{max(psi):.0f} %); daemon CPU = bdserver daemon CPU time / wall time, device side; "
+                 "CPU/req = daemon CPU time per kernel request (device read)")
     if "cold" in res:
         c = res["cold"]
         b, p, s = c["bdserver"], c["pull"], c["stream"]

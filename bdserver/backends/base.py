@@ -74,7 +74,17 @@ class Backend(ABC):
         Idempotent; nothing of ``dev_id`` is left afterwards."""
 
     def configure(self, **options: Any) -> None:
-        """Daemon-wide settings (e.g. ``run_dir`` for scratch mounts); unknown keys are ignored."""
+        """Daemon-wide settings (``run_dir`` for scratch mounts, ``fd_keeper`` for fds that must outlive
+        the daemon); unknown keys are ignored."""
+
+    def adoptable(self, dev_id: str) -> bool:
+        """Whether `attach` of ``dev_id`` will take over a device the previous daemon left in the kernel
+        (so the mounts on it stay valid and must not be redone)."""
+        return False
+
+    def end_recovery(self, dev_ids: set[str]) -> None:
+        """After a restart's recovery: remove what a previous daemon left that no device in
+        ``dev_ids`` claimed."""
 
     def close(self) -> None:
         """Release backend-wide resources; devices stop being served (the daemon is exiting)."""

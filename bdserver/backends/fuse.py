@@ -1,14 +1,22 @@
-"""FUSE backend: every attached device is a read-only regular file ``<root>/<id>/disk``.
+"""FUSE backend: every device is a read-only file ``<run_dir>/fuse/<id>/disk`` on its own FUSE mount.
 
-EROFS mounts that file directly (file-backed mount, kernel 6.12+), so no loop device is used.
-pyfuse3 allows one session per process, so ONE FUSE mount (``<run_dir>/fuse``) serves every device
-of this process; it is mounted with the first attach and unmounted with the last detach, leaving no
-connection behind in /sys/fs/fuse/connections.
+EROFS mounts that file directly (file-backed mount, kernel 6.12+), so no loop device is used. Each
+device has its own connection, served by `fuse_server.FuseServer` (the FUSE protocol spoken on the
+/dev/fuse fd, no libfuse) with its own threads: a device whose reads wait for the registry can only
+tie up its own pool, never the threads another device's cache hits need.
 
-The FUSE loop runs trio in its own thread. Each READ is one trio task; the device read itself runs in
-a worker thread (``trio.to_thread.run_sync`` behind a CapacityLimiter), so a read parked on a slow
-registry fetch never blocks a cache hit on another range. Content is immutable: the kernel may keep
-its page cache across opens (keep_cache) and attributes never time out while a device exists.
+Surviving the daemon: right after mounting, the connection's fd is handed to an fd keeper (the
+daemon's fd store: systemd's FDSTORE or a holder process, see daemon/fdstore.py) under
+``bdserver-fuse-<id>``. While any copy of that fd is open the kernel keeps the connection and queues
+requests, so when the daemon dies, is killed or upgraded, the mount and every EROFS and overlay
+mount on top of it stay valid. The next daemon's `attach` of the same id takes the fd back, asks the
+kernel to resend what the dead one held (see fuse_server) and serves on: readers only wait.
+
+`detach` unmounts and, if something (an EROFS mount) still holds the file, aborts the connection
+through fusectl; then the threads end, the fd is closed and the keeper drops its copy, so nothing of
+the device is left. `discard` does the same to a connection a previous daemon left whose device
+cannot be reopened: its readers get EIO at once. `close` (the daemon exiting) keeps every connection
+that the keeper holds.
 """
 
 from __future__ import annotations
@@ -16,43 +24,54 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from bdserver.backends.base import Attached, Backend, Device, checked_read
-from bdserver.errors import KernelError
 from bdserver import mounts
+from bdserver.backends.base import Attached, Backend, Device
+from bdserver.backends.fuse_server import FuseServer
+from bdserver.errors import BdError, KernelError
 
 log = logging.getLogger(__name__)
 
-try:  # pyfuse3 needs libfuse3; without it the backend reports itself unavailable.
-    import pyfuse3
-    import trio
-except ImportError as _exc:  # pragma: no cover - depends on the host
-    pyfuse3 = None  # type: ignore[assignment]
-    _import_error = str(_exc)
-else:
-    _import_error = ""
+READ_AHEAD_KB = 4096  # kernel readahead on each FUSE bdi (INIT only lets us lower the kernel's 128 KiB)
+MIN_THREADS = 2
+MAX_THREADS = 32  # per device (as many as the kernel sends background READs, plus a few)
+FSTYPE = "fuse.bdserver"
+FD_PREFIX = "bdserver-fuse-"
+FUSECTL = "/sys/fs/fuse/connections"
+INIT_WAIT_S = 30.0
+JOIN_WAIT_S = 10.0
 
-READ_AHEAD_KB = 4096  # kernel readahead on the FUSE bdi (immutable content: generous is safe)
-WORKER_THREADS = 64  # concurrent device reads in flight
-MAX_TASKS = 256  # concurrent FUSE requests being handled
-TTL = 365 * 24 * 3600.0
-ROOT_INO = 1
+
+class FdKeeper(Protocol):
+    """Holds copies of fds across daemon restarts (implemented by bdserver.daemon.fdstore)."""
+
+    def keep(self, name: str, fd: int) -> None: ...
+
+    def take(self, name: str) -> int | None: ...
+
+    def drop(self, name: str) -> None: ...
+
+    def names(self) -> list[str]: ...
 
 
 @dataclass
-class _Node:
-    ino: int
-    name: bytes
-    parent: int
-    is_dir: bool
-    device: Device | None = None
-    children: dict[bytes, int] = field(default_factory=dict)
-    open_count: int = 0
+class _Conn:
+    """One device's FUSE connection: its fd, mount point, kernel connection id and server."""
+
+    dev_id: str
+    fd: int
+    mountpoint: str
+    major_minor: str
+    server: FuseServer
+    kept: bool = False  # a copy of fd is in the keeper
+
+    @property
+    def minor(self) -> str:
+        return self.major_minor.split(":")[1]
 
 
 def _kernel_release() -> tuple[int, int]:
@@ -70,150 +89,35 @@ def _filesystems() -> str:
         return ""
 
 
-class _Ops(pyfuse3.Operations if pyfuse3 else object):  # type: ignore[misc]
-    """The pyfuse3 operations of the device directory tree (root / <id> / disk)."""
-
-    def __init__(self, backend: FuseBackend) -> None:
-        super().__init__()
-        self.b = backend
-        self.limiter = trio.CapacityLimiter(WORKER_THREADS)
-
-    def _attr(self, node: _Node) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.generation = 0
-        a.entry_timeout = TTL
-        a.attr_timeout = TTL
-        a.st_uid = 0
-        a.st_gid = 0
-        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self.b.start_ns
-        a.st_blksize = 4096
-        if node.is_dir:
-            a.st_mode = stat.S_IFDIR | 0o500
-            a.st_nlink = 2
-            a.st_size = 0
-        else:
-            assert node.device is not None
-            a.st_mode = stat.S_IFREG | 0o400
-            a.st_nlink = 1
-            a.st_size = node.device.size
-            a.st_blocks = (node.device.size + 511) // 512
-        return a
-
-    def _node(self, ino: int) -> _Node:
-        node = self.b.nodes.get(ino)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return node
-
-    async def getattr(self, inode, ctx=None):  # noqa: ANN001 - pyfuse3 signature
-        return self._attr(self._node(inode))
-
-    async def lookup(self, parent_inode, name, ctx=None):  # noqa: ANN001
-        parent = self._node(parent_inode)
-        if name == b".":
-            return self._attr(parent)
-        if name == b"..":
-            return self._attr(self._node(parent.parent))
-        ino = parent.children.get(name)
-        if ino is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(self._node(ino))
-
-    async def opendir(self, inode, ctx):  # noqa: ANN001
-        if not self._node(inode).is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
-
-    async def readdir(self, fh, start_id, token):  # noqa: ANN001
-        node = self._node(fh)
-        with self.b.lock:  # attach/detach run in other threads
-            entries = sorted(node.children.items(), key=lambda kv: kv[1])
-        for name, ino in entries:
-            if ino <= start_id or ino not in self.b.nodes:
-                continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(self.b.nodes[ino]), ino):
-                break
-
-    async def releasedir(self, fh):  # noqa: ANN001
-        return None
-
-    async def open(self, inode, flags, ctx):  # noqa: ANN001
-        node = self._node(inode)
-        if node.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        with self.b.lock:
-            node.open_count += 1
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
-
-    async def read(self, fh, off, size):  # noqa: ANN001
-        node = self.b.nodes.get(fh)
-        if node is None or node.device is None:
-            raise pyfuse3.FUSEError(errno.EIO)
-        try:
-            return await trio.to_thread.run_sync(checked_read, node.device, off, size, limiter=self.limiter)
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-
-    async def write(self, fh, off, buf):  # noqa: ANN001
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    async def setattr(self, inode, attr, fields, fh, ctx):  # noqa: ANN001
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    async def release(self, fh):  # noqa: ANN001
-        node = self.b.nodes.get(fh)
-        if node is not None:
-            with self.b.lock:
-                node.open_count = max(0, node.open_count - 1)
-
-    async def statfs(self, ctx):  # noqa: ANN001
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        with self.b.lock:
-            nodes = list(self.b.nodes.values())
-        s.f_blocks = sum((n.device.size + 4095) // 4096 for n in nodes if n.device)
-        s.f_files = len(nodes)
-        s.f_namemax = 255
-        return s
-
-
 class FuseBackend(Backend):
-    """Serves devices as files on one FUSE mount per process."""
+    """Serves each device as a file on its own FUSE mount under ``<run_dir>/fuse``."""
 
     name = "fuse"
-    _session_owner: FuseBackend | None = None  # pyfuse3 allows one session per process
-    _session_lock = threading.Lock()
 
     def __init__(self, run_dir: str | None = None) -> None:
         self.run_dir = run_dir or os.environ.get("BDSERVER_RUN_DIR", "/run/bdserver")
+        self.keeper: FdKeeper | None = None
         self.lock = threading.RLock()
-        self.nodes: dict[int, _Node] = {}
-        self.by_id: dict[str, int] = {}
-        self._next_ino = ROOT_INO + 1
-        self._thread: threading.Thread | None = None
-        self._token = None
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
-        self.start_ns = time.time_ns()
+        self.conns: dict[str, _Conn] = {}
 
     # -- configuration -------------------------------------------------------------------------
-    def configure(self, *, run_dir: str | None = None, **_: object) -> None:
+    def configure(self, *, run_dir: str | None = None, fd_keeper: FdKeeper | None = None, **_: object) -> None:
         with self.lock:
             if run_dir and run_dir != self.run_dir:
-                if self.by_id:
+                if self.conns:
                     raise KernelError("cannot move the FUSE root while devices are attached")
                 self.run_dir = run_dir
+            if fd_keeper is not None:
+                self.keeper = fd_keeper
 
     @property
     def root(self) -> str:
         return os.path.join(self.run_dir, "fuse")
 
+    def mountpoint(self, dev_id: str) -> str:
+        return os.path.join(os.path.realpath(self.root), dev_id)
+
     def available(self) -> tuple[bool, str]:
-        if pyfuse3 is None:
-            return False, f"pyfuse3 is not importable ({_import_error}); install libfuse3 and pyfuse3"
         if not os.path.exists("/dev/fuse"):
             return False, "/dev/fuse is missing (modprobe fuse)"
         fs = _filesystems()
@@ -227,130 +131,209 @@ class FuseBackend(Backend):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def attach(self, device: Device, dev_id: str) -> Attached:
+        """Serve ``device`` as ``<root>/<dev_id>/disk``; take over the connection a previous daemon
+        left for this id if there is one (``extra["adopted"]``), else mount a new one."""
         if not dev_id or "/" in dev_id or dev_id.startswith("."):
             raise KernelError(f"invalid device id {dev_id!r}")
         with self.lock:
-            if dev_id in self.by_id:
+            if dev_id in self.conns:
                 raise KernelError(f"device {dev_id} is already attached")
-            self._ensure_started()
-            d_ino, f_ino = self._next_ino, self._next_ino + 1
-            self._next_ino += 2
-            self.nodes[d_ino] = _Node(d_ino, dev_id.encode(), ROOT_INO, True, children={b"disk": f_ino})
-            self.nodes[f_ino] = _Node(f_ino, b"disk", d_ino, False, device=device)
-            self.nodes[ROOT_INO].children[dev_id.encode()] = d_ino
-            self.by_id[dev_id] = d_ino
-        path = os.path.join(self.root, dev_id, "disk")
-        log.info("fuse: attached %s at %s (%d bytes)", dev_id, path, device.size)
-        return Attached(path=path, backend=self.name, dev_id=dev_id, extra={"fuse_root": self.root})
+            conn = self._adopt(dev_id, device) or self._mount(dev_id, device)
+            self.conns[dev_id] = conn
+        adopted = conn.server.resend_ok is not None
+        path = os.path.join(conn.mountpoint, "disk")
+        log.info("fuse: %s %s at %s (%d bytes)", "adopted" if adopted else "attached", dev_id, path, device.size)
+        return Attached(path=path, backend=self.name, dev_id=dev_id,
+                        extra={"fuse_root": self.root, "connection": conn.minor, "adopted": adopted})
+
+    def adoptable(self, dev_id: str) -> bool:
+        return self._leftover(dev_id) is not None
+
+    def discard(self, dev_id: str) -> None:
+        """A device the previous daemon served whose source cannot be reopened: unmount its FUSE mount,
+        abort the connection (what was queued and what comes fails at once: readers of the EROFS
+        mounts on it get EIO) and drop its fd from the keeper. Nothing of it is left."""
+        with self.lock:
+            conn = self.conns.pop(dev_id, None)
+        if conn is not None:
+            self._remove(conn.dev_id, conn.fd, conn.mountpoint, conn.major_minor, conn.server)
+            return
+        fd = self.keeper.take(FD_PREFIX + dev_id) if self.keeper is not None else None
+        mnt = self.mountpoint(dev_id)
+        found = _fuse_mount(mnt)
+        if fd is not None or found is not None:
+            log.warning("fuse: discarding %s: its readers get EIO", dev_id)
+        self._remove(dev_id, fd, mnt, found.major_minor if found else "", None)
+
+    def end_recovery(self, dev_ids: set[str]) -> None:
+        """Remove connections the keeper still holds for devices nobody took back."""
+        if self.keeper is None:
+            return
+        for name in self.keeper.names():
+            dev_id = name[len(FD_PREFIX):]
+            if not name.startswith(FD_PREFIX) or dev_id in dev_ids or dev_id in self.conns:
+                continue
+            log.warning("fuse: removing the leftover connection of unknown device %s", dev_id)
+            self.discard(dev_id)
 
     def detach(self, attached: Attached) -> None:
         with self.lock:
-            d_ino = self.by_id.pop(attached.dev_id, None)
-            if d_ino is None:
-                return
-            d = self.nodes.pop(d_ino, None)
-            f_ino = d.children.get(b"disk") if d else None
-            f = self.nodes.pop(f_ino, None) if f_ino else None
-            self.nodes[ROOT_INO].children.pop(attached.dev_id.encode(), None)
-            in_use = f is not None and f.open_count > 0
-            last = not self.by_id
-        if in_use:
-            log.info("fuse: %s detached while a handle is open (an unmount releases asynchronously)", attached.dev_id)
-        if last:
-            self._stop()
-        elif pyfuse3 is not None and d_ino is not None:
-            try:
-                pyfuse3.invalidate_entry_async(ROOT_INO, attached.dev_id.encode(), deleted=d_ino,
-                                               ignore_enoent=True)
-            except Exception as exc:  # noqa: BLE001 - best effort: the entry is gone from our table anyway
-                log.debug("fuse: invalidate %s: %s", attached.dev_id, exc)
-        log.info("fuse: detached %s", attached.dev_id)
+            conn = self.conns.pop(attached.dev_id, None)
+        if conn is None:
+            return
+        self._remove(conn.dev_id, conn.fd, conn.mountpoint, conn.major_minor, conn.server)
+        log.info("fuse: detached %s", conn.dev_id)
 
     def close(self) -> None:
+        """The daemon is exiting: connections in the keeper stay for the next daemon, the rest go."""
         with self.lock:
-            self.by_id.clear()
-        self._stop()
+            conns = list(self.conns.values())
+            self.conns.clear()
+        for conn in conns:
+            if conn.kept:
+                conn.server.release()
+                log.info("fuse: %s left to the next daemon", conn.dev_id)
+            else:
+                self._remove(conn.dev_id, conn.fd, conn.mountpoint, conn.major_minor, conn.server)
 
-    # -- the FUSE session thread ---------------------------------------------------------------
-    def _ensure_started(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        ok, reason = self.available()
-        if not ok:
-            raise KernelError(f"FUSE backend unavailable: {reason}")
-        with FuseBackend._session_lock:
-            owner = FuseBackend._session_owner
-            if owner is not None and owner is not self and owner._thread is not None:
-                raise KernelError("another FUSE backend instance already serves this process")
-            FuseBackend._session_owner = self
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        # A previous daemon that died leaves a dead mount (ENOTCONN): clear it first.
-        if mounts.is_mountpoint(self.root):
-            log.warning("fuse: stale mount at %s, detaching it", self.root)
-            mounts.unmount(self.root, retries=1)
-        self.nodes = {ROOT_INO: _Node(ROOT_INO, b"", ROOT_INO, True)}
-        self._ready = threading.Event()
-        self._start_error = None
-        self._thread = threading.Thread(target=self._run, name="bdserver-fuse", daemon=True)
-        self._thread.start()
-        self._ready.wait(30)
-        if self._start_error is not None or not self._ready.is_set():
-            self._thread = None
-            raise KernelError(f"cannot mount FUSE at {self.root}: {self._start_error or 'timed out'}")
-        self._tune_bdi()
+    def connection_id(self, dev_id: str) -> str | None:
+        """The /sys/fs/fuse/connections entry of a device's live mount, if attached."""
+        conn = self.conns.get(dev_id)
+        return conn.minor if conn is not None else None
 
-    def _run(self) -> None:
-        ops = _Ops(self)
-        options = set(pyfuse3.default_options) | {"fsname=bdserver", "subtype=bdserver", "ro", "allow_other"}
+    # -- connections ---------------------------------------------------------------------------
+    def _server(self, fd: int, dev_id: str, device: Device, major_minor: str) -> FuseServer:
+        return FuseServer(fd, device, name=dev_id, min_threads=MIN_THREADS, max_threads=MAX_THREADS,
+                          on_init=lambda _init: self._tune_bdi(major_minor))
+
+    def _leftover(self, dev_id: str) -> str | None:
+        """The major:minor of a live FUSE mount a previous daemon left for ``dev_id`` whose fd the
+        keeper holds; None if there is nothing to take over."""
+        if self.keeper is None or FD_PREFIX + dev_id not in self.keeper.names():
+            return None
+        found = _fuse_mount(self.mountpoint(dev_id))
+        return found.major_minor if found else None
+
+    def _adopt(self, dev_id: str, device: Device) -> _Conn | None:
+        major_minor = self._leftover(dev_id)
+        if major_minor is None or self.keeper is None:
+            return None
+        fd = self.keeper.take(FD_PREFIX + dev_id)
+        if fd is None:
+            return None
+        server = self._server(fd, dev_id, device, major_minor)
+        server.start(resend=True)
+        self._tune_bdi(major_minor)
+        return _Conn(dev_id, fd, self.mountpoint(dev_id), major_minor, server, kept=True)
+
+    def _mount(self, dev_id: str, device: Device) -> _Conn:
+        mnt = self.mountpoint(dev_id)
+        while (stale := _fuse_mount(mnt)) is not None:  # died with an earlier daemon (ENOTCONN)
+            log.warning("fuse: stale mount at %s, detaching it", mnt)
+            _unmount(mnt)
+            _abort(stale.major_minor.split(":")[1])
+        os.makedirs(mnt, mode=0o700, exist_ok=True)
+        if self.keeper is not None and (old := self.keeper.take(FD_PREFIX + dev_id)) is not None:
+            os.close(old)  # its mount is gone: nothing to take over
+            self.keeper.drop(FD_PREFIX + dev_id)
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         try:
-            pyfuse3.init(ops, self.root, options)
-        except BaseException as exc:  # noqa: BLE001 - reported to the attaching thread
-            self._start_error = exc
-            self._ready.set()
+            opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
+            mounts.sys_mount("bdserver", mnt, FSTYPE, mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV, opts)
+        except OSError as exc:
+            os.close(fd)
+            raise KernelError(f"cannot mount FUSE at {mnt}: {exc.strerror}") from exc
+        found = _fuse_mount(mnt)
+        major_minor = found.major_minor if found else ""
+        server = self._server(fd, dev_id, device, major_minor)
+        conn = _Conn(dev_id, fd, mnt, major_minor, server)
+        try:
+            if self.keeper is not None:  # first, so that a crash from here on loses nothing
+                try:
+                    self.keeper.keep(FD_PREFIX + dev_id, fd)
+                    conn.kept = True
+                except (BdError, OSError) as exc:
+                    log.warning("fuse: %s will not survive a daemon restart: %s", dev_id, exc)
+            server.start()
+            if not server.inited.wait(INIT_WAIT_S):
+                raise KernelError(f"the kernel never sent INIT on {mnt}")
+        except BaseException:
+            self._remove(dev_id, fd, mnt, major_minor, server)
+            raise
+        return conn
+
+    def _remove(self, dev_id: str, fd: int | None, mnt: str, major_minor: str, server: FuseServer | None) -> None:
+        """Unmount, abort what is still connected, end the threads, close and forget the fd."""
+        if server is not None:
+            server.release()
+        if _fuse_mount(mnt) is not None:
+            _unmount(mnt)
+        if major_minor:
+            _abort(major_minor.split(":")[1])
+        if fd is not None:
+            if server is None or server.join(JOIN_WAIT_S):
+                os.close(fd)
+            else:  # a reader still waits for its device read: its late reply must not hit a reused fd
+                log.warning("fuse: %s: %d readers still busy; the fd closes when they end", dev_id, server.threads)
+                threading.Thread(target=_close_after, args=(server, fd), daemon=True).start()
+        if self.keeper is not None:
+            self.keeper.drop(FD_PREFIX + dev_id)
+        try:
+            os.rmdir(mnt)
+        except OSError:
+            pass
+
+    def _tune_bdi(self, major_minor: str) -> None:
+        """Raise readahead on the connection's bdi (INIT only lets us lower the kernel's 128 KiB)."""
+        if not major_minor:
             return
         try:
-            trio.run(self._trio_main)
-        except BaseException as exc:  # noqa: BLE001
-            log.error("fuse: main loop failed: %s", exc)
-        finally:
-            try:
-                pyfuse3.close(unmount=True)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("fuse: close: %s", exc)
+            Path(f"/sys/class/bdi/{major_minor}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
+        except OSError as exc:
+            log.debug("fuse: read_ahead_kb of %s: %s", major_minor, exc)
 
-    async def _trio_main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._ready.set()
-        await pyfuse3.main(min_tasks=8, max_tasks=MAX_TASKS)
 
-    def _stop(self) -> None:
-        thread, token = self._thread, self._token
-        if thread is None:
-            return
-        if token is not None and thread.is_alive():
-            try:
-                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
-            except (trio.RunFinishedError, RuntimeError) as exc:
-                log.debug("fuse: terminate: %s", exc)
-        thread.join(30)
-        self._thread = None
-        self._token = None
-        # pyfuse3.close() detaches lazily; make sure nothing of ours is left mounted.
-        if mounts.is_mountpoint(self.root):
-            mounts.unmount(self.root, retries=5)
-        log.info("fuse: unmounted %s", self.root)
+def _close_after(server: FuseServer, fd: int) -> None:
+    server.join(None)
+    os.close(fd)
 
-    def _tune_bdi(self) -> None:
-        """Raise readahead on the FUSE bdi (the kernel offers only 128 KiB at INIT)."""
-        for m in mounts.find_mounts(target=self.root):
-            p = Path(f"/sys/class/bdi/{m.major_minor}/read_ahead_kb")
-            try:
-                p.write_text(str(READ_AHEAD_KB))
-            except OSError as exc:
-                log.debug("fuse: read_ahead_kb: %s", exc)
 
-    def connection_id(self) -> str | None:
-        """The /sys/fs/fuse/connections entry of the live mount (its device minor), if mounted."""
-        for m in mounts.find_mounts(target=self.root):
-            return m.major_minor.split(":")[1]
-        return None
+def _fuse_mount(mnt: str) -> mounts.MountInfo | None:
+    """Our FUSE mount at ``mnt`` (an absolute real path), from mountinfo alone: stat()ing a mount
+    point whose server is not running would wait for an answer that never comes."""
+    return next((m for m in mounts.list_mounts() if m.target == mnt and m.fstype == FSTYPE), None)
+
+
+def _unmount(mnt: str) -> None:
+    try:
+        mounts.sys_umount(mnt, mounts.MNT_DETACH)
+    except OSError as exc:
+        log.warning("fuse: unmount %s: %s", mnt, exc)
+
+
+def _abort(minor: str) -> None:
+    """Abort a connection that outlived its unmount (a file on it is still open): its waiters get an
+    error at once and our readers wake up. No-op when the connection is already gone."""
+    if not os.path.isdir(FUSECTL) or not os.listdir(FUSECTL):
+        _mount_fusectl()
+    path = os.path.join(FUSECTL, minor, "abort")
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+        log.info("fuse: aborted connection %s", minor)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("fuse: abort connection %s: %s", minor, exc)
+
+
+def _mount_fusectl() -> None:
+    """Mount fusectl at its standard place (systemd does it at boot) so that connections can be aborted."""
+    if any(m.target == FUSECTL for m in mounts.list_mounts()):
+        return
+    try:
+        mounts.sys_mount("fusectl", FUSECTL, "fusectl")
+    except OSError as exc:
+        log.debug("fuse: mount fusectl: %s", exc)
+

@@ -22,6 +22,7 @@ from bdserver.config import Config
 from bdserver.daemon.logs import device_event
 from bdserver.daemon.metrics import Events, MeteredDevice
 from bdserver.daemon.owner import Owner
+from bdserver.daemon.fdstore import FdStore
 from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
 from bdserver.errors import BadTarget, BdError, DeviceBusy, NoSuchDevice
 from bdserver.images.opener import OpenedImage, open_image
@@ -41,9 +42,10 @@ class _Live:
 
 
 class DeviceManager:
-    def __init__(self, cfg: Config, services: NodeServices) -> None:
+    def __init__(self, cfg: Config, services: NodeServices, fd_keeper: FdStore | None = None) -> None:
         self.cfg = cfg
         self.services = services
+        self.fd_keeper = fd_keeper  # connections that outlive this process (FUSE)
         self.lock = threading.RLock()
         self.records: dict[str, DeviceRecord] = {}
         self.live: dict[str, _Live] = {}
@@ -64,7 +66,7 @@ class DeviceManager:
 
     def _backend(self, name: str) -> Backend:
         b = pick_backend(name or self.cfg.backend)
-        b.configure(run_dir=self.cfg.run_dir)
+        b.configure(run_dir=self.cfg.run_dir, fd_keeper=self.fd_keeper)
         return b
 
     def find(self, key: str) -> DeviceRecord:
@@ -331,37 +333,39 @@ class DeviceManager:
 
     # -- restart -------------------------------------------------------------------------------
     def recover(self) -> None:
-        """Take back the devices in saved state: reopen the pinned images, re-attach under the same ids
-        and paths, and redo their mounts (stale mounts over a dead FUSE connection are detached first)."""
+        """Take back the devices in saved state: reopen the pinned images and re-attach under the same
+        ids and paths. A device whose backend still serves it from the previous daemon (a FUSE
+        connection kept in the fd store) is adopted and its mounts stay: containers keep running.
+        Otherwise stale mounts are detached and redone. A device whose source cannot be reopened
+        shows as ``error``, loses its mounts and is discarded: its I/O fails instead of hanging."""
         self.records = load_state(self.cfg.state_file)
-        for rec in self.records.values():
-            for m in rec.mounts:
-                for t in ([m.target] if m.lower_only else [m.target, m.lower]):
-                    if mounts.is_mountpoint(t):
-                        log.info("recover %s: detaching stale mount %s", rec.id, t)
-                        try:
-                            mounts.unmount(t, retries=3)
-                        except BdError as exc:
-                            log.warning("recover %s: %s", rec.id, exc)
         for rec in list(self.records.values()):
+            keep = False
             try:
+                backend = self._backend(rec.backend)
+                keep = backend.adoptable(rec.id)
+                if not keep:
+                    self._unmount_stale(rec)
                 live, _ = self._attach_record(rec, rec.pin or None)
                 self.live[rec.id] = live
-                for m in rec.mounts:
-                    if m.lower_only:
-                        mounts.mount_erofs(rec.path, m.target)
-                    else:
-                        mounts.mount_erofs(rec.path, m.lower)
-                        mounts.mount_overlay(m.lower, m.upper, m.work, m.target)
+                self._remount(rec, keep=keep and bool(live.attached.extra.get("adopted")))
                 rec.status, rec.error = "attached", ""
-                log.info("recovered %s ref=%s path=%s mounts=%d", rec.id, rec.ref, rec.path, len(rec.mounts),
-                         extra=device_event("recover", rec))
+                log.info("recovered %s ref=%s path=%s mounts=%d%s", rec.id, rec.ref, rec.path, len(rec.mounts),
+                         " (adopted: mounts kept)" if keep else "", extra=device_event("recover", rec))
                 self.events.add("recovery", "ok")
             except Exception as exc:  # noqa: BLE001 - one bad device must not stop the others
                 rec.status, rec.error = "error", str(exc)
                 log.error("recover %s failed: %s", rec.id, exc, extra=device_event("recover_failed", rec))
                 self.events.add("recovery", "failed")
+                if keep:
+                    self._unmount_stale(rec)
                 self._discard(rec)
+        for name in BACKEND_NAMES:
+            b = get_backend(name)
+            b.configure(run_dir=self.cfg.run_dir, fd_keeper=self.fd_keeper)
+            b.end_recovery({r.id for r in self.records.values() if r.backend == name})
+        if self.fd_keeper is not None:
+            self.fd_keeper.close_unused()
         self._save()
         self.collect_conversions()
 
@@ -375,26 +379,46 @@ class DeviceManager:
         except OSError as exc:
             log.warning("collecting on-node conversions: %s", exc)
 
+    def _unmount_stale(self, rec: DeviceRecord) -> None:
+        for m in rec.mounts:
+            for t in ([m.target] if m.lower_only else [m.target, m.lower]):
+                if mounts.is_mountpoint(t):
+                    log.info("recover %s: detaching stale mount %s", rec.id, t)
+                    try:
+                        mounts.unmount(t, retries=3)
+                    except BdError as exc:
+                        log.warning("recover %s: %s", rec.id, exc)
+
+    def _remount(self, rec: DeviceRecord, keep: bool) -> None:
+        """Mount what is missing; with ``keep`` the mounts still on the adopted device stay."""
+        for m in rec.mounts:
+            if keep and all(mounts.is_mountpoint(t) for t in ([m.target] if m.lower_only else [m.target, m.lower])):
+                continue
+            if m.lower_only:
+                mounts.mount_erofs(rec.path, m.target)
+            else:
+                mounts.mount_erofs(rec.path, m.lower)
+                mounts.mount_overlay(m.lower, m.upper, m.work, m.target)
+
     def shutdown(self) -> None:
-        """Stop serving (devices stay in state, to be re-attached by the next daemon)."""
+        """Stop serving (devices stay in state, to be re-attached by the next daemon). Backends stop
+        first, so that no request is answered from a device being closed."""
         with self.lock:
             lives = list(self.live.values())
             self.live.clear()
-        seen: set[int] = set()
+            used = {id(live.backend) for live in lives}
+        for name in ("fuse", "tcmu", "ublk"):
+            b = get_backend(name)
+            if id(b) in used:
+                try:
+                    b.close()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("backend %s close: %s", name, exc)
         for live in lives:
             try:
                 live.opened.close()
             except Exception:  # noqa: BLE001
                 pass
-            if id(live.backend) not in seen:
-                seen.add(id(live.backend))
-        for name in ("fuse", "tcmu", "ublk"):
-            b = get_backend(name)
-            if id(b) in seen:
-                try:
-                    b.close()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("backend %s close: %s", name, exc)
 
 
 def _rmdir(path: str) -> None:

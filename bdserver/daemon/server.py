@@ -18,6 +18,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from bdserver.config import Config
+from bdserver.daemon.fdstore import open_store
 from bdserver.daemon.manager import DeviceManager
 from bdserver.daemon.metrics import count_requests
 from bdserver.daemon.prometheus import start_metrics
@@ -135,7 +136,7 @@ def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
         raise DaemonError(f"another bdserver daemon already uses {cfg.state_dir}") from exc
     _preload()
     services = NodeServices.from_config(cfg)
-    mgr = DeviceManager(cfg, services)
+    mgr = DeviceManager(cfg, services, fd_keeper=open_store(cfg.run_dir))
     mgr.recover()
     srv = _bind(cfg.socket)
     metrics = start_metrics(cfg, mgr, services)

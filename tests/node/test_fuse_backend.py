@@ -1,12 +1,14 @@
 """The FUSE backend on the real kernel: EROFS file-backed mount of the served file, concurrency with a
-parked slow miss, EIO on failed reads, and clean teardown."""
+parked slow miss, EIO on failed reads, and clean teardown (no mount, connection or thread left)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -37,14 +39,45 @@ class FaultyDevice:
         return self.inner.read(offset, length)
 
 
+class ParkingDevice:
+    """Wraps a device: every read waits for ``gate`` (a registry fetch that does not come back);
+    ``waiting`` counts the reads parked right now."""
+
+    def __init__(self, inner, gate: threading.Event) -> None:
+        self.inner, self.gate, self.size = inner, gate, inner.size
+        self.waiting = 0
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            self.waiting += 1
+        try:
+            assert self.gate.wait(120), "gate never opened"
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        return self.inner.read(offset, length)
+
+
+def wait_until(probe: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe():
+            return True
+        time.sleep(0.05)
+    return probe()
+
+
 def test_erofs_mount_of_fuse_file_equals_source(fuse_backend, erofs_image, tmp_path: Path) -> None:
     image, src = erofs_image
     loops = loop_count()
     dev = VirtualDevice.from_files([str(image)])
     att = fuse_backend.attach(dev, "t0")
     assert os.stat(att.path).st_size == image.stat().st_size
-    conn = fuse_backend.connection_id()
+    conn = fuse_backend.connection_id("t0")
     assert conn is not None and conn in fuse_connections()
+    fuse_mnt = fuse_backend.mountpoint("t0")
+    assert mounts.find_mounts(target=fuse_mnt)[0].fstype == "fuse.bdserver"
     target = tmp_path / "mnt" / "t0"
     how = mounts.mount_erofs(att.path, str(target))
     assert how == "file"  # file-backed EROFS: no loop device
@@ -57,9 +90,9 @@ def test_erofs_mount_of_fuse_file_equals_source(fuse_backend, erofs_image, tmp_p
         mounts.unmount(str(target))
     fuse_backend.detach(att)
     dev.close()
-    assert not mounts.find_mounts(target=fuse_backend.root)
+    assert not mounts.find_mounts(target=fuse_mnt)
     assert conn not in fuse_connections()
-    assert not fuse_backend.by_id and fuse_backend._thread is None
+    assert not fuse_backend.conns and not os.path.exists(fuse_mnt)
 
 
 def test_file_semantics_and_read_only(fuse_backend, tmp_path: Path) -> None:
@@ -183,3 +216,55 @@ def test_erofs_over_failing_device_gives_eio_to_reader(fuse_backend, erofs_image
     finally:
         mounts.unmount(str(target))
         fuse_backend.detach(att)
+
+
+def test_slow_device_cannot_starve_another_device(fuse_backend, tmp_path: Path) -> None:
+    """Issue 9.3: a device whose every read waits on a slow fetch ties up only its own readers; another
+    device keeps answering its reads (bounded wait, not a speed assert)."""
+    size = 16 * MiB
+    slow_raw, fast_raw = tmp_path / "slow", tmp_path / "fast"
+    slow_raw.write_bytes(os.urandom(size))
+    fast_raw.write_bytes(os.urandom(size))
+    fast_data = fast_raw.read_bytes()
+    gate = threading.Event()
+    slow_dev = ParkingDevice(FileDevice(str(slow_raw)), gate)
+    slow = fuse_backend.attach(slow_dev, "slowdev")
+    fast = fuse_backend.attach(FileDevice(str(fast_raw)), "fastdev")
+    errors: list[BaseException] = []
+
+    def pread(path: str, off: int, out: dict[int, bytes]) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # one FUSE request per page
+                out[off] = os.pread(fd, 4096, off)
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    slow_out: dict[int, bytes] = {}
+    parked = [threading.Thread(target=pread, args=(slow.path, i * 64 * 1024, slow_out)) for i in range(96)]
+    try:
+        for t in parked:
+            t.start()
+        assert wait_until(lambda: slow_dev.waiting >= 8, 30), "the slow device's reads never reached it"
+        time.sleep(1.0)  # let every reader that can take a slow request take one
+        fast_out: dict[int, bytes] = {}
+        readers = [threading.Thread(target=pread, args=(fast.path, i * 256 * 1024, fast_out)) for i in range(32)]
+        for t in readers:
+            t.start()
+        deadline = time.monotonic() + 20  # generous: proves "not stuck behind the other device", not speed
+        for t in readers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in readers), \
+            f"reads of one device waited behind {slow_dev.waiting} parked reads of another"
+        assert not errors
+        assert all(fast_out[o] == fast_data[o:o + 4096] for o in fast_out) and len(fast_out) == 32
+    finally:
+        gate.set()
+        for t in parked:
+            t.join(60)
+    assert not errors and len(slow_out) == 96
+    fuse_backend.detach(slow)
+    fuse_backend.detach(fast)
