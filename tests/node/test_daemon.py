@@ -95,7 +95,7 @@ def test_restart_reattaches_from_state(daemon, erofs_image, tmp_path: Path) -> N
         [(d["id"], d["path"], d["mounts"], d["status"]) for d in before]
     assert (target / "kept").read_text() == "survives a restart\n"
     assert (target / "text").read_text() == "hello bdserver 1\n"
-    # crash (SIGKILL) and restart: stale FUSE and EROFS mounts are replaced
+    # crash (SIGKILL) and restart: the FUSE connection is taken over from the fd store, its mounts stay
     daemon.kill()
     daemon.start()
     after = daemon.json("ls")

@@ -227,9 +227,9 @@ def test_slow_device_cannot_starve_another_device(fuse_backend, tmp_path: Path) 
     fast_raw.write_bytes(os.urandom(size))
     fast_data = fast_raw.read_bytes()
     gate = threading.Event()
-    slow_dev = ParkingDevice(FileDevice(str(slow_raw)), gate)
+    slow_dev = ParkingDevice(VirtualDevice.from_files([str(slow_raw)]), gate)
     slow = fuse_backend.attach(slow_dev, "slowdev")
-    fast = fuse_backend.attach(FileDevice(str(fast_raw)), "fastdev")
+    fast = fuse_backend.attach(VirtualDevice.from_files([str(fast_raw)]), "fastdev")
     errors: list[BaseException] = []
 
     def pread(path: str, off: int, out: dict[int, bytes]) -> None:
