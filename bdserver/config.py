@@ -18,6 +18,12 @@ way). Example ``/etc/bdserver/config.toml``::
     prefetch_chunks = 12                 # fetch-ahead after a miss (0: off)
     prefetch_inflight = 12               # fetch-ahead requests on the wire per device
     prefetch_run = 1                     # chunks per fetch-ahead request
+    trace_replay = true                  # replay a trusted start trace on attach (bdserver optimize)
+    trace_inflight = 8                   # replay requests on the wire per device
+    trace_run_bytes = 1048576            # on-blob bytes per replay request at most
+    trace_window_bytes = 4194304         # trace order is kept between windows of this many bytes
+    trace_gap_chunks = 2                 # chunks outside the trace fetched to merge two runs
+    trace_max_bytes = 536870912          # on-blob bytes one replay may pull at most
     converted_keep_s = 604800            # on-node conversions unused this long are removed
 
     [token_realms]                       # token servers on another host than their registry
@@ -59,6 +65,12 @@ class Config:
     prefetch_chunks: int = 12
     prefetch_inflight: int = 12
     prefetch_run: int = 1
+    trace_replay: bool = True
+    trace_inflight: int = 8
+    trace_run_bytes: int = 1 << 20
+    trace_window_bytes: int = 4 << 20
+    trace_gap_chunks: int = 2
+    trace_max_bytes: int = 512 << 20
     converted_keep_s: float = 7 * 24 * 3600.0
     daemon_start_wait_s: float = 30.0  # how long attach/mount wait for a daemon they started
     source_path: str = ""  # the file this config came from (for spawning the daemon with it)

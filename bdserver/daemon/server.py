@@ -145,6 +145,7 @@ def serve(cfg: Config) -> int:
         "detach": mgr.detach,
         "ls": mgr.ls,
         "stats": mgr.stats,
+        "trace": mgr.trace,
         "shutdown": shutdown,
         "cache_prune": services.prune_cache,
     }

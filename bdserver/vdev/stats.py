@@ -32,6 +32,10 @@ class FetchStats:
     prefetched_chunks: int = 0
     prefetch_errors: int = 0  # failed fetch-aheads: logged and counted, never raised to a reader
     prefetch_used: int = 0  # prefetched chunks a reader later asked for
+    replay_fetches: int = 0  # start-trace replay requests issued (also counted in `fetches`)
+    replayed_chunks: int = 0
+    replay_errors: int = 0  # failed replay requests: logged and counted, never raised to a reader
+    replay_used: int = 0  # replayed chunks a reader later asked for
 
 
 class Counter:
