@@ -189,6 +189,7 @@ class FuseBackend(Backend):
 
     def __init__(self, run_dir: str | None = None) -> None:
         self.run_dir = run_dir or os.environ.get("BDSERVER_RUN_DIR", "/run/bdserver")
+        self.read_ahead_kb = READ_AHEAD_KB  # config fuse_read_ahead_kb (DeviceManager configures it)
         self.lock = threading.RLock()
         self.nodes: dict[int, _Node] = {}
         self.by_id: dict[str, int] = {}
@@ -200,8 +201,10 @@ class FuseBackend(Backend):
         self.start_ns = time.time_ns()
 
     # -- configuration -------------------------------------------------------------------------
-    def configure(self, *, run_dir: str | None = None, **_: object) -> None:
+    def configure(self, *, run_dir: str | None = None, read_ahead_kb: int | None = None, **_: object) -> None:
         with self.lock:
+            if read_ahead_kb is not None:
+                self.read_ahead_kb = read_ahead_kb
             if run_dir and run_dir != self.run_dir:
                 if self.by_id:
                     raise KernelError("cannot move the FUSE root while devices are attached")
@@ -345,7 +348,7 @@ class FuseBackend(Backend):
         for m in mounts.find_mounts(target=self.root):
             p = Path(f"/sys/class/bdi/{m.major_minor}/read_ahead_kb")
             try:
-                p.write_text(str(READ_AHEAD_KB))
+                p.write_text(str(self.read_ahead_kb))
             except OSError as exc:
                 log.debug("fuse: read_ahead_kb: %s", exc)
 

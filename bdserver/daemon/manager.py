@@ -59,7 +59,7 @@ class DeviceManager:
 
     def _backend(self, name: str) -> Backend:
         b = pick_backend(name or self.cfg.backend)
-        b.configure(run_dir=self.cfg.run_dir)
+        b.configure(run_dir=self.cfg.run_dir, read_ahead_kb=self.cfg.fuse_read_ahead_kb)
         return b
 
     def find(self, key: str) -> DeviceRecord:

@@ -49,7 +49,7 @@ def find_trace(services: NodeServices, store: ImageStore, lazy_digest: str) -> F
     except BdError as e:
         log.warning("start traces of %s not listed: %s", lazy_digest, e.user_message())
         return FoundTrace(None, note=f"no start trace (listing failed: {e})")
-    refused = f"; refused: {'; '.join(found.refused)}" if found.refused else ""
+    refused = "".join(f"; start trace {d} refused: {why}" for d, why in found.refused)
     if found.descriptor is None:
         what = f"{found.untrusted} untrusted" if found.untrusted else "none"
         return FoundTrace(None, note=f"no trusted start trace ({what}){refused}")

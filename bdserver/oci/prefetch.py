@@ -35,7 +35,7 @@ class TraceLookup:
     descriptor: Descriptor | None = None  # the trace manifest
     data: bytes = b""  # the trace blob, verified against its digest
     why: str = ""  # why it is trusted
-    refused: list[str] = field(default_factory=list)  # trusted, but unusable: "digest: reason"
+    refused: list[tuple[str, str]] = field(default_factory=list)  # trusted but unusable: (digest, why)
     untrusted: int = 0
 
 
@@ -97,7 +97,7 @@ def find_start_trace(store: ImageStore, lazy_digest: str, policy: TrustPolicy, *
         try:
             out.data = _load(store, cand, lazy_digest, max_bytes)
         except BdError as e:
-            out.refused.append(f"{cand.digest}: {e}")
+            out.refused.append((cand.digest, str(e)))
             log.warning("start trace %s of %s refused: %s", cand.digest, lazy_digest, e.user_message())
             return False
         out.descriptor, out.why = cand, why

@@ -90,8 +90,8 @@ def test_a_tampered_trace_is_refused_and_the_next_trusted_one_used(registry_sess
     policy = TrustPolicy(state_dir=tmp_path, allowed={good.digest, bad.digest})
     found = find_start_trace(repo, lz.digest, policy)
     assert found.descriptor is not None and found.descriptor.digest == good.digest
-    assert len(found.refused) == 1 and found.refused[0].startswith(bad.digest)
-    assert "digest mismatch" in found.refused[0]
+    assert len(found.refused) == 1 and found.refused[0][0] == bad.digest
+    assert "digest mismatch" in found.refused[0][1]
 
 
 def test_an_oversized_trace_is_refused_before_it_is_fetched(registry_session, tmp_path,
@@ -107,7 +107,7 @@ def test_an_oversized_trace_is_refused_before_it_is_fetched(registry_session, tm
     fault_proxy.stats.reset()
     found = find_start_trace(repo, lz.digest, TrustPolicy(state_dir=tmp_path, allowed={t.digest}))
     assert found.descriptor is None
-    assert len(found.refused) == 1 and "at most 4194304 are accepted" in found.refused[0]
+    assert len(found.refused) == 1 and "at most 4194304 are accepted" in found.refused[0][1]
     assert fault_proxy.stats.requests(f"/blobs/{dg}") == 0
     with pytest.raises(Exception, match="larger than"):
         publish_start_trace(repo, lz, big)
@@ -124,4 +124,4 @@ def test_a_trace_of_another_lazy_image_is_refused(registry_session, tmp_path) ->
 
     update_referrers_tag(repo, lz.digest, add=t)
     found = find_start_trace(repo, lz.digest, TrustPolicy(state_dir=tmp_path, allowed={t.digest}))
-    assert found.descriptor is None and "subject is not" in found.refused[0]
+    assert found.descriptor is None and "subject is not" in found.refused[0][1]
