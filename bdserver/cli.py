@@ -154,7 +154,17 @@ def _services(args: argparse.Namespace) -> "NodeServices":
 def cmd_convert(args: argparse.Namespace) -> int:
     from bdserver.images.commands import convert
 
-    r = convert(_services(args), args.source, args.dest)
+    trace = None
+    if args.startup_trace:
+        from bdserver.blob.starttrace import MAX_TRACE_BYTES, StartTrace
+
+        try:
+            with open(args.startup_trace, "rb") as f:
+                data = f.read(MAX_TRACE_BYTES + 1)
+        except OSError as exc:
+            raise BadReference(f"cannot read the start trace {args.startup_trace}: {exc.strerror}") from None
+        trace = StartTrace.parse(data, name=f"start trace {args.startup_trace}")
+    r = convert(_services(args), args.source, args.dest, trace)
     _emit(args, r, r.get("summary", ""))
     return 0
 
@@ -212,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("convert", cmd_convert, "convert a tar image to a lazy EROFS image (no DEST: push as referrer)")
     sp.add_argument("source", metavar="SOURCE")
     sp.add_argument("dest", nargs="?", metavar="DEST")
+    sp.add_argument("--startup-trace", metavar="TRACE",
+                    help="lay the layers out by this start trace (bdserver optimize --output) and publish it")
     sp = add("attach", cmd_attach, "attach an image as a device; prints the device path and id")
     sp.add_argument("ref", metavar="REF")
     sp.add_argument("--backend", choices=BACKENDS, default="", help="default: the config's backend (auto)")

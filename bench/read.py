@@ -9,15 +9,20 @@
    preads across the big files (1 and 8 threads). Target: warm sequential >= 0.8x loop.
 2. Cold start over a WAN-like link (100 Mbit/s tbf both ways + 20 ms RTT from a delay proxy, in a
    network namespace of this run; see bench/_wan.py): `bdserver mount REF DIR` with an empty chunk
-   cache (the daemon is started fresh before each run, its startup timed separately) until
-   `chroot DIR python3 -c 1` is done, against pull-and-unpack of the same image over the same link
-   (parallel HTTP GETs of the compressed layers, then `tar -xzf` of each layer, then the same
-   chroot). Also a streamed baseline (each layer piped from the GET into `tar -xz`, layer by layer).
-   Target: cold start <= 0.25x pull-and-unpack. Bytes: bdserver's own count (stats) and what the
-   proxy relayed from the registry, against the image's compressed size.
+   cache (the daemon is started fresh before each run, its startup timed separately) until the
+   start (`python3 -c 1`; with `--image app` the imports of numpy, scipy, pandas, matplotlib) is
+   done in `chroot DIR`, twice: without a start trace (fetch-ahead after misses) and replaying the
+   trace `bdserver optimize` recorded (under runc, before the cold runs); against pull-and-unpack
+   of the same image over the same link (parallel HTTP GETs of the compressed layers, `tar -xzf` of
+   each layer, the same start). Also a streamed baseline (each layer piped from the GET into
+   `tar -xz`). Targets: <= 0.18x without a trace, <= 0.12x with one (`--image app`: <= 0.15x with
+   one). Per start: range requests, bytes fetched (bdserver's stats and the proxy's count), bytes
+   the kernel read, chunks fetched ahead that were used and wasted; and what the start reads on a
+   loop device with 128 KiB readahead (no bdserver), compressed (bench/_startreads.py), against
+   which the bytes fetched with a trace have a target of <= 1.3x.
 
 Run (root): ``.venv/bin/python bench/read.py [--quick] [--json] [--skip-wan] [--runs N]
-[--image big|sample]``. Every figure is the median of N runs (default 3); other people's work on the
+[--image big|sample|app] [--no-trace] [--config KEY=VALUE]``. Every figure is the median of N runs (default 3); other people's work on the
 machine makes single runs noisy. Namespaces, mounts, loop devices and the daemon this run started are
 removed at the end, also on failure or Ctrl-C.
 
@@ -749,7 +754,9 @@ def report(res: dict[str, Any]) -> str:
                 continue
             line(f"{label}: daemon startup (not in the total)", rows, "daemon_startup")
             line(f"{label}: bdserver mount REF DIR (cold cache)", rows, "mount")
+            line("  of which daemon CPU seconds", rows, "daemon_cpu_mount")
             line("  then the start in DIR", rows, "python")
+            line("  of which daemon CPU seconds", rows, "daemon_cpu_python")
             line(f"= {label}: cold start", rows, "total")
         line("pull: parallel GETs of the compressed layers", p, "pull")
         line("unpack: tar -xzf per layer", p, "unpack")
