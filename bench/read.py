@@ -516,13 +516,13 @@ def cold_bdserver(daemon: Daemon, wan: WanLink, ref: str, target: Path, cmd: lis
             "proxy_connections": px["connections"]}
 
 
-def record_trace(daemon: Daemon, ref: str, cmd: list[str], extra: str) -> dict[str, Any]:
+def record_trace(daemon: Daemon, ref: str, cmd: list[str], extra: str, output: Path) -> dict[str, Any]:
     """`bdserver optimize REF -- CMD` (runc, cold private cache): the trace is published and, recorded
-    on this node, trusted by the daemon's later starts."""
+    on this node, trusted by the daemon's later starts; also written to ``output``."""
     daemon.stop()
     daemon.configure(extra + TRACE_OFF)
     daemon.start(fresh_cache=True)
-    r = run(BD + ["optimize", "--json", "--timeout", "300", ref, "--", *cmd], timeout=900)
+    r = run(BD + ["optimize", "--json", "--timeout", "300", "--output", str(output), ref, "--", *cmd], timeout=900)
     daemon.stop()
     return json.loads(r.stdout)
 
@@ -658,10 +658,14 @@ def _rate_bytes(rate: str) -> float:
 
 
 def cold_bench(daemon: Daemon, wan: WanLink, ref: str, work: Path, runs: int, stream: bool, rate: str,
-               rtt_ms: float, cmd: list[str], extra: str, trace: bool) -> dict[str, Any]:
+               rtt_ms: float, cmd: list[str], extra: str, trace: bool, layout_ref: str | None = None
+               ) -> dict[str, Any]:
+    """Cold starts, alternating: without a trace, with one, with one on the image laid out by it
+    (``layout_ref``: `bdserver convert --startup-trace` of the same source, in another repository),
+    pull-and-unpack, and the streamed pull."""
     wan.shape(rate, rtt_ms)
     say(f"cold: link shaped ({wan.shaped}); {runs} runs of each, alternating; start: {' '.join(cmd)}")
-    res: dict[str, list[dict[str, Any]]] = {"bdserver": [], "trace": [], "pull": [], "stream": []}
+    res: dict[str, list[dict[str, Any]]] = {"bdserver": [], "trace": [], "layout": [], "pull": [], "stream": []}
     target = work / "rootfs"
 
     def fig(b: dict[str, Any]) -> str:
@@ -673,10 +677,12 @@ def cold_bench(daemon: Daemon, wan: WanLink, ref: str, work: Path, runs: int, st
 
     try:
         for r in range(runs):
-            for mode in ("none", "trace") if trace else ("none",):
-                b = cold_bdserver(daemon, wan, ref, target, cmd, mode, extra)
-                res["bdserver" if mode == "none" else "trace"].append(b)
-                say(f"  run {r + 1}: bdserver{' + trace' if mode == 'trace' else ''}: {fig(b)}")
+            sides = [("bdserver", ref, "none")] + ([("trace", ref, "trace")] if trace else []) \
+                + ([("layout", layout_ref, "trace")] if layout_ref else [])
+            for side, sref, mode in sides:
+                b = cold_bdserver(daemon, wan, sref, target, cmd, mode, extra)
+                res[side].append(b)
+                say(f"  run {r + 1}: {side}: {fig(b)}")
             p = cold_pull(wan, work, cmd)
             res["pull"].append(p)
             say(f"  run {r + 1}: pull {p['pull']:.2f} s + unpack {p['unpack']:.2f} s + start {p['python']:.2f} s "
@@ -749,7 +755,8 @@ def report(res: dict[str, Any]) -> str:
             runs = " ".join(f"{x[k]:.2f}" for x in rows)
             L.append(f"   {name:52} {mb(k, rows):9.2f}   {runs}")
 
-        for label, rows in (("bdserver, no trace", b), ("bdserver + start trace", t)):
+        lay = c.get("layout") or []
+        for label, rows in (("bdserver, no trace", b), ("bdserver + start trace", t), ("+ trace, laid out by it", lay)):
             if not rows:
                 continue
             line(f"{label}: daemon startup (not in the total)", rows, "daemon_startup")
@@ -774,10 +781,14 @@ def report(res: dict[str, Any]) -> str:
             L.append(f"   ratio bdserver / pull-and-unpack, with trace: {mb('total', t) / mb('total', p):.3f}x   "
                      f"(best/best {min(x['total'] for x in t) / min(x['total'] for x in p):.3f}x; "
                      f"target <= {tg[1]}x)")
+        if lay:
+            L.append(f"   ratio bdserver / pull-and-unpack, trace + layout: {mb('total', lay) / mb('total', p):.3f}x   "
+                     f"(best/best {min(x['total'] for x in lay) / min(x['total'] for x in p):.3f}x; replay alone "
+                     f"{mb('total', t) / mb('total', p):.3f}x)")
         comp = img["compressed_bytes"]
         L.append(f"   per start {'':27} {'requests':>9} {'fetched MB':>11} {'% image':>8} {'kernel read MB':>15} "
                  f"{'fetched/read':>13} {'ahead used':>11} {'ahead wasted':>13}")
-        for label, rows in (("no trace", b), ("with trace", t)):
+        for label, rows in (("no trace", b), ("with trace", t), ("trace + layout", lay)):
             if not rows:
                 continue
             f, kr = mb("fetched_bytes", rows), mb("kernel_read_bytes", rows)
@@ -793,7 +804,7 @@ def report(res: dict[str, Any]) -> str:
             L.append(f"   what the start reads (loop device, {sr['read_ahead_kb']} KiB readahead, no bdserver): "
                      f"{sr['read_bytes'] / 1e6:.1f} MB in {sr['requests']} requests; of the layers "
                      f"{sr['layer_read_bytes'] / 1e6:.1f} MB, {sr['layer_read_compressed'] / 1e6:.2f} MB compressed")
-            for label, rows in (("no trace", b), ("with trace", t)):
+            for label, rows in (("no trace", b), ("with trace", t), ("trace + layout", lay)):
                 if rows:
                     L.append(f"   bytes fetched / compressed bytes the start reads, {label}: "
                              f"{mb('fetched_bytes', rows) / sr['layer_read_compressed']:.2f}x"
@@ -827,6 +838,8 @@ def main() -> int:
     ap.add_argument("--image", choices=["big", "sample", "app"], default="big",
                     help="app: Debian's numpy/scipy/pandas/matplotlib, started with their imports")
     ap.add_argument("--no-trace", action="store_true", help="cold starts without a start trace only")
+    ap.add_argument("--layout", action="store_true",
+                    help="also cold starts on the image converted with --startup-trace (laid out by the trace)")
     ap.add_argument("--config", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="daemon config key for the cold starts (TOML value), e.g. fuse_read_ahead_kb=128")
     ap.add_argument("--backend", choices=sorted(ATTACHERS), default="fuse")
@@ -889,12 +902,23 @@ def main() -> int:
             (work / "device.img").unlink()
             say(f"  the start reads {sreads['read_bytes'] / 1e6:.1f} MB ({sreads['layer_read_compressed'] / 1e6:.2f} "
                 f"MB compressed in the layers) with 128 KiB readahead")
-            recorded = {}
+            recorded: dict[str, Any] = {}
+            layout_ref = None
             if not a.no_trace:
-                recorded = record_trace(daemon, ref, cmd, extra)
+                recorded = record_trace(daemon, ref, cmd, extra, work / "trace.json")
                 say(f"  recorded: {recorded.get('summary')}")
+            if a.layout and not a.no_trace:  # the same source in a second repository, laid out by the trace
+                layout_ref = f"{wan.host}/{REPO_NAME}-layout:latest"
+                client = RegistryClient(wan.host, hosts_dirs=[], docker_config="/nonexistent", plain_http=True)
+                try:
+                    copy_image(OCILayout(layout, create=False), client.repository(REPO_NAME + "-layout"), "latest",
+                               "latest")
+                finally:
+                    client.close()
+                conv2 = daemon.cli("convert", "--startup-trace", str(work / "trace.json"), layout_ref, timeout=1800)
+                say(f"  laid out by the trace: {conv2.get('summary')}")
             res["cold"] = cold_bench(daemon, wan, ref, work, a.runs, not a.no_stream, a.rate, a.rtt_ms, cmd, extra,
-                                     not a.no_trace)
+                                     not a.no_trace, layout_ref)
             res["cold"].update(start=cmd, config=extra, start_reads=sreads, recorded=recorded,
                                targets=(None, 0.15) if a.image == "app" else (0.18, 0.12))
             res["cold"]["link"] = f"{a.rate}, {a.rtt_ms:g} ms RTT"

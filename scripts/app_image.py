@@ -79,8 +79,8 @@ def _build(d: Path) -> None:
     changed = _changed(root, base)
     (d / "changed.list").write_text("".join(p + "\0" for p in changed))
     subprocess.run(GNU_TAR + [PAX_OPT, "--format=posix", "--xattrs", "--xattrs-include=*", "--no-recursion",
-                              "--null", "-T", str(d / "changed.list"), "-czf", str(d / "3-app.tar.gz"),
-                              "-C", str(root)], check=True)
+                              "-czf", str(d / "3-app.tar.gz"), "-C", str(root), "--null",
+                              "-T", str(d / "changed.list")], check=True)
     shutil.rmtree(root)
     build_oci_layout([demo / "1-debian.tar.gz", demo / "2-python.tar.gz", d / "3-app.tar.gz"], d / "layout",
                      tag="latest")
