@@ -111,7 +111,11 @@ def start_reads(image: Path, mnt: Path, cmd: list[str], env: dict[str, str], met
         with trace:
             _run(["mount", "-t", "erofs", "-o", "ro,nodev", loop, str(mnt)]).check_returncode()
             try:
-                p = _run(["chroot", str(mnt), *cmd], env=env)
+                _run(["mount", "-t", "tmpfs", "tmpfs", str(mnt / "tmp")]).check_returncode()  # a writable /tmp
+                try:
+                    p = _run(["chroot", str(mnt), *cmd], env=env)
+                finally:
+                    _run(["umount", str(mnt / "tmp")])
                 if p.returncode != 0:
                     raise RuntimeError(f"{cmd} failed on the loop device: {p.stderr[-500:]}")
             finally:

@@ -90,7 +90,8 @@ def med(xs: list[float]) -> float:
 
 # -- the image ---------------------------------------------------------------------------------
 # the start measured on each image (chrooted, and recorded by `bdserver optimize` under runc)
-START_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+START_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
+             "MPLCONFIGDIR": "/tmp/matplotlib"}
 
 
 def workload(kind: str) -> list[str]:

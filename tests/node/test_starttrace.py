@@ -197,7 +197,7 @@ def test_demand_reads_are_not_delayed_behind_the_replay(world: World, daemon, pr
     # the data layer's chunk index (read while attaching), then the two replay requests: ~32 s each
     proxy.inject("trickle", count=3, match=f"/blobs/{data}", piece=4096, seconds=0.5)
     target = tmp_path / "root"
-    m = daemon.json("mount", ref := f"{proxy.host}/app:v1", str(target), "--lower-only")
+    m = daemon.json("mount", f"{proxy.host}/app:v1", str(target), "--lower-only")
     assert "start trace" in m["message"], m["message"]
     assert proxy.faults_left() == 0 or _wait(lambda: proxy.faults_left() == 0)  # both crawl now
     done = threading.Event()
@@ -215,7 +215,6 @@ def test_demand_reads_are_not_delayed_behind_the_replay(world: World, daemon, pr
         f"the read waited for the replay: {rp}"
     assert len(got[0]) == 3_000_000
     daemon.cli("umount", str(target))
-    del ref
 
 
 def _wait(pred, timeout: float = 60) -> bool:
@@ -282,5 +281,5 @@ def test_from_stats_takes_the_trace_of_a_device_that_ran(world: World, daemon, p
     per = StartTrace.parse((tmp_path / "t.json").read_bytes()).per_blob()
     _, data = _layer_digests(world)
     assert 4 <= len(per[data]) <= 8  # b.bin (500 kB: 4-5 chunks) and a little readahead; not a.bin or c.bin
+    assert r["id"] == m["id"]
     daemon.cli("umount", str(target))
-    del m
