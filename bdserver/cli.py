@@ -154,17 +154,7 @@ def _services(args: argparse.Namespace) -> "NodeServices":
 def cmd_convert(args: argparse.Namespace) -> int:
     from bdserver.images.commands import convert
 
-    trace = None
-    if args.startup_trace:
-        from bdserver.blob.starttrace import MAX_TRACE_BYTES, StartTrace
-
-        try:
-            with open(args.startup_trace, "rb") as f:
-                data = f.read(MAX_TRACE_BYTES + 1)
-        except OSError as exc:
-            raise BadReference(f"cannot read the start trace {args.startup_trace}: {exc.strerror}") from None
-        trace = StartTrace.parse(data, name=f"start trace {args.startup_trace}")
-    r = convert(_services(args), args.source, args.dest, trace)
+    r = convert(_services(args), args.source, args.dest)
     _emit(args, r, r.get("summary", ""))
     return 0
 
@@ -222,8 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("convert", cmd_convert, "convert a tar image to a lazy EROFS image (no DEST: push as referrer)")
     sp.add_argument("source", metavar="SOURCE")
     sp.add_argument("dest", nargs="?", metavar="DEST")
-    sp.add_argument("--startup-trace", metavar="TRACE",
-                    help="lay the layers out by this start trace (bdserver optimize --output) and publish it")
     sp = add("attach", cmd_attach, "attach an image as a device; prints the device path and id")
     sp.add_argument("ref", metavar="REF")
     sp.add_argument("--backend", choices=BACKENDS, default="", help="default: the config's backend (auto)")
@@ -252,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=60.0, metavar="S",
                     help="stop recording (and kill the container) after S seconds (default 60)")
     sp.add_argument("--from-stats", metavar="DEVICE", help="take the trace of a device that already ran, no re-run")
-    sp.add_argument("--output", metavar="FILE", help="also write the trace to FILE (for convert --startup-trace)")
+    sp.add_argument("--output", metavar="FILE", help="also write the trace to FILE")
     sp.add_argument("--no-publish", action="store_true", help="do not push the trace to the registry")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD... (default: the image's entrypoint)")
     add("serve", cmd_serve, "run the daemon in the foreground")

@@ -659,14 +659,11 @@ def _rate_bytes(rate: str) -> float:
 
 
 def cold_bench(daemon: Daemon, wan: WanLink, ref: str, work: Path, runs: int, stream: bool, rate: str,
-               rtt_ms: float, cmd: list[str], extra: str, trace: bool, layout_ref: str | None = None
-               ) -> dict[str, Any]:
-    """Cold starts, alternating: without a trace, with one, with one on the image laid out by it
-    (``layout_ref``: `bdserver convert --startup-trace` of the same source, in another repository),
-    pull-and-unpack, and the streamed pull."""
+               rtt_ms: float, cmd: list[str], extra: str, trace: bool) -> dict[str, Any]:
+    """Cold starts, alternating: without a trace, with one, pull-and-unpack, and the streamed pull."""
     wan.shape(rate, rtt_ms)
     say(f"cold: link shaped ({wan.shaped}); {runs} runs of each, alternating; start: {' '.join(cmd)}")
-    res: dict[str, list[dict[str, Any]]] = {"bdserver": [], "trace": [], "layout": [], "pull": [], "stream": []}
+    res: dict[str, list[dict[str, Any]]] = {"bdserver": [], "trace": [], "pull": [], "stream": []}
     target = work / "rootfs"
 
     def fig(b: dict[str, Any]) -> str:
@@ -678,10 +675,8 @@ def cold_bench(daemon: Daemon, wan: WanLink, ref: str, work: Path, runs: int, st
 
     try:
         for r in range(runs):
-            sides = [("bdserver", ref, "none")] + ([("trace", ref, "trace")] if trace else []) \
-                + ([("layout", layout_ref, "trace")] if layout_ref else [])
-            for side, sref, mode in sides:
-                b = cold_bdserver(daemon, wan, sref, target, cmd, mode, extra)
+            for side, mode in [("bdserver", "none")] + ([("trace", "trace")] if trace else []):
+                b = cold_bdserver(daemon, wan, ref, target, cmd, mode, extra)
                 res[side].append(b)
                 say(f"  run {r + 1}: {side}: {fig(b)}")
             p = cold_pull(wan, work, cmd)
@@ -756,8 +751,7 @@ def report(res: dict[str, Any]) -> str:
             runs = " ".join(f"{x[k]:.2f}" for x in rows)
             L.append(f"   {name:52} {mb(k, rows):9.2f}   {runs}")
 
-        lay = c.get("layout") or []
-        for label, rows in (("bdserver, no trace", b), ("bdserver + start trace", t), ("+ trace, laid out by it", lay)):
+        for label, rows in (("bdserver, no trace", b), ("bdserver + start trace", t)):
             if not rows:
                 continue
             line(f"{label}: daemon startup (not in the total)", rows, "daemon_startup")
@@ -782,14 +776,10 @@ def report(res: dict[str, Any]) -> str:
             L.append(f"   ratio bdserver / pull-and-unpack, with trace: {mb('total', t) / mb('total', p):.3f}x   "
                      f"(best/best {min(x['total'] for x in t) / min(x['total'] for x in p):.3f}x; "
                      f"target <= {tg[1]}x)")
-        if lay:
-            L.append(f"   ratio bdserver / pull-and-unpack, trace + layout: {mb('total', lay) / mb('total', p):.3f}x   "
-                     f"(best/best {min(x['total'] for x in lay) / min(x['total'] for x in p):.3f}x; replay alone "
-                     f"{mb('total', t) / mb('total', p):.3f}x)")
         comp = img["compressed_bytes"]
         L.append(f"   per start {'':27} {'requests':>9} {'fetched MB':>11} {'% image':>8} {'kernel read MB':>15} "
                  f"{'fetched/read':>13} {'ahead used':>11} {'ahead wasted':>13}")
-        for label, rows in (("no trace", b), ("with trace", t), ("trace + layout", lay)):
+        for label, rows in (("no trace", b), ("with trace", t)):
             if not rows:
                 continue
             f, kr = mb("fetched_bytes", rows), mb("kernel_read_bytes", rows)
@@ -805,7 +795,7 @@ def report(res: dict[str, Any]) -> str:
             L.append(f"   what the start reads (loop device, {sr['read_ahead_kb']} KiB readahead, no bdserver): "
                      f"{sr['read_bytes'] / 1e6:.1f} MB in {sr['requests']} requests; of the layers "
                      f"{sr['layer_read_bytes'] / 1e6:.1f} MB, {sr['layer_read_compressed'] / 1e6:.2f} MB compressed")
-            for label, rows in (("no trace", b), ("with trace", t), ("trace + layout", lay)):
+            for label, rows in (("no trace", b), ("with trace", t)):
                 if rows:
                     L.append(f"   bytes fetched / compressed bytes the start reads, {label}: "
                              f"{mb('fetched_bytes', rows) / sr['layer_read_compressed']:.2f}x"
@@ -839,10 +829,8 @@ def main() -> int:
     ap.add_argument("--image", choices=["big", "sample", "app"], default="big",
                     help="app: Debian's numpy/scipy/pandas/matplotlib, started with their imports")
     ap.add_argument("--no-trace", action="store_true", help="cold starts without a start trace only")
-    ap.add_argument("--layout", action="store_true",
-                    help="also cold starts on the image converted with --startup-trace (laid out by the trace)")
     ap.add_argument("--config", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                    help="daemon config key for the cold starts (TOML value), e.g. fuse_read_ahead_kb=128")
+                    help="daemon config key (TOML value), e.g. fuse_read_ahead_kb=128")
     ap.add_argument("--backend", choices=sorted(ATTACHERS), default="fuse")
     ap.add_argument("--workdir", default="/var/tmp")
     a = ap.parse_args()
@@ -887,7 +875,9 @@ def main() -> int:
         conv = daemon.cli("convert", ref, timeout=1200)
         res["convert_s"] = time.perf_counter() - t0
         say(f"converted in {res['convert_s']:.1f} s: {conv.get('summary', conv)}")
+        extra = "".join(f"{kv.split('=', 1)[0].strip()} = {kv.split('=', 1)[1].strip()}\n" for kv in a.extra)
         if not a.skip_warm:
+            daemon.configure(extra)
             daemon.start(fresh_cache=True)
             wr = a.warm_runs or (3 if a.quick else 5)
             res["warm_runs"] = wr
@@ -895,7 +885,6 @@ def main() -> int:
             daemon.stop()
         if not a.skip_wan:
             cmd = workload(a.image)
-            extra = "".join(f"{kv.split('=', 1)[0].strip()} = {kv.split('=', 1)[1].strip()}\n" for kv in a.extra)
             dev = dump_device(daemon, ref, work / "device.img")
             say(f"device dumped ({dev['size'] / 1e6:.1f} MB); measuring what the start reads on a loop device")
             sreads = start_reads(work / "device.img", work / "mnt-loop-start", cmd, START_ENV,
@@ -904,22 +893,11 @@ def main() -> int:
             say(f"  the start reads {sreads['read_bytes'] / 1e6:.1f} MB ({sreads['layer_read_compressed'] / 1e6:.2f} "
                 f"MB compressed in the layers) with 128 KiB readahead")
             recorded: dict[str, Any] = {}
-            layout_ref = None
             if not a.no_trace:
                 recorded = record_trace(daemon, ref, cmd, extra, work / "trace.json")
                 say(f"  recorded: {recorded.get('summary')}")
-            if a.layout and not a.no_trace:  # the same source in a second repository, laid out by the trace
-                layout_ref = f"{wan.host}/{REPO_NAME}-layout:latest"
-                client = RegistryClient(wan.host, hosts_dirs=[], docker_config="/nonexistent", plain_http=True)
-                try:
-                    copy_image(OCILayout(layout, create=False), client.repository(REPO_NAME + "-layout"), "latest",
-                               "latest")
-                finally:
-                    client.close()
-                conv2 = daemon.cli("convert", "--startup-trace", str(work / "trace.json"), layout_ref, timeout=1800)
-                say(f"  laid out by the trace: {conv2.get('summary')}")
             res["cold"] = cold_bench(daemon, wan, ref, work, a.runs, not a.no_stream, a.rate, a.rtt_ms, cmd, extra,
-                                     not a.no_trace, layout_ref)
+                                     not a.no_trace)
             res["cold"].update(start=cmd, config=extra, start_reads=sreads, recorded=recorded,
                                targets=(None, 0.15) if a.image == "app" else (0.18, 0.12))
             res["cold"]["link"] = f"{a.rate}, {a.rtt_ms:g} ms RTT"

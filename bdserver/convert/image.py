@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
 from bdserver.blob import chunked
-from bdserver.blob.starttrace import StartTrace
 from bdserver.convert.layer import LayerResult, convert_layer
 from bdserver.convert.merge import MergedMeta, MergeLayer, build_merged_meta, device_tag
-from bdserver.convert.tracelayout import ExtentMap, carry_over, read_order
 from bdserver.erofs.reader import ErofsImage
 from bdserver.errors import FormatError, IntegrityError
 from bdserver.oci import mediatypes as mt
@@ -43,7 +41,6 @@ class ConvertResult:
     meta_blocks: int
     device_blocks: int  # size of the virtual device in 4 KiB blocks
     tag: str | None
-    trace: StartTrace | None = None  # the startup trace carried over to these layers (convert_image)
 
     @property
     def digest(self) -> str:
@@ -128,9 +125,9 @@ def _check_tar_layers(m: Manifest) -> None:
 
 
 def _convert_one(open_layer: Callable[[], BinaryIO], image_path: Path, expected_diff_id: str | None,
-                 tmpdir: str, data_first: Sequence[bytes] = ()) -> LayerResult:
+                 tmpdir: str) -> LayerResult:
     with open_layer() as stream, open(image_path, "wb") as out:
-        r = convert_layer(stream, out, tmpdir=tmpdir, data_first=data_first)
+        r = convert_layer(stream, out, tmpdir=tmpdir)
     if expected_diff_id is not None and r.diff_id != expected_diff_id:
         raise IntegrityError(f"layer diff_id is {r.diff_id}, the image config says {expected_diff_id}")
     return r
@@ -147,15 +144,11 @@ def _merge_layers_from_images(paths: Sequence[Path], results: Sequence[LayerResu
 
 def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str | None = None, *,
                   tmpdir: str | None = None, chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
-                  level: int = chunked.DEFAULT_LEVEL, startup_trace: StartTrace | None = None) -> ConvertResult:
+                  level: int = chunked.DEFAULT_LEVEL) -> ConvertResult:
     """Convert the image ``src_ref`` (tag or digest; an index picks this host's platform) of
     ``src`` into its lazy image and store blobs + manifest in ``dest`` (under ``dest_tag`` if
     given); nothing is stored in ``dest`` unless every layer converted. Publishing as a referrer (Referrers API / ``sha256-<hex>`` tag) is convert/publish.py's
-    job: it takes ``result.descriptor`` and ``result.subject``.
-
-    ``startup_trace`` (recorded on the lazy image of the same source, same chunk size): each layer
-    it read is written with those files first and contiguous (convert/tracelayout.py), and
-    ``result.trace`` is the trace carried over to the new blobs."""
+    job: it takes ``result.descriptor`` and ``result.subject``."""
     m, subject = resolve_image_manifest(src, src_ref)
     _check_tar_layers(m)
     cfg = _read_config(src, m)
@@ -167,9 +160,6 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
     work = tempfile.mkdtemp(prefix="bdserver-convert-", dir=tmpdir)
     try:
         wd = Path(work)
-        per_blob = startup_trace.per_blob() if startup_trace is not None else {}
-        moved: dict[str, dict[int, list[int]]] = {}  # old blob -> its traced chunk -> chunks in the new blob
-        renamed: dict[str, str] = {}  # old blob -> new blob
         results: list[LayerResult] = []
         infos: list[chunked.ChunkedBlobInfo] = []
         paths: list[Path] = []
@@ -180,18 +170,6 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
             blob = wd / f"layer{i}.erofs.zst"
             with open(img, "rb") as fi, open(blob, "wb") as fo:
                 info = chunked.write_chunked_zstd(fi, fo, chunk_size=chunk_size, level=level)
-            traced = per_blob.get(info.digest)
-            if traced:  # the start read this layer: write it again with those files first
-                was = info.digest
-                old = ExtentMap(img)
-                first = read_order(old, chunk_size, traced)
-                r = _convert_one(lambda l=l: src.open_blob(l.digest, l.size), img, diff_ids[i], work,  # type: ignore[misc]
-                                 data_first=first)
-                new = ExtentMap(img)
-                moved[was] = {c: carry_over(old, new, chunk_size, c, set(first)) for c in traced}
-                with open(img, "rb") as fi, open(blob, "wb") as fo:
-                    info = chunked.write_chunked_zstd(fi, fo, chunk_size=chunk_size, level=level)
-                renamed[was] = info.digest
             if info.uncompressed_size != r.size:
                 raise AssertionError("chunked blob size does not match the EROFS image")
             blobs.append(blob)
@@ -238,14 +216,9 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
                        artifact_type=mt.LAZY_ARTIFACT_TYPE, annotations={mt.ANN_BD_SOURCE: subject.digest})
         data = man.to_bytes()
         dest.put_manifest(data, mt.OCI_MANIFEST, tag=dest_tag)
-        trace = None
-        if startup_trace is not None:
-            trace = StartTrace.from_accesses((renamed[run.blob], k, run.ms) for run in startup_trace.runs
-                                             if run.blob in moved for c in range(run.first, run.first + run.count)
-                                             for k in moved[run.blob][c])
         return ConvertResult(manifest=data, descriptor=man.descriptor(), subject=subject, layers=layers,
                              source_diff_ids=[r.diff_id for r in results], meta_blocks=meta.blocks,
-                             device_blocks=meta.device_blocks, tag=dest_tag, trace=trace)
+                             device_blocks=meta.device_blocks, tag=dest_tag)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 from bdserver.convert.tar import LayerTree, read_layer
 from bdserver.erofs.tree import Inode
@@ -48,27 +48,15 @@ def implicit_paths(lt: LayerTree) -> frozenset[bytes]:
     return frozenset(out)
 
 
-def _lookup(root: Inode, path: bytes) -> Inode | None:
-    node: Inode | None = root
-    for part in path.strip(b"/").split(b"/"):
-        if node is None or node.children is None:
-            return None
-        node = node.children.get(part)
-    return node
-
-
 def convert_layer(stream: BinaryIO, out_image: BinaryIO, *, build_time: int = 0,
-                  tmpdir: str | None = None, data_first: Sequence[bytes] = ()) -> LayerResult:
+                  tmpdir: str | None = None) -> LayerResult:
     """Read a tar / tar+gzip / tar+zstd layer from ``stream`` and write its EROFS image to
     the seekable ``out_image`` (at its current position). FormatError on a bad layer; in that
-    case ``out_image`` may hold partial bytes and should be discarded by the caller.
-    ``data_first``: paths (``/usr/bin/x``) whose data is laid out first, in that order (a start
-    trace's files: convert/tracelayout.py); paths the layer lacks are ignored."""
+    case ``out_image`` may hold partial bytes and should be discarded by the caller."""
     lt = read_layer(stream, tmpdir=tmpdir)
     try:
         uuid = layer_uuid(lt.diff_id)
-        first = [n for n in (_lookup(lt.root, p) for p in data_first) if n is not None and not n.is_dir]
-        info = write_image(lt.root, out_image, build_time=build_time, uuid=uuid, data_first=first)
+        info = write_image(lt.root, out_image, build_time=build_time, uuid=uuid)
         out_image.flush()
         return LayerResult(diff_id=lt.diff_id, tar_size=lt.tar_size, compression=lt.compression,
                            blocks=info.blocks, size=info.size, inodes=info.inodes, uuid=uuid,

@@ -229,23 +229,19 @@ def plan_image(
     build_time_nsec: int = 0,
     devices: Sequence[DeviceSlot] = (),
     meta_only: bool = False,
-    data_first: Sequence[Inode] = (),
 ) -> ImageInfo:
     """What `write_image` would produce, without writing: lets a caller learn the size of a
     merged metadata image (block addresses in `BlockMap`s do not change it) before it picks
     the layers' `mapped_blkaddr`s."""
     with gc_paused():
-        lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only, data_first)
+        lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only)
     return ImageInfo(blocks=lay.total_blocks, size=lay.total_blocks * BS, inodes=len(lay.order))
 
 
 def compute_layout(
-    root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool,
-    data_first: Sequence[Inode] = (),
+    root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool
 ) -> Layout:
-    """Passes 1-3: shapes, inode placement, block allocation. Pure computation. The data of the
-    inodes in ``data_first`` (a start trace's files, in first-read order) is placed first and
-    contiguous; the rest follows in inode order (with none given, exactly the usual layout)."""
+    """Passes 1-3: shapes, inode placement, block allocation. Pure computation."""
     order = _collect(root)
 
     # -- pass 1: per-inode shapes (xattrs, layouts, sizes) --------------------------------
@@ -395,14 +391,11 @@ def compute_layout(
     next_blk = meta_blocks + ((shared_bytes + BS - 1) >> BITS)
 
     # -- pass 3: data blocks --------------------------------------------------------------
-    def flat(p: Plan) -> None:
-        nonlocal next_blk
+    for p in order:
         if p.nblocks:
             p.blkaddr = next_blk
             next_blk += p.nblocks
-
-    def chunked(p: Plan) -> None:
-        nonlocal next_blk
+    for p in order:
         d = p.inode.data
         if isinstance(d, TailedBlockMap) and d.tail:
             assert p.chunks is not None
@@ -416,20 +409,6 @@ def compute_layout(
                     plen = min(cs, ((p.size - i * cs + BS - 1) >> BITS) << BITS)
                     p.chunks[i] = next_blk
                     next_blk += plen >> BITS
-
-    rest = order
-    if data_first:
-        by_inode = {id(p.inode): p for p in order}
-        first = list({id(i): by_inode[id(i)] for i in data_first if id(i) in by_inode}.values())
-        for p in first:
-            flat(p)
-            chunked(p)
-        placed = {id(p) for p in first}
-        rest = [p for p in order if id(p) not in placed]
-    for p in rest:
-        flat(p)
-    for p in rest:
-        chunked(p)
     total_blocks = next_blk
     if total_blocks > U32:
         raise FormatError("image exceeds 2^32 blocks")

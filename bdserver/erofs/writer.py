@@ -48,14 +48,12 @@ def write_image(
     volume_name: bytes = b"",
     devices: Sequence[DeviceSlot] = (),
     meta_only: bool = False,
-    data_first: Sequence[Inode] = (),
 ) -> ImageInfo:
     """Write `root` as an EROFS image at the current position of the seekable `out`.
 
     `devices` become the superblock device table (device ids 1..N; tags must be non-empty so
     flatdev works on 6.4-6.6 kernels). With `meta_only`, a regular file whose bytes would have to
     be copied (`SpooledData` with data) is an error: merged metadata must only point at layers.
-    `data_first`: inodes whose data is placed first and contiguous, in that order (layout.py).
     The output is truncated at the image's end; bytes not written read as zeros.
     """
     if len(uuid) != 16:
@@ -67,7 +65,7 @@ def write_image(
             raise ValueError("device tags must be 1..64 bytes")
 
     with gc_paused():
-        return _write(root, out, build_time, build_time_nsec, uuid, volume_name, devices, meta_only, data_first)
+        return _write(root, out, build_time, build_time_nsec, uuid, volume_name, devices, meta_only)
 
 
 def _write(
@@ -79,9 +77,8 @@ def _write(
     volume_name: bytes,
     devices: Sequence[DeviceSlot],
     meta_only: bool,
-    data_first: Sequence[Inode] = (),
 ) -> ImageInfo:
-    lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only, data_first)
+    lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only)
     order, shared_keys, shared_ids = lay.order, lay.shared_keys, lay.shared_ids
     meta_blocks, xattr_blkaddr, total_blocks = lay.meta_blocks, lay.xattr_blkaddr, lay.total_blocks
     any_chunked, devt_off = lay.any_chunked, lay.devt_off

@@ -10,45 +10,35 @@ import os
 import tempfile
 from typing import Any
 
-from bdserver.blob.starttrace import StartTrace
 from bdserver.convert.image import convert_image
 from bdserver.convert.publish import publish
 from bdserver.errors import NoLazyImageError
 from bdserver.images.services import NodeServices
-from bdserver.images.starttrace import publish_trace
 from bdserver.oci.layout import OCILayout
 from bdserver.oci.model import parse_manifest
 from bdserver.oci.reference import parse_reference
 from bdserver.oci.trust import discover_lazy_image
 
 
-def convert(services: NodeServices, source: str, dest: str | None, startup_trace: StartTrace | None = None
-            ) -> dict[str, Any]:
-    """Convert SOURCE to its lazy image; push it as a referrer of SOURCE (or to DEST). With a
-    ``startup_trace`` (recorded on a lazy image of SOURCE) the layers it read are laid out by it,
-    and the trace, carried over to them, is pushed as a referrer of the new lazy image."""
+def convert(services: NodeServices, source: str, dest: str | None) -> dict[str, Any]:
+    """Convert SOURCE to its lazy image; push it as a referrer of SOURCE (or to DEST)."""
     r = parse_reference(source)
     src = services.source_store(r)
     state_dir = services.cfg.state_dir
     os.makedirs(state_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="convert-", dir=state_dir) as td:
         lay = OCILayout(os.path.join(td, "layout"))
-        res = convert_image(src, r.target or "latest", lay, None, tmpdir=td, startup_trace=startup_trace)
+        res = convert_image(src, r.target or "latest", lay, None, tmpdir=td)
         pub = publish(lay, res.digest, source=r, dest=dest, progress=False, registry_kw=services.registry)
     services.trust.record_converted(res.digest, res.subject.digest, source)
-    traced = {}
-    if res.trace is not None and len(res.trace):
-        traced = publish_trace(services, parse_reference(pub.destination), res.digest, res.trace)
     return {
         "lazy": res.digest,
         "source": res.subject.digest,
         "destination": pub.destination,
         "uploaded": len(pub.uploaded),
         "device_bytes": res.device_blocks * 4096,
-        "trace": traced.get("trace"),
         "summary": f"{pub.destination} (lazy image of {source} {res.subject.digest}; "
-                   f"{res.device_blocks * 4096} byte device; {len(pub.uploaded)} blobs uploaded"
-                   + (f"; laid out by its start trace, carried over as {traced['trace']}" if traced else "") + ")",
+                   f"{res.device_blocks * 4096} byte device; {len(pub.uploaded)} blobs uploaded)",
     }
 
 
