@@ -15,7 +15,7 @@ way). Example ``/etc/bdserver/config.toml``::
     backend = "auto"                     # auto | ublk | tcmu | fuse
     log_level = "INFO"
     fetch_deadline_s = 30.0              # a fetch that takes longer fails the read with EIO
-    prefetch_chunks = 12                 # fetch-ahead after a miss (0: off)
+    prefetch_chunks = 4                  # fetch-ahead after a miss (0: off; 4 measured best, docs/bench.md)
     prefetch_inflight = 12               # fetch-ahead requests on the wire per device
     prefetch_run = 1                     # chunks per fetch-ahead request
     fuse_read_ahead_kb = 4096            # kernel readahead on the FUSE device file (bytes a miss drags in)
@@ -63,7 +63,7 @@ class Config:
     log_file: str = ""  # default: <state_dir>/bdserver.log
     log_level: str = "INFO"
     fetch_deadline_s: float = 30.0
-    prefetch_chunks: int = 12
+    prefetch_chunks: int = 4
     prefetch_inflight: int = 12
     prefetch_run: int = 1
     fuse_read_ahead_kb: int = 4096
