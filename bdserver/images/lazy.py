@@ -20,6 +20,7 @@ from bdserver.vdev.device import VirtualDevice
 from bdserver.vdev.lazyimage import open_lazy_image
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+TRACE_WAIT_S = 5.0  # an attach waits this long for its start trace after the device is ready, then goes on
 
 
 class ManifestMemo:
@@ -105,7 +106,12 @@ def open_lazy(services: NodeServices, store: ImageStore | None, lazy_digest: str
         raise
     try:
         image_config = config_fut.result()
-        found = trace_fut.result() if trace_fut is not None else FoundTrace(None)
+        found = FoundTrace(None)
+        if trace_fut is not None:
+            try:  # by now the lookup has had the config's, the metadata's and the indexes' round trips
+                found = trace_fut.result(timeout=TRACE_WAIT_S)
+            except TimeoutError:
+                found = FoundTrace(None, note=f"no start trace (its lookup took longer than {TRACE_WAIT_S:g} s)")
         start_replay(services, dev, found)
     except BaseException:
         dev.close()
