@@ -18,7 +18,7 @@ way). Example ``/etc/bdserver/config.toml``::
     prefetch_chunks = 4                  # fetch-ahead after a miss (0: off; 4 measured best, docs/bench.md)
     prefetch_inflight = 12               # fetch-ahead requests on the wire per device
     prefetch_run = 1                     # chunks per fetch-ahead request
-    fuse_read_ahead_kb = 4096            # kernel readahead on the FUSE device file (bytes a miss drags in)
+    fuse_read_ahead_kb = 512             # kernel readahead on the FUSE device file (bytes a miss drags in)
     trace_replay = true                  # replay a trusted start trace on attach (bdserver optimize)
     trace_inflight = 8                   # replay requests on the wire per device
     trace_run_bytes = 1048576            # on-blob bytes per replay request at most
@@ -66,7 +66,7 @@ class Config:
     prefetch_chunks: int = 4
     prefetch_inflight: int = 12
     prefetch_run: int = 1
-    fuse_read_ahead_kb: int = 4096
+    fuse_read_ahead_kb: int = 512  # measured: docs/bench.md "Cold start with start traces"
     trace_replay: bool = True
     trace_inflight: int = 8
     trace_run_bytes: int = 1 << 20
