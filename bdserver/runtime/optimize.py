@@ -46,7 +46,7 @@ def optimize(cfg: Config, ref: str | None, cmd: list[str], *, backend: str = "",
         assert ref is not None
         rec = record(cfg, ref, cmd, backend=backend, timeout=timeout)
     trace = StartTrace.parse(rec["trace"].encode(), name="recorded start trace")
-    out: dict[str, Any] = {k: rec.get(k) for k in ("ref", "lazy", "source", "chunks", "reads", "read_bytes",
+    out: dict[str, Any] = {k: rec.get(k) for k in ("id", "ref", "lazy", "source", "chunks", "reads", "read_bytes",
                                                     "status", "log_full")}
     out["timed_out"] = rec["status"] == TIMED_OUT
     if rec["status"] not in (0, TIMED_OUT):
