@@ -142,6 +142,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_container(_cfg(args), _check_ref(args.ref), cmd, backend=args.backend, unsafe_chroot=args.unsafe_chroot)
 
 
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from bdserver.runtime.optimize import optimize
+
+    if bool(args.ref) == bool(args.from_stats):
+        raise BadReference("optimize needs REF (record a start) or --from-stats DEVICE (a device that ran), not both")
+    cmd = [c for c in args.cmd if c != "--"] if args.cmd[:1] == ["--"] else args.cmd
+    r = optimize(_cfg(args), _check_ref(args.ref) if args.ref else None, cmd, backend=args.backend,
+                 timeout=args.timeout, from_stats=args.from_stats, output=args.output, publish=not args.no_publish)
+    _emit(args, r, r["summary"])
+    return 0 if r["status"] == 0 or r["timed_out"] else int(r["status"])  # the container's failure is ours
+
+
 def cmd_hook(args: argparse.Namespace) -> int:
     from bdserver.runtime.hook import hook_main
 
@@ -252,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no runc: run the command as host root in a plain chroot, with NO isolation "
                          "(no namespaces, cgroups, seccomp or capability limits); for debugging only")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...")
+    sp = add("optimize", cmd_optimize, "record a start trace of REF and publish it as a referrer of its lazy image")
+    sp.add_argument("ref", nargs="?", metavar="REF")
+    sp.add_argument("--backend", choices=BACKENDS, default="", help="default: the config's backend (auto)")
+    sp.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                    help="stop recording (and kill the container) after S seconds (default 60)")
+    sp.add_argument("--from-stats", metavar="DEVICE", help="take the trace of a device that already ran, no re-run")
+    sp.add_argument("--output", metavar="FILE", help="also write the trace to FILE")
+    sp.add_argument("--no-publish", action="store_true", help="do not push the trace to the registry")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD... (default: the image's entrypoint)")
     add("serve", cmd_serve, "run the daemon in the foreground")
     add("stop", cmd_stop, "ask the daemon to exit (devices stay in state and come back with it)")
     sp = add("hook", cmd_hook, "OCI runtime hook entry (state JSON on stdin)")

@@ -22,9 +22,16 @@ way). Example ``/etc/bdserver/config.toml``::
     metrics_address = ""                 # Prometheus endpoint, off by default: "127.0.0.1:9717",
                                          # "[::1]:9717" or "unix:/run/bdserver/metrics.sock" (loopback only)
     fetch_deadline_s = 30.0              # a fetch that takes longer fails the read with EIO
-    prefetch_chunks = 12                 # fetch-ahead after a miss (0: off)
+    prefetch_chunks = 4                  # fetch-ahead after a miss (0: off; 4 measured best, docs/bench.md)
     prefetch_inflight = 12               # fetch-ahead requests on the wire per device
     prefetch_run = 1                     # chunks per fetch-ahead request
+    fuse_read_ahead_kb = 512             # kernel readahead on the FUSE device file (bytes a miss drags in)
+    trace_replay = true                  # replay a trusted start trace on attach (bdserver optimize)
+    trace_inflight = 8                   # replay requests on the wire per device
+    trace_run_bytes = 1048576            # on-blob bytes per replay request at most
+    trace_window_bytes = 4194304         # trace order is kept between windows of this many bytes
+    trace_gap_chunks = 2                 # chunks outside the trace fetched to merge two runs
+    trace_max_bytes = 536870912          # on-blob bytes one replay may pull at most
     converted_keep_s = 604800            # on-node conversions unused this long are removed
 
     [token_realms]                       # token servers on another host than their registry
@@ -73,9 +80,16 @@ class Config:
     journal_socket: str = "/run/systemd/journal/socket"
     metrics_address: str = ""  # off; else loopback HOST:PORT or unix:PATH (see ListenAddress)
     fetch_deadline_s: float = 30.0
-    prefetch_chunks: int = 12
+    prefetch_chunks: int = 4
     prefetch_inflight: int = 12
     prefetch_run: int = 1
+    fuse_read_ahead_kb: int = 512  # measured: docs/bench.md "Cold start with start traces"
+    trace_replay: bool = True
+    trace_inflight: int = 8
+    trace_run_bytes: int = 1 << 20
+    trace_window_bytes: int = 4 << 20
+    trace_gap_chunks: int = 2
+    trace_max_bytes: int = 512 << 20
     converted_keep_s: float = 7 * 24 * 3600.0
     daemon_start_wait_s: float = 30.0  # how long attach/mount wait for a daemon they started
     source_path: str = ""  # the file this config came from (for spawning the daemon with it)

@@ -36,7 +36,7 @@ from bdserver.errors import BdError, KernelError
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD_KB = 4096  # kernel readahead on each FUSE bdi (INIT only lets us lower the kernel's 128 KiB)
+READ_AHEAD_KB = 512  # default kernel readahead on each FUSE bdi (config fuse_read_ahead_kb; INIT only lowers)
 MIN_THREADS = 2
 MAX_THREADS = 32  # per device (as many as the kernel sends background READs, plus a few)
 FSTYPE = "fuse.bdserver"
@@ -97,12 +97,16 @@ class FuseBackend(Backend):
     def __init__(self, run_dir: str | None = None) -> None:
         self.run_dir = run_dir or os.environ.get("BDSERVER_RUN_DIR", "/run/bdserver")
         self.keeper: FdKeeper | None = None
+        self.read_ahead_kb = READ_AHEAD_KB  # config fuse_read_ahead_kb (the DeviceManager configures it)
         self.lock = threading.RLock()
         self.conns: dict[str, _Conn] = {}
 
     # -- configuration -------------------------------------------------------------------------
-    def configure(self, *, run_dir: str | None = None, fd_keeper: FdKeeper | None = None, **_: object) -> None:
+    def configure(self, *, run_dir: str | None = None, fd_keeper: FdKeeper | None = None,
+                  read_ahead_kb: int | None = None, **_: object) -> None:
         with self.lock:
+            if read_ahead_kb is not None:
+                self.read_ahead_kb = int(read_ahead_kb)
             if run_dir and run_dir != self.run_dir:
                 if self.conns:
                     raise KernelError("cannot move the FUSE root while devices are attached")
@@ -288,7 +292,7 @@ class FuseBackend(Backend):
         if not major_minor:
             return
         try:
-            Path(f"/sys/class/bdi/{major_minor}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
+            Path(f"/sys/class/bdi/{major_minor}/read_ahead_kb").write_text(str(self.read_ahead_kb))
         except OSError as exc:
             log.debug("fuse: read_ahead_kb of %s: %s", major_minor, exc)
 

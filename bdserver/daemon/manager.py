@@ -24,7 +24,7 @@ from bdserver.daemon.metrics import Events, MeteredDevice
 from bdserver.daemon.owner import Owner
 from bdserver.daemon.fdstore import FdStore
 from bdserver.daemon.state import DeviceRecord, MountRecord, load_state, save_state
-from bdserver.errors import BadTarget, BdError, DeviceBusy, NoSuchDevice
+from bdserver.errors import BadTarget, BdError, DeviceBusy, NoSuchDevice, PolicyError
 from bdserver.images.opener import OpenedImage, open_image
 from bdserver.images.refs import Origin
 from bdserver.images.services import NodeServices
@@ -66,7 +66,7 @@ class DeviceManager:
 
     def _backend(self, name: str) -> Backend:
         b = pick_backend(name or self.cfg.backend)
-        b.configure(run_dir=self.cfg.run_dir, fd_keeper=self.fd_keeper)
+        b.configure(run_dir=self.cfg.run_dir, fd_keeper=self.fd_keeper, read_ahead_kb=self.cfg.fuse_read_ahead_kb)
         return b
 
     def find(self, key: str) -> DeviceRecord:
@@ -82,8 +82,9 @@ class DeviceManager:
                     return r
         raise NoSuchDevice(f"no device {key!r}")
 
-    def _attach_record(self, rec: DeviceRecord, pin: dict[str, Any] | None) -> tuple[_Live, OpenedImage]:
-        opened = open_image(rec.ref, self.services, pin, origin=Origin(rec.origin))
+    def _attach_record(self, rec: DeviceRecord, pin: dict[str, Any] | None, *, cold: bool = False,
+                       replay: bool = True) -> tuple[_Live, OpenedImage]:
+        opened = open_image(rec.ref, self.services, pin, origin=Origin(rec.origin), cold=cold, replay=replay)
         try:
             backend = self._backend(rec.backend)
             metered = MeteredDevice(opened.device)
@@ -100,10 +101,13 @@ class DeviceManager:
 
     # -- operations ----------------------------------------------------------------------------
     def attach(self, ref: str, backend: str = "", owned_by_mount: bool = False,
-               origin: str = Origin.ADMIN.value, owner_pid: int = 0, owner_lease_s: float = 0.0) -> dict[str, Any]:
+               origin: str = Origin.ADMIN.value, owner_pid: int = 0, owner_lease_s: float = 0.0,
+               cold: bool = False, replay: bool = True) -> dict[str, Any]:
         """Attach ``ref``; ``origin`` "pod" when a pod author chose it (registry images only).
         ``owner_pid``: detach when that process is gone (or, with ``owner_lease_s``, has not handed
-        the device over with `own` within that many seconds)."""
+        the device over with `own` within that many seconds). ``cold``: a private, empty chunk cache;
+        ``replay``: replay a trusted start trace (both for `bdserver optimize`, which records with a
+        cold cache and no replay)."""
         origin = Origin(origin).value
         with self.lock:
             dev_id = self._new_id()
@@ -112,7 +116,7 @@ class DeviceManager:
             rec = DeviceRecord(id=dev_id, ref=ref, backend=backend or self.cfg.backend, created=time.time(),
                                owned_by_mount=owned_by_mount, origin=origin,
                                owner=Owner.of(owner_pid, owner_lease_s) if owner_pid else None)
-            live, opened = self._attach_record(rec, None)
+            live, opened = self._attach_record(rec, None, cold=cold, replay=replay)
             with self.lock:
                 self.records[dev_id] = rec
                 self.live[dev_id] = live
@@ -135,7 +139,8 @@ class DeviceManager:
             self.pending_targets.add(target)
 
     def mount(self, ref: str, target: str, backend: str = "", lower_only: bool = False,
-              origin: str = Origin.ADMIN.value, owner_pid: int = 0, owner_lease_s: float = 0.0) -> dict[str, Any]:
+              origin: str = Origin.ADMIN.value, owner_pid: int = 0, owner_lease_s: float = 0.0,
+              cold: bool = False, replay: bool = True) -> dict[str, Any]:
         target = os.path.abspath(target)
         self._claim_target(target)
         made = False
@@ -148,7 +153,7 @@ class DeviceManager:
             if not os.path.isdir(target) or os.path.islink(target):
                 raise BadTarget(f"{target} is not a directory")
             info = self.attach(ref, backend, owned_by_mount=True, origin=origin, owner_pid=owner_pid,
-                               owner_lease_s=owner_lease_s)
+                               owner_lease_s=owner_lease_s, cold=cold, replay=replay)
             dev_id = info["id"]
             rec = self.records[dev_id]
             try:
@@ -330,6 +335,24 @@ class DeviceManager:
                 live = self.live.get(r.id)
                 out.append({**self._describe(r), "stats": live.metered.stats() if live else {}})
             return out
+
+    def trace(self, key: str) -> dict[str, Any]:
+        """The start trace of a device so far: the lazy layer chunks its reads touched, first
+        access first (from the device's read log), and the lazy image they belong to."""
+        rec = self.find(key)
+        with self.lock:
+            live = self.live.get(rec.id)
+        if live is None:
+            raise NoSuchDevice(f"device {rec.id} is not being served; nothing was recorded")
+        if rec.kind != "lazy":
+            raise PolicyError(f"device {rec.id} is {rec.kind or 'not a lazy image'}: a start trace "
+                              "needs a lazy image from a registry")
+        log_ = live.metered.read_log
+        reads = log_.reads()
+        trace = live.opened.device.start_trace(reads)
+        return {"id": rec.id, "ref": rec.ref, "lazy": rec.pin.get("lazy", ""), "source": rec.pin.get("source", ""),
+                "trace": trace.to_bytes().decode(), "chunks": len(trace), "reads": len(reads),
+                "read_bytes": sum(n for _, _, n in reads), "log_full": log_.full}
 
     # -- restart -------------------------------------------------------------------------------
     def recover(self) -> None:

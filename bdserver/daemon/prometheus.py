@@ -61,6 +61,13 @@ _DEVICE_COUNTERS = [
      ("device", "prefetch_used_bytes")),
     ("bdserver_prefetch_errors", "Fetch-ahead requests that failed (readers fetch those chunks themselves).",
      ("device", "prefetch_errors")),
+    ("bdserver_replay_requests", "Range requests replaying a trusted start trace (also in fetch_requests).",
+     ("device", "replay_fetches")),
+    ("bdserver_replay_chunks", "Chunks fetched by start-trace replay.", ("device", "replayed_chunks")),
+    ("bdserver_replay_useful_chunks", "Replayed chunks a read later used (the rest is waste).",
+     ("device", "replay_used")),
+    ("bdserver_replay_errors", "Replay requests that failed (readers fetch those chunks themselves).",
+     ("device", "replay_errors")),
 ]
 
 # (metric name, help, key of ChunkCache.stats(), counter?)

@@ -156,6 +156,7 @@ def serve(cfg: Config, extra_services: Sequence[Service] = ()) -> int:
         "own": mgr.own,
         "ls": mgr.ls,
         "stats": mgr.stats,
+        "trace": mgr.trace,
         "shutdown": shutdown,
         "cache_prune": services.prune_cache,
     })

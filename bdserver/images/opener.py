@@ -42,14 +42,21 @@ class OpenedImage:
     pin: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     image_config: dict[str, Any] = field(default_factory=dict)  # OCI config "config" (Env, Cmd, ...)
+    cleanup: list[Callable[[], None]] = field(default_factory=list)  # after the device is closed
 
     def close(self) -> None:
-        self.device.close()
+        try:
+            self.device.close()
+        finally:
+            for fn in self.cleanup:
+                fn()
 
 
 def open_image(ref: str, services: NodeServices, pin: dict[str, Any] | None = None, *,
-               origin: Origin = Origin.ADMIN) -> OpenedImage:
-    """Open ``ref`` as a device. ``pin`` (from saved state) forces the exact images opened before."""
+               origin: Origin = Origin.ADMIN, cold: bool = False, replay: bool = True) -> OpenedImage:
+    """Open ``ref`` as a device. ``pin`` (from saved state) forces the exact images opened before.
+    A lazy image replays its trusted start trace unless ``replay`` is off; ``cold`` gives it a
+    private, empty chunk cache (lazy.open_lazy)."""
     target = check_reference(ref, origin)
     if isinstance(target, str):
         return _open_file(target)
@@ -57,7 +64,7 @@ def open_image(ref: str, services: NodeServices, pin: dict[str, Any] | None = No
     if pin and pin.get("kind") == "converted-on-node":
         return _open_converted(r, services, pin["source"], lambda: services.source_store(r))
     if pin and pin.get("kind") == "lazy":
-        return _finish_lazy(r, services, None, pin["lazy"], pin.get("source", ""))
+        return _finish_lazy(r, services, None, pin["lazy"], pin.get("source", ""), cold=cold)
     store = ManifestMemo(services.source_store(r))
     policy = services.trust
     if origin is Origin.POD:  # a pod author pinning a digest proves nothing about its origin
@@ -68,7 +75,7 @@ def open_image(ref: str, services: NodeServices, pin: dict[str, Any] | None = No
         log.info("%s: no trusted lazy image (%s); converting on the node", ref, exc)
         _, src_desc = resolve_image_manifest(store, r.target or "latest")
         return _open_converted(r, services, src_desc.digest, lambda: store, why=str(exc))
-    return _finish_lazy(r, services, store, lazy.digest, source.digest)
+    return _finish_lazy(r, services, store, lazy.digest, source.digest, cold=cold, replay=replay)
 
 
 def _open_file(path: str) -> OpenedImage:
@@ -89,10 +96,11 @@ def _open_file(path: str) -> OpenedImage:
 
 
 def _finish_lazy(r: Reference, services: NodeServices, store: Any, lazy_digest: str,
-                 source_digest: str) -> OpenedImage:
-    opened = open_lazy(services, store, lazy_digest, lambda: services.source_store(r))
+                 source_digest: str, *, cold: bool = False, replay: bool = True) -> OpenedImage:
+    opened = open_lazy(services, store, lazy_digest, lambda: services.source_store(r), cold=cold, replay=replay)
     pin = {"kind": "lazy", "lazy": lazy_digest, "source": source_digest}
-    return OpenedImage(opened.device, "lazy", pin, f"lazy image {lazy_digest} of {r}", opened.image_config)
+    msg = f"lazy image {lazy_digest} of {r}" + (f"; {opened.trace_note}" if opened.trace_note else "")
+    return OpenedImage(opened.device, "lazy", pin, msg, opened.image_config, opened.cleanup)
 
 
 def _open_converted(r: Reference, services: NodeServices, source_digest: str,

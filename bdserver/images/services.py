@@ -9,9 +9,11 @@ conversions, and turns a reference into the `ImageStore` it lives in.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bdserver.cache import ChunkCache
 from bdserver.config import Config
@@ -66,6 +68,19 @@ class NodeServices:
         if self._cache is None:
             self._cache = ChunkCache(self.cfg.cache_dir, cap_bytes=int(self.cfg.cache_max_bytes))
         return self._cache
+
+    def scratch_cache(self) -> tuple[ChunkCache, Callable[[], None]]:
+        """A private, empty chunk cache under the state dir and the function that removes it."""
+        root = Path(self.cfg.state_dir) / "scratch"
+        root.mkdir(parents=True, exist_ok=True)
+        d = tempfile.mkdtemp(prefix="cache-", dir=root)
+        cache = ChunkCache(d, cap_bytes=int(self.cfg.cache_max_bytes))
+
+        def drop() -> None:
+            cache.close()
+            shutil.rmtree(d, ignore_errors=True)
+
+        return cache, drop
 
     def prefetcher(self) -> Prefetcher:
         """Fetch-ahead for one device's misses (config: prefetch_chunks, _inflight, _run)."""

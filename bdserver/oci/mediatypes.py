@@ -34,6 +34,9 @@ EROFS_CHUNK_INDEX = "application/vnd.erofs.chunk-index.v1"
 
 # bdserver's lazy image
 LAZY_ARTIFACT_TYPE = "application/vnd.bdserver.lazy.v1"
+# a start trace (blob/starttrace.py), a referrer of the lazy image it was recorded on
+PREFETCH_ARTIFACT_TYPE = "application/vnd.bdserver.prefetch.v1"
+PREFETCH_TRACE = "application/vnd.bdserver.prefetch.v1+json"
 
 # cosign signatures (sigstore/cosign specs/SIGNATURE_SPEC.md; referrers as `--registry-referrers-mode=oci-1-1`)
 COSIGN_SIGNATURE_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any, Callable
 
 from bdserver.daemon.client import request
 from bdserver.config import Config
@@ -20,34 +21,36 @@ from bdserver.errors import BdError, KernelError
 from bdserver.runtime.bundle import process_args, write_bundle
 
 
+TIMED_OUT = 124  # the exit status of a container killed at the timeout (as timeout(1) has it)
 UNSAFE_CHROOT_WARNING = ("bdserver run: --unsafe-chroot: running the image's command as host root in a plain "
                          "chroot: no namespaces, no cgroups, no seccomp, no capability limits")
 
 
-def run_container(cfg: Config, ref: str, cmd: list[str], backend: str = "auto", *, unsafe_chroot: bool = False) -> int:
+def run_container(cfg: Config, ref: str, cmd: list[str], backend: str = "auto", *, unsafe_chroot: bool = False,
+                  timeout: float | None = None, mount_options: dict[str, Any] | None = None,
+                  before_umount: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Run ``cmd`` (or the image's entrypoint) in a container on a lazy mount of ``ref``; its exit
+    status, or 124 when ``timeout`` seconds passed and it was killed. ``mount_options`` go to the
+    daemon's mount; ``before_umount(mount result)`` runs after the container, before cleanup."""
     cid = f"bdserver-{uuid.uuid4().hex[:12]}"
     bundle = Path(cfg.run_dir) / "bundles" / cid
     rootfs = bundle / "rootfs"
     rootfs.mkdir(parents=True)
     mounted = False
     try:
-        r = request(cfg, "mount", {"ref": ref, "target": str(rootfs), "backend": backend}, autostart=True)
+        r = request(cfg, "mount", {"ref": ref, "target": str(rootfs), "backend": backend, **(mount_options or {})},
+                    autostart=True)
         mounted = True
         image_config = r.get("image_config") or {}
         args = process_args(image_config, cmd)
         write_bundle(bundle, rootfs, args, image_config, hostname=cid[:20])
         if unsafe_chroot:
-            return _chroot(rootfs, args, image_config)
-        runc = shutil.which("runc")
-        if runc is None:
-            raise KernelError("runc is not installed (apt-get install runc); bdserver run needs it")
-        root = Path(cfg.run_dir) / "runc"
-        try:
-            p = subprocess.run([runc, "--root", str(root), "run", "--bundle", str(bundle), cid],
-                               stdin=sys.stdin if sys.stdin and sys.stdin.isatty() else subprocess.DEVNULL)
-        finally:
-            subprocess.run([runc, "--root", str(root), "delete", "--force", cid], capture_output=True)
-        return p.returncode
+            status = _chroot(rootfs, args, image_config)
+        else:
+            status = _runc(cfg, bundle, cid, timeout)
+        if before_umount is not None:
+            before_umount(r)
+        return status
     finally:
         if mounted:
             try:
@@ -55,6 +58,25 @@ def run_container(cfg: Config, ref: str, cmd: list[str], backend: str = "auto", 
             except BdError as exc:
                 print(f"bdserver run: cleanup: {exc.user_message()}", file=sys.stderr)
         shutil.rmtree(bundle, ignore_errors=True)
+
+
+def _runc(cfg: Config, bundle: Path, cid: str, timeout: float | None) -> int:
+    runc = shutil.which("runc")
+    if runc is None:
+        raise KernelError("runc is not installed (apt-get install runc); bdserver run needs it")
+    root = Path(cfg.run_dir) / "runc"
+    base = [runc, "--root", str(root)]
+    try:
+        p = subprocess.Popen(base + ["run", "--bundle", str(bundle), cid],
+                             stdin=sys.stdin if sys.stdin and sys.stdin.isatty() else subprocess.DEVNULL)
+        try:
+            return p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            subprocess.run(base + ["kill", cid, "KILL"], capture_output=True)
+            p.wait()
+            return TIMED_OUT
+    finally:
+        subprocess.run(base + ["delete", "--force", cid], capture_output=True)
 
 
 def _chroot(rootfs: Path, args: list[str], image_config: dict) -> int:

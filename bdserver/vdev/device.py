@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from bdserver.blob.starttrace import StartTrace
 from bdserver.errors import BdError, FormatError
 from bdserver.vdev.lazyblob import LazyBlobSource
 from bdserver.vdev.sources import FileSource, Source
@@ -88,6 +89,7 @@ class VirtualDevice:
         self._read_bytes = 0
         self._errors = 0
         self._closed = False
+        self.replay: Any = None  # a vdev.replay.TraceReplay running on this device, if any
 
     @property
     def size(self) -> int:
@@ -164,6 +166,38 @@ class VirtualDevice:
 
     # ---- stats, lifecycle ------------------------------------------------------------------
 
+    def chunks_of(self, offset: int, length: int) -> list[tuple[str, int]]:
+        """(layer blob digest, chunk index) of every lazy layer chunk that a read of
+        [offset, offset+length) touches, in device order (the device map, for start traces)."""
+        out: list[tuple[str, int]] = []
+        end = min(offset + length, self._size)
+        k = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        while k < len(self.segments) and self.segments[k].start < end:
+            seg = self.segments[k]
+            k += 1
+            src = seg.source
+            if not isinstance(src, LazyBlobSource):
+                continue
+            lo, hi = max(offset, seg.start) - seg.start, min(end, seg.start + src.size) - seg.start
+            if lo >= hi:
+                continue
+            index = src.blob.index
+            out += [(src.digest, i) for i in range(index.chunk_at(lo), index.chunk_at(hi - 1) + 1)]
+        return out
+
+    def start_trace(self, reads: Iterable[tuple[float, int, int]]) -> StartTrace:
+        """The start trace of device reads (seconds since attach, offset, length): the lazy
+        layer chunks they touched, first access first."""
+        acc: list[tuple[str, int, int]] = []
+        for t, off, n in sorted(reads):
+            ms = max(0, int(t * 1000))
+            acc += [(d, i, ms) for d, i in self.chunks_of(off, n)]
+        return StartTrace.from_accesses(acc)
+
+    def lazy_sources(self) -> dict[str, LazyBlobSource]:
+        """The lazily fetched layers by blob digest."""
+        return {s.digest: s for s in self._lazy()}
+
     def _lazy(self) -> list[LazyBlobSource]:
         return [s.source for s in self.segments if isinstance(s.source, LazyBlobSource)]
 
@@ -191,6 +225,8 @@ class VirtualDevice:
         d["layers"] = layers
         if self.cache is not None:
             d["cache"] = self.cache.stats()
+        if self.replay is not None:
+            d["replay"] = self.replay.stats()
         return d
 
     def prefetch(self, offset: int = 0, length: int | None = None) -> None:
@@ -212,6 +248,8 @@ class VirtualDevice:
             if self._closed:
                 return
             self._closed = True
+        if self.replay is not None:
+            self.replay.close()
         try:
             self.flush()
         except Exception:  # a failed cache write was already logged and counted

@@ -11,8 +11,10 @@ most the fetch deadline.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future
+from typing import Iterable
 
 from bdserver.blob.reader import ChunkedBlob
 from bdserver.cache import CacheKey, ChunkCache
@@ -60,6 +62,8 @@ class LazyBlobSource:
         self.inflight = InFlight(self.name)
         self.fetcher = RunFetcher(blob, self.stats, self.fetch_latency, self.name)
         self.ahead: FetchAhead | None = None
+        self._replayed: set[int] = set()  # fetched by a start-trace replay, not yet read
+        self._replayed_lock = threading.Lock()
         if prefetcher is not None and prefetcher.enabled and cache is not None:  # it needs somewhere to keep them
             self.ahead = FetchAhead(prefetcher, pools.ahead, self.inflight, self.layer, self._fetch_and_resolve,
                                     len(blob.index), self.stats, self.name)
@@ -76,6 +80,33 @@ class LazyBlobSource:
     def flush(self) -> None:
         self.layer.flush()
 
+    def stop_fetch_ahead(self) -> None:
+        """No more fetch-ahead after misses (a start-trace replay says what to fetch instead)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.close()
+
+    # ---- start-trace replay (vdev/replay.py) ----------------------------------------------
+
+    def fetch_claimed(self, mine: dict[int, ChunkFetch]) -> dict[int, bytes]:
+        """Fetch one run of chunks claimed through `inflight`, store them, resolve the claims."""
+        return self._fetch_and_resolve(mine)
+
+    def note_replayed(self, chunks: Iterable[int]) -> None:
+        with self._replayed_lock:
+            self._replayed.update(chunks)
+
+    def forget_replayed(self, chunks: Iterable[int]) -> None:
+        with self._replayed_lock:
+            self._replayed.difference_update(chunks)
+
+    def _replay_used(self, chunks: Iterable[int]) -> None:
+        with self._replayed_lock:
+            used = [i for i in chunks if i in self._replayed]
+            self._replayed.difference_update(used)
+        if used:
+            self.stats.add(replay_used=len(used))
+
     # ---- read path ------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
@@ -91,6 +122,8 @@ class LazyBlobSource:
                 self.stats.hit()
                 if self.ahead is not None:
                     self.ahead.used((first,))
+                if self._replayed:
+                    self._replay_used((first,))
                 return data
             self.stats.add(chunk_misses=1)
             if self.ahead is not None:
@@ -111,6 +144,8 @@ class LazyBlobSource:
             self.stats.add(chunk_hits=len(pieces))
             if self.ahead is not None:
                 self.ahead.used(pieces)
+            if self._replayed:
+                self._replay_used(pieces)
         if missing:
             self.stats.add(chunk_misses=len(missing))
             if self.ahead is not None:
@@ -146,6 +181,8 @@ class LazyBlobSource:
                 pending += retry  # a failed fetch-ahead never fails a reader: fetch it ourselves
                 if self.ahead is not None:
                     self.ahead.used(data)
+                if self._replayed:
+                    self._replay_used(data)
             if not pending:
                 return got
         raise FetchError(f"{self.name}: chunks {pending} keep disappearing from the cache")

@@ -228,10 +228,12 @@ def open_lazy_image(
     pins = []
     sources: list[LazyBlobSource] = []
     try:
-        meta_bytes = load_meta(meta, fetch_range, cache)
+        # the merged metadata and every chunk index at once: one round trip, not two
+        meta_fut = pools.demand.submit(load_meta, meta, fetch_range, cache)
+        indexes = list(pools.demand.map(lambda p: load_layer_index(p, fetch_range, cache), plans))
+        meta_bytes = meta_fut.result()
         if cache is not None:
             pins.append(cache.pin(meta.digest))
-        indexes = list(pools.demand.map(lambda p: load_layer_index(p, fetch_range, cache), plans))
         meta_blocks = _uint(meta.annotations, ANN_BD_BLOCKS, "merged metadata")
         if meta_blocks is None:
             meta_blocks = blocks_for(len(meta_bytes))

@@ -36,6 +36,10 @@ class FetchStats:
     prefetch_used: int = 0  # prefetched chunks a reader later asked for
     prefetched_bytes: int = 0  # uncompressed bytes of the prefetched chunks
     prefetch_used_bytes: int = 0  # uncompressed bytes of the prefetched chunks a reader asked for
+    replay_fetches: int = 0  # start-trace replay requests issued (also counted in `fetches`)
+    replayed_chunks: int = 0
+    replay_errors: int = 0  # failed replay requests: logged and counted, never raised to a reader
+    replay_used: int = 0  # replayed chunks a reader later asked for
 
 
 class Counter:
