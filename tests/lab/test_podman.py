@@ -46,19 +46,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         pytest.skip("podman starts containers only inside the lab (vagrant/lab): runc may not set rlimits here")
     assert shutil.which("podman"), "podman is missing: run kernel-setup/install-packages"
     from tests.fixtures.registry import start_registry
-    from tests.node.conftest import BDSERVER, REPO
+    from tests.node.conftest import convert_cli
 
     base = tmp_path_factory.mktemp("podman-world")
     reg = start_registry(base / "registry")
     try:
         ref = push_app_image(reg, base)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
-        env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
-                   PYTHONPATH=str(REPO))
-        p = subprocess.run(BDSERVER + ["convert", ref, "--json"], env=env, capture_output=True, text=True,
-                           timeout=900, cwd=REPO)
-        assert p.returncode == 0, p.stderr
-        yield World(ref, json.loads(p.stdout)["lazy"])
+        yield World(ref, convert_cli(base, ref)["lazy"])
     finally:
         reg.stop()
 

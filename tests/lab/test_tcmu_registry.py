@@ -6,7 +6,6 @@ of it, `bdserver convert` to publish the lazy image, then a private daemon that 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -35,7 +34,7 @@ class World:
 def world(tmp_path_factory, tcmu_lab) -> Iterator[World]:
     from tests.fixtures.layers import build_oci_layout
     from tests.fixtures.registry import start_registry
-    from tests.node.conftest import BDSERVER, REPO
+    from tests.node.conftest import convert_cli
     from tests.fixtures.reftree import reference_tree
 
     base = tmp_path_factory.mktemp("lazy")
@@ -50,13 +49,8 @@ def world(tmp_path_factory, tcmu_lab) -> Iterator[World]:
     reg = start_registry(base / "registry")
     try:
         reg.push_layout(base / "layout", "latest", "app", "v1")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
-        env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
-                   PYTHONPATH=str(REPO))
-        p = subprocess.run(BDSERVER + ["convert", f"{reg.host}/app:v1", "--json"], env=env, capture_output=True,
-                           text=True, timeout=900, cwd=REPO)
-        assert p.returncode == 0, p.stderr
-        lazy = json.loads(p.stdout)["lazy"]
+        converted = convert_cli(base, f"{reg.host}/app:v1", timeout=900)
+        lazy = converted["lazy"]
         # the reference needs whiteout device nodes and trusted.* xattrs: build it on a tmpfs
         (base / "ref").mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "bdserver-ref", str(base / "ref")], check=True)

@@ -28,6 +28,18 @@ if os.geteuid() != 0:  # pragma: no cover  (CI and `make test` run as root)
     pytest.fail("node tests need root (mounts, FUSE): run them as root", pytrace=False)
 
 
+def convert_cli(base: Path, ref: str, timeout: float = 900) -> dict:
+    """`bdserver convert REF --json` as a converter node would run it (its own state dir under
+    ``base``): pushes the lazy image as a referrer of REF; returns the JSON result."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
+    env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
+               PYTHONPATH=str(REPO))
+    p = subprocess.run(BDSERVER + ["convert", ref, "--json"], env=env, capture_output=True, text=True,
+                       timeout=timeout, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
 @pytest.fixture
 def erofs_image(tmp_path: Path) -> tuple[Path, Path]:
     src = make_tree(tmp_path / "src")
@@ -182,3 +194,8 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
                 except ProcessLookupError:
                     pass
         cleanup_mounts(tmp_path)
+
+
+# A fixture defined beside its helpers (it uses convert_cli above): imported here so that every node
+# test can ask for it by name.
+from tests.node.small_lazy import small_lazy  # noqa: E402, F401

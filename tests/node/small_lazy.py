@@ -8,9 +8,7 @@ logs, stats): two layers of incompressible files (a few dozen 128 KiB chunks), c
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -20,7 +18,7 @@ import pytest
 
 from tests.fixtures.layers import build_oci_layout, data, small_tar_layer
 from tests.fixtures.registry import REGISTRY_BIN, Registry, start_registry
-from tests.node.conftest import BDSERVER, REPO
+from tests.node.conftest import convert_cli
 
 if not os.path.exists(REGISTRY_BIN):  # installed by `make setup`: a missing one is a setup bug, not a skip
     pytest.fail(f"{REGISTRY_BIN} is missing: run kernel-setup/install-packages", pytrace=False)
@@ -52,13 +50,8 @@ def small_lazy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallLazy]:
     reg = start_registry(base / "registry")
     try:
         reg.push_layout(base / "layout", "latest", REPO_NAME, "v1")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
-        env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
-                   PYTHONPATH=str(REPO))
-        p = subprocess.run(BDSERVER + ["convert", f"{reg.host}/{REPO_NAME}:v1", "--json"], env=env,
-                           capture_output=True, text=True, timeout=300, cwd=REPO)
-        assert p.returncode == 0, p.stderr
-        yield SmallLazy(reg, json.loads(p.stdout)["lazy"], {**files1, **files2})
+        converted = convert_cli(base, f"{reg.host}/{REPO_NAME}:v1", timeout=300)
+        yield SmallLazy(reg, converted["lazy"], {**files1, **files2})
     finally:
         reg.stop()
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.node.conftest import BDSERVER, REPO
+from tests.node.conftest import convert_cli
 from tests.fixtures.reftree import reference_tree
 from tests.fixtures.trees import assert_same_tree
 
@@ -42,16 +42,6 @@ class World:
         return f"[trust]\nallowed = [{allowed}]\n"
 
 
-def _convert(base: Path, ref: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
-    env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
-               PYTHONPATH=str(REPO))
-    p = subprocess.run(BDSERVER + ["convert", ref, "--json"], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=REPO)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("e2e")
@@ -59,7 +49,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
         deb_layers = debian_layers()
         reg.push_layout(debian_oci_layout(), "latest", "deb", "v1")
-        lazy = {"deb": _convert(base, f"{reg.host}/deb:v1")}
+        lazy = {"deb": convert_cli(base, f"{reg.host}/deb:v1")}
         shared = {}
         for name in ("one", "two", "three"):
             top = small_tar_layer(base / f"top-{name}.tar", {f"srv/{name}/id": name.encode() * 100,
@@ -67,7 +57,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             layers = [deb_layers[0], top]
             build_oci_layout(layers, base / f"layout-{name}")
             reg.push_layout(base / f"layout-{name}", "latest", name, "v1")
-            lazy[name] = _convert(base, f"{reg.host}/{name}:v1")
+            lazy[name] = convert_cli(base, f"{reg.host}/{name}:v1")
             shared[name] = layers
         plain = [small_tar_layer(base / "plain1.tar", {"a/file": b"x" * 70_000, "a/gone": b"bye", "b/keep": b"k"}),
                  small_tar_layer(base / "plain2.tar", {"a/new": b"new\n"}, whiteouts=("a/gone",))]

@@ -24,7 +24,7 @@ from bdserver import mounts
 from tests.fixtures.layers import build_oci_layout, small_tar_layer
 from tests.fixtures.proxy import FaultProxy
 from tests.fixtures.registry import start_registry
-from tests.node.conftest import BDSERVER, REPO, fuse_connections, mkfs_erofs
+from tests.node.conftest import convert_cli, fuse_connections, mkfs_erofs
 
 pytestmark = pytest.mark.slow
 
@@ -67,13 +67,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     reg = start_registry(base / "registry")
     try:
         reg.push_layout(base / "layout", "latest", "stream", "v1")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
-        env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
-                   PYTHONPATH=str(REPO))
-        p = subprocess.run(BDSERVER + ["convert", f"{reg.host}/stream:v1", "--json"], env=env, capture_output=True,
-                           text=True, timeout=600, cwd=REPO)
-        assert p.returncode == 0, p.stderr
-        lazy = json.loads(p.stdout)["lazy"]
+        converted = convert_cli(base, f"{reg.host}/stream:v1", timeout=600)
+        lazy = converted["lazy"]
         with FaultProxy(reg.url) as proxy:
             proxy.latency = 0.05  # every registry request waits 50 ms: fetches are in flight at the kill
             yield Image(f"{proxy.host}/stream:v1", f'[trust]\nallowed = ["{lazy}"]\n',

@@ -19,7 +19,7 @@ from bdserver.config import load_config
 from bdserver.daemon.logs import JournalHandler, RepeatFilter, event
 from bdserver.errors import ConfigError
 from tests.fixtures.proxy import FaultProxy
-from tests.node.small_lazy import read_device, small_lazy, until  # noqa: F401  (fixture)
+from tests.node.small_lazy import read_device, until
 
 
 def parse_journal(datagram: bytes) -> dict[str, str]:

@@ -23,7 +23,7 @@ from bdserver.config import ListenAddress
 from bdserver.errors import ConfigError
 from tests.fixtures.proxy import FaultProxy
 from tests.fixtures.registry import free_port
-from tests.node.small_lazy import read_device, scrape, small_lazy, until  # noqa: F401  (fixture)
+from tests.node.small_lazy import read_device, scrape, until
 
 pytestmark = pytest.mark.slow
 

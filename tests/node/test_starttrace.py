@@ -28,7 +28,7 @@ from bdserver.oci.store import open_store
 from tests.fixtures.layers import build_oci_layout
 from tests.fixtures.proxy import FaultProxy
 from tests.fixtures.registry import REGISTRY_BIN, start_registry
-from tests.node.conftest import BDSERVER, REPO
+from tests.node.conftest import convert_cli
 
 pytestmark = pytest.mark.slow
 
@@ -87,13 +87,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     reg = start_registry(base / "registry")
     try:
         reg.push_layout(build_oci_layout(_layers(base), base / "layout"), "latest", "app", "v1")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
-        env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
-                   PYTHONPATH=str(REPO))
-        p = subprocess.run(BDSERVER + ["convert", f"{reg.host}/app:v1", "--json"], env=env, capture_output=True,
-                           text=True, timeout=600, cwd=REPO)
-        assert p.returncode == 0, p.stderr
-        yield World(base, reg, reg.host, json.loads(p.stdout)["lazy"])
+        converted = convert_cli(base, f"{reg.host}/app:v1", timeout=600)
+        yield World(base, reg, reg.host, converted["lazy"])
     finally:
         reg.stop()
 

@@ -14,7 +14,7 @@ import pytest
 
 from bdserver.daemon.statsview import human_bytes
 from tests.node.conftest import BDSERVER, REPO
-from tests.node.small_lazy import read_device, small_lazy  # noqa: F401  (fixture)
+from tests.node.small_lazy import read_device
 
 pytestmark = pytest.mark.slow
 
