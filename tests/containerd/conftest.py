@@ -27,6 +27,10 @@ START_TIMEOUT_S = 60.0
 if CONTAINERD is None or CTR is None:  # installed by `make setup`: a missing one is a setup bug, not a skip
     pytest.fail("containerd is missing: run kernel-setup/install-packages", pytrace=False)
 
+# runc's state lives under /run/containerd/runc/<namespace> whatever containerd's root: a namespace of
+# our own keeps container ids apart from other containerd instances on the machine (CI, parallel runs)
+NAMESPACE = f"bdtest{os.getpid()}"
+
 
 def _config(base: Path, snapshotter_socket: str, hosts_dir: Path) -> str:
     return f"""version = 2
@@ -123,7 +127,7 @@ class Containerd:
         except OSError:
             return ""
 
-    def ctr(self, *args: str, check: bool = True, timeout: float = 300, namespace: str = "default"
+    def ctr(self, *args: str, check: bool = True, timeout: float = 300, namespace: str = NAMESPACE
             ) -> subprocess.CompletedProcess:
         p = subprocess.run([CTR, "--address", self.address, "--namespace", namespace, *args], capture_output=True,
                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)

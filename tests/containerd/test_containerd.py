@@ -16,11 +16,11 @@ from typing import Iterator
 import pytest
 
 from bdserver import mounts
-from tests.containerd.conftest import Containerd
+from tests.containerd.conftest import NAMESPACE, Containerd
 from tests.fixtures.layers import build_oci_layout, debian_layers, small_tar_layer
 from tests.fixtures.proxy import FaultProxy
 from tests.fixtures.registry import start_registry
-from tests.node.test_e2e_registry import _convert
+from tests.fixtures.converter import convert_cli
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         top = small_tar_layer(base / "top.tar", {"marker": MARKER, "srv/app/data": os.urandom(4096) * 64})
         build_oci_layout([*debian_layers(), top], base / "layout-app")
         reg.push_layout(base / "layout-app", "latest", "app", "v1")
-        res = _convert(base, f"{reg.host}/app:v1")
+        res = convert_cli(base, f"{reg.host}/app:v1")
         plain = small_tar_layer(base / "plain.tar", {"marker": b"plain image\n"})
         build_oci_layout([_busybox_layer(base / "busybox.tar"), plain], base / "layout-plain")
         reg.push_layout(base / "layout-plain", "latest", "plain", "v1")
@@ -101,7 +101,7 @@ def ctrd(containerd: Containerd, world: World) -> Containerd:
     return containerd
 
 
-def _snapshots(ctrd: Containerd, namespace: str = "default") -> list[tuple[str, str, str]]:
+def _snapshots(ctrd: Containerd, namespace: str = NAMESPACE) -> list[tuple[str, str, str]]:
     """(key, parent, kind) rows of `ctr snapshots --snapshotter bdserver ls`."""
     out = ctrd.ctr("snapshots", "--snapshotter", "bdserver", "ls", namespace=namespace).stdout.splitlines()[1:]
     rows = []
@@ -119,7 +119,7 @@ def _backend_rows(daemon) -> list[tuple]:
         db.close()
 
 
-def _nothing_left(daemon, ctrd: Containerd, tmp_path: Path, namespace: str = "default") -> None:
+def _nothing_left(daemon, ctrd: Containerd, tmp_path: Path, namespace: str = NAMESPACE) -> None:
     assert daemon.json("ls") == [], "a device is still attached"
     assert _backend_rows(daemon) == [], "snapshot metadata left behind"
     assert not [m.target for m in mounts.list_mounts() if m.target.startswith(str(tmp_path))], "mounts left"
@@ -153,7 +153,7 @@ def test_pull_then_run_is_lazy(world: World, daemon, ctrd: Containerd, tmp_path:
     ref = world.ref("app")
     daemon.stop()  # `bdserver pull` starts it, and waits out containerd's redial of the snapshotter
     world.proxy.stats.reset()
-    r = daemon.json("pull", ref, "--address", ctrd.address)
+    r = daemon.json("pull", ref, "--address", ctrd.address, "--namespace", NAMESPACE)
     assert r["layers"] == 4 and r["unpacked"] == 0 and r["snapshotter"] == "bdserver"
     pulled = world.proxy.stats.bytes("/blobs/")
     assert pulled < 100_000, f"pull fetched {pulled} blob bytes (layers?)"
@@ -205,7 +205,7 @@ def _task_pid(ctrd: Containerd, cid: str) -> int:
 def test_restart_keeps_container_running(restart: str, world: World, daemon, ctrd: Containerd,
                                          tmp_path: Path) -> None:
     ref = world.ref("app")
-    daemon.cli("pull", ref, "--address", ctrd.address)
+    daemon.cli("pull", ref, "--address", ctrd.address, "--namespace", NAMESPACE)
     ctrd.ctr("run", "-d", "--snapshotter", "bdserver", ref, "long1", "sh", "-c",
              "cat /marker > /tmp/seen.new && mv /tmp/seen.new /tmp/seen; exec sleep 1000")
     _wait_status(ctrd, "long1", "RUNNING")
@@ -246,7 +246,7 @@ def test_restart_keeps_container_running(restart: str, world: World, daemon, ctr
 def test_a_device_the_restarted_daemon_could_not_reopen_is_attached_again(world: World, daemon, ctrd: Containerd,
                                                                          tmp_path: Path) -> None:
     ref = world.ref("app")
-    daemon.cli("pull", ref, "--address", ctrd.address)
+    daemon.cli("pull", ref, "--address", ctrd.address, "--namespace", NAMESPACE)
     ctrd.ctr("containers", "create", "--snapshotter", "bdserver", ref, "made1")  # its snapshot mounts the image
     assert [d["status"] for d in daemon.json("ls")] == ["attached"]
     daemon.stop()
@@ -271,7 +271,7 @@ def test_a_device_the_restarted_daemon_could_not_reopen_is_attached_again(world:
 
 def test_image_without_lazy_image_unpacks_plainly(world: World, daemon, ctrd: Containerd, tmp_path: Path) -> None:
     ref = world.ref("plain")
-    r = daemon.json("pull", ref, "--address", ctrd.address)  # downloads and unpacks, like containerd's pull
+    r = daemon.json("pull", ref, "--address", ctrd.address, "--namespace", NAMESPACE)  # downloads and unpacks, like containerd's pull
     assert (r["layers"], r["unpacked"]) == (2, 2)
     p = ctrd.ctr("run", "--rm", "--snapshotter", "bdserver", ref, "plain1", "cat", "/marker")
     assert p.stdout == "plain image\n"
@@ -291,8 +291,8 @@ def test_image_inside_a_lazy_image_mounts_its_layers(world: World, daemon, ctrd:
     """`base` is the first 3 layers of `app`: pulled after app, its chain is app's lazy layers, and its
     containers see those layers only (layer views of app's device), not app's top layer."""
     app, base = world.ref("app"), world.ref("base")
-    daemon.cli("pull", app, "--address", ctrd.address)
-    r = daemon.json("pull", base, "--address", ctrd.address)
+    daemon.cli("pull", app, "--address", ctrd.address, "--namespace", NAMESPACE)
+    r = daemon.json("pull", base, "--address", ctrd.address, "--namespace", NAMESPACE)
     assert r["unpacked"] == 0, "every layer of base was already there, lazily"
     p = ctrd.ctr("run", "--rm", "--snapshotter", "bdserver", base, "base1", "sh", "-c",
                  "cat /etc/hostname; test -e /marker || echo no-marker; test -e /srv/app || echo no-app")

@@ -46,7 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         pytest.skip("podman starts containers only inside the lab (vagrant/lab): runc may not set rlimits here")
     assert shutil.which("podman"), "podman is missing: run kernel-setup/install-packages"
     from tests.fixtures.registry import start_registry
-    from tests.node.conftest import convert_cli
+    from tests.fixtures.converter import convert_cli
 
     base = tmp_path_factory.mktemp("podman-world")
     reg = start_registry(base / "registry")

@@ -34,7 +34,7 @@ class World:
 def world(tmp_path_factory, tcmu_lab) -> Iterator[World]:
     from tests.fixtures.layers import build_oci_layout
     from tests.fixtures.registry import start_registry
-    from tests.node.conftest import convert_cli
+    from tests.fixtures.converter import convert_cli
     from tests.fixtures.reftree import reference_tree
 
     base = tmp_path_factory.mktemp("lazy")

@@ -19,6 +19,7 @@ from typing import Iterator
 import pytest
 
 from bdserver import mounts
+from tests.fixtures.converter import convert_cli  # noqa: F401  (re-exported)
 from tests.fixtures.trees import assert_same_tree, make_tree, mkfs_erofs  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,17 +28,6 @@ BDSERVER = [sys.executable, "-m", "bdserver.cli"]
 if os.geteuid() != 0:  # pragma: no cover  (CI and `make test` run as root)
     pytest.fail("node tests need root (mounts, FUSE): run them as root", pytrace=False)
 
-
-def convert_cli(base: Path, ref: str, timeout: float = 900) -> dict:
-    """`bdserver convert REF --json` as a converter node would run it (its own state dir under
-    ``base``): pushes the lazy image as a referrer of REF; returns the JSON result."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BDSERVER_")}
-    env.update(BDSERVER_STATE_DIR=str(base / "converter"), BDSERVER_RUN_DIR=str(base / "converter-run"),
-               PYTHONPATH=str(REPO))
-    p = subprocess.run(BDSERVER + ["convert", ref, "--json"], env=env, capture_output=True, text=True,
-                       timeout=timeout, cwd=REPO)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
 
 
 @pytest.fixture

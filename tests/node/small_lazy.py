@@ -18,7 +18,7 @@ import pytest
 
 from tests.fixtures.layers import build_oci_layout, data, small_tar_layer
 from tests.fixtures.registry import REGISTRY_BIN, Registry, start_registry
-from tests.node.conftest import convert_cli
+from tests.fixtures.converter import convert_cli
 
 if not os.path.exists(REGISTRY_BIN):  # installed by `make setup`: a missing one is a setup bug, not a skip
     pytest.fail(f"{REGISTRY_BIN} is missing: run kernel-setup/install-packages", pytrace=False)

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.node.conftest import convert_cli
+from tests.fixtures.converter import convert_cli
 from tests.fixtures.reftree import reference_tree
 from tests.fixtures.trees import assert_same_tree
 

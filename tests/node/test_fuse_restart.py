@@ -24,7 +24,8 @@ from bdserver import mounts
 from tests.fixtures.layers import build_oci_layout, small_tar_layer
 from tests.fixtures.proxy import FaultProxy
 from tests.fixtures.registry import start_registry
-from tests.node.conftest import convert_cli, fuse_connections, mkfs_erofs
+from tests.fixtures.converter import convert_cli
+from tests.node.conftest import fuse_connections, mkfs_erofs
 
 pytestmark = pytest.mark.slow
 

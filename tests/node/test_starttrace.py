@@ -28,7 +28,7 @@ from bdserver.oci.store import open_store
 from tests.fixtures.layers import build_oci_layout
 from tests.fixtures.proxy import FaultProxy
 from tests.fixtures.registry import REGISTRY_BIN, start_registry
-from tests.node.conftest import convert_cli
+from tests.fixtures.converter import convert_cli
 
 pytestmark = pytest.mark.slow
 
