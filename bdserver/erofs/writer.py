@@ -1,9 +1,9 @@
-"""Write a `tree.Inode` tree as an uncompressed EROFS image (4 KiB blocks).
+"""Write a `tree.Inode` tree as an EROFS image (4 KiB blocks).
 
 Layout (meta_blkaddr = 0, so NIDs count 32-byte slots from byte 0):
 
-    block 0: [1 KiB zero][superblock][device table][root inode, other inodes ...]
-    ...      inodes with inline xattrs, chunk indexes, inline dir/symlink tails
+    block 0: [1 KiB zero][superblock][lz4 config][device table][root inode, other inodes ...]
+    ...      inodes with inline xattrs, chunk or lcluster indexes, inline dir/symlink tails
     shared xattr blocks (xattr_blkaddr)
     data blocks: directory blocks, symlink blocks, regular file data
 
@@ -12,6 +12,8 @@ file data is never tail-inlined so that every byte of a layer is block-addressab
 metadata image can point at it; everything is laid out in one deterministic pass (inodes in
 breadth-first sorted-name order) so the same tree always yields the same bytes. Only metadata
 is held in memory; file bytes are streamed (copy_file_range when both sides are real files).
+Compressed files (`CompressedMap`: a layer's lz4 extents the merged metadata points at;
+`CompressedData`: pclusters compressed by `erofs.compress`) get COMPRESSED_FULL inodes.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from bdserver.erofs.layout import (
 )
 from bdserver.erofs.sink import Sink
 from bdserver.erofs.structs import DeviceSlot
-from bdserver.erofs.tree import Inode, SpooledData, TailedBlockMap
+from bdserver.erofs.tree import CompressedData, Inode, SpooledData, TailedBlockMap
 from bdserver.erofs.util import gc_paused
+from bdserver.erofs.zmap import CARRIED_ADVISE, encode_full
 
 __all__ = ["ImageInfo", "DeviceSlot", "LayoutLimits", "plan_image", "write_image"]
 
@@ -95,6 +98,10 @@ def _write(
         out.truncate(sink.base)
     except (OSError, io.UnsupportedOperation):
         pass
+    comp = lay.compression
+    if comp is not None and comp.big_pcluster:
+        cfg = S.Lz4Config(max_distance=comp.max_distance, max_pclusterblks=comp.max_pclusterblks).pack()
+        meta[S.SB_OFFSET + 128 : S.SB_OFFSET + 128 + len(cfg)] = cfg
     for i, d in enumerate(devices):
         meta[devt_off + 128 * i : devt_off + 128 * (i + 1)] = d.pack()
     for p in order:
@@ -111,7 +118,10 @@ def _write(
         uuid=uuid,
         volume_name=volume_name,
         feature_incompat=(S.INCOMPAT_CHUNKED_FILE if any_chunked else 0)
-        | (S.INCOMPAT_DEVICE_TABLE if devices else 0),
+        | (S.INCOMPAT_DEVICE_TABLE if devices else 0)
+        | (S.INCOMPAT_ZERO_PADDING if comp else 0)
+        | (S.INCOMPAT_COMPR_CFGS if comp and comp.big_pcluster else 0),
+        u1=0 if comp is None else (1 << S.COMPR_LZ4) if comp.big_pcluster else comp.max_distance,
         extra_devices=len(devices),
         devt_slotoff=(devt_off // 128) if devices else 0,
     )
@@ -132,6 +142,9 @@ def _write(
             sink.pwrite(p.inode.symlink[: p.nblocks * BS], p.blkaddr * BS)
         elif fmt == stat.S_IFREG and isinstance(p.inode.data, SpooledData) and p.size:
             _emit_file(p, sink)
+        elif fmt == stat.S_IFREG and isinstance(p.inode.data, CompressedData):
+            d = p.inode.data
+            sink.copy(d.source, d.source_offset, p.blkaddr * BS, p.nblocks * BS)
         elif fmt == stat.S_IFREG and isinstance(p.inode.data, TailedBlockMap) and p.inode.data.tail:
             assert p.chunks is not None and p.chunks[-1] is not None
             sink.pwrite(p.inode.data.tail, p.chunks[-1] * BS)
@@ -172,6 +185,9 @@ def _emit_inode(p: Plan, meta: bytearray, shared_ids: dict[bytes, int]) -> None:
         u = S.encode_rdev(ino.rdev)
     elif p.layout == S.LAYOUT_CHUNK_BASED:
         u = (p.chunk_bits - BITS) | S.CHUNK_FORMAT_INDEXES
+    elif p.layout == S.LAYOUT_COMPRESSED_FULL:
+        assert p.zmap is not None
+        u = p.zmap.blocks
     elif p.layout == S.LAYOUT_FLAT_INLINE and p.nblocks == 0:
         u = U32
     elif p.nblocks:
@@ -203,6 +219,14 @@ def _emit_inode(p: Plan, meta: bytearray, shared_ids: dict[bytes, int]) -> None:
             tail = ino.symlink[p.nblocks * BS :]
         assert len(tail) == p.tail_len
         meta[o : o + p.tail_len] = tail
+    elif p.layout == S.LAYOUT_COMPRESSED_FULL:
+        assert p.zmap is not None
+        o = (o + 7) & ~7
+        hdr = S.ZMapHeader(advise=p.zmap.advise & CARRIED_ADVISE, algorithmtype=p.zmap.algorithmtype)
+        meta[o : o + S.ZMapHeader.SIZE] = hdr.pack()
+        index = encode_full(p.zmap, p.zoffset)
+        o += S.ZMapHeader.SIZE + 8
+        meta[o : o + len(index)] = index
     elif p.layout == S.LAYOUT_CHUNK_BASED:
         assert p.chunks is not None
         o = (o + 7) & ~7
