@@ -532,17 +532,18 @@ class ErofsImage:
 
     # -- tree -----------------------------------------------------------------------------
 
-    def to_tree(self, block_offset: int = 0, *, inline_tails: bool = False) -> Inode:
+    def to_tree(self, block_offset: int = 0, *, inline_tails: bool = False, max_entries: int = 50_000_000) -> Inode:
         """The image as a `tree.Inode` tree; regular files become `BlockMap`s at this image's
         unified block addresses + `block_offset` (data are not read). A file whose tail is
         inline (mkfs.erofs without -Enoinline_data) is a FormatError, or with `inline_tails` a
-        `TailedBlockMap` carrying the tail bytes. FormatError too if blocks are not 4 KiB."""
+        `TailedBlockMap` carrying the tail bytes. Compressed files become `CompressedMap`s (their
+        extents, no data read). FormatError too if blocks are not 4 KiB, or beyond `max_entries`."""
         if self.block_size != S.BLOCK_SIZE:
             raise FormatError("only 4 KiB-block images can be turned into block maps")
         with gc_paused():
-            return self._to_tree(block_offset, inline_tails)
+            return self._to_tree(block_offset, inline_tails, max_entries)
 
-    def _to_tree(self, block_offset: int, inline_tails: bool) -> Inode:
+    def _to_tree(self, block_offset: int, inline_tails: bool, max_entries: int) -> Inode:
         by_nid: dict[int, Inode] = {}
 
         def make(info: EntryInfo) -> Inode:
@@ -561,7 +562,7 @@ class ErofsImage:
         root = make(self.root)
         by_nid[self.root_nid] = root
         nodes: dict[bytes, Inode] = {b"/": root}
-        for path, info in self.walk():
+        for path, info in self.walk(max_entries=max_entries):
             if path == b"/":
                 continue
             parent_path, _, name = path.rpartition(b"/")

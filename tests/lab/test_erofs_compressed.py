@@ -7,7 +7,6 @@ Run: vagrant/lab -- .venv/bin/pytest -q -m lab tests/lab/test_erofs_compressed.p
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -21,8 +20,21 @@ from tests.fixtures.reftree import compare_trees
 pytestmark = pytest.mark.lab
 
 
-def test_flat_device_with_compressed_extents_in_layers(tmp_path: Path) -> None:
+@pytest.fixture
+def work(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A fresh tmpfs: the guest's /tmp is an overlay, where whiteout device nodes cannot be made."""
+    d = tmp_path / "work"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_flat_device_with_compressed_extents_in_layers(work: Path) -> None:
     subprocess.run(["modprobe", "erofs"], check=False, capture_output=True)
+    tmp_path = work
     views = layer_views(tmp_path)
     layers = [mkfs_layer(v, tmp_path / f"layer{i}.erofs", variant) for i, (v, variant) in enumerate(zip(views, MIXED))]
     _, flat = flat_device(layers, tmp_path / "flat.img")
