@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
 from bdserver.erofs.structs import DeviceSlot
 from bdserver.erofs.tree import (
-    BlockMap, CompressedData, CompressedMap, Inode, Segment, SpooledData, TailedBlockMap,
+    BlockMap, CompressedData, CompressedMap, FileData, Inode, Segment, SpooledData, TailedBlockMap,
 )
 from bdserver.erofs.util import gc_paused
 from bdserver.erofs.zmap import ZMap
@@ -73,11 +73,12 @@ class Plan:
     __slots__ = (
         "inode", "nid", "pos", "ino", "nlink", "parent", "extended", "layout", "isize",
         "xattr_items", "xattr_shared", "xattr_isize", "size", "dir_blocks", "tail_len",
-        "nblocks", "blkaddr", "chunk_bits", "chunks", "meta_len", "entries", "zmap", "zoffset",
+        "nblocks", "blkaddr", "chunk_bits", "chunks", "meta_len", "entries", "zmap", "zoffset", "data",
     )  # fmt: skip
 
     def __init__(self, inode: Inode, ino: int) -> None:
         self.inode = inode
+        self.data = inode.data  # what the writer stores: the tree's data, or it compressed
         self.ino = ino
         self.nid = 0
         self.pos = 0
@@ -274,7 +275,7 @@ def _compression(order: list[Plan]) -> Compression | None:
     if not zplans:
         return None
     big = any(p.zmap.advise & (S.Z_ADVISE_BIG_PCLUSTER_1 | S.Z_ADVISE_BIG_PCLUSTER_2) for p in zplans)  # type: ignore[union-attr]
-    dist = max(getattr(p.inode.data, "max_distance", S.LZ4_MAX_DISTANCE) for p in zplans)
+    dist = max(getattr(p.data, "max_distance", S.LZ4_MAX_DISTANCE) for p in zplans)
     blocks = max((e.blocks for p in zplans for e in p.zmap.extents), default=1)  # type: ignore[union-attr]
     return Compression(big, dist, blocks)
 
@@ -313,11 +314,15 @@ def plan_image(
 
 def compute_layout(
     root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool,
-    limits: LayoutLimits = LayoutLimits(),
+    limits: LayoutLimits = LayoutLimits(), stored: Mapping[int, FileData] | None = None,
 ) -> Layout:
     """The passes, in order: collect inodes, share xattrs, shape inodes, place them, allocate
-    data blocks. Pure computation."""
+    data blocks. Pure computation. `stored` (id of an inode -> data) replaces what the tree
+    says a file holds with what the writer stores for it (its compressed form)."""
     order = _collect(root)
+    if stored:
+        for p in order:
+            p.data = stored.get(id(p.inode), p.data)
     shared = _share_xattrs(order)
     any_chunked = _shape_inodes(order, shared, build_time, build_time_nsec, meta_only, limits)
     comp = _compression(order)
@@ -405,7 +410,7 @@ def _shape_symlink(p: Plan) -> None:
 def _shape_regular(p: Plan, meta_only: bool, budget: _Budget) -> None:
     """Size and layout of a regular file from its data: chunk-based for data already on the
     device (block maps) and for sparse spooled data, flat otherwise."""
-    d = p.inode.data
+    d = p.data
     if d is not None and not 0 <= d.size < 1 << 63:  # the kernel's i_size is a signed loff_t
         raise FormatError(f"file size {d.size} does not fit EROFS (must be below 2**63)")
     if d is None or d.size == 0:
@@ -558,10 +563,10 @@ def _allocate_blocks(order: list[Plan], next_blk: int) -> int:
         if p.nblocks:
             p.blkaddr = next_blk
             next_blk += p.nblocks
-            if isinstance(p.inode.data, CompressedData):
+            if isinstance(p.data, CompressedData):
                 p.zoffset = p.blkaddr
     for p in order:
-        d = p.inode.data
+        d = p.data
         if isinstance(d, TailedBlockMap) and d.tail:
             assert p.chunks is not None
             p.chunks[-1] = next_blk  # the copied tail lives in this image

@@ -22,10 +22,12 @@ import io
 import os
 import stat
 import struct
+import tempfile
 from typing import BinaryIO, Sequence
 
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
+from bdserver.erofs.compress import compress_tree
 from bdserver.erofs.layout import (
     BITS, BS, U32, ImageInfo, LayoutLimits, Plan, compute_layout, file_type, plan_image,
 )
@@ -54,6 +56,8 @@ def write_image(
     devices: Sequence[DeviceSlot] = (),
     meta_only: bool = False,
     limits: LayoutLimits = LayoutLimits(),
+    compress: str = "none",
+    tmpdir: str | None = None,
 ) -> ImageInfo:
     """Write `root` as an EROFS image at the current position of the seekable `out`.
 
@@ -61,7 +65,8 @@ def write_image(
     flatdev works on 6.4-6.6 kernels). With `meta_only`, a regular file whose bytes would have to
     be copied (`SpooledData` with data) is an error: merged metadata must only point at layers.
     The output is truncated at the image's end; bytes not written read as zeros. `limits` caps
-    what sparse files may make the image allocate (FormatError beyond).
+    what sparse files may make the image allocate (FormatError beyond). ``compress="lz4"``:
+    files worth it are stored lz4-compressed (erofs/compress.py; pclusters spooled in `tmpdir`).
     """
     if len(uuid) != 16:
         raise ValueError("uuid must be 16 bytes")
@@ -70,9 +75,13 @@ def write_image(
     for d in devices:
         if not d.tag or len(d.tag) > 64:
             raise ValueError("device tags must be 1..64 bytes")
+    if compress not in ("none", "lz4"):
+        raise ValueError(f"unknown compression {compress!r}")
 
-    with gc_paused():
-        return _write(root, out, build_time, build_time_nsec, uuid, volume_name, devices, meta_only, limits)
+    with gc_paused(), tempfile.TemporaryFile(dir=tmpdir, prefix="bdserver-pclusters-") as spool:
+        stored = compress_tree(root, spool) if compress == "lz4" else None
+        return _write(root, out, build_time, build_time_nsec, uuid, volume_name, devices, meta_only, limits,
+                      stored)
 
 
 def _write(
@@ -85,8 +94,9 @@ def _write(
     devices: Sequence[DeviceSlot],
     meta_only: bool,
     limits: LayoutLimits,
+    stored: dict[int, CompressedData] | None,
 ) -> ImageInfo:
-    lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only, limits)
+    lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only, limits, stored)
     order, shared_keys, shared_ids = lay.order, lay.shared_keys, lay.shared_ids
     meta_blocks, xattr_blkaddr, total_blocks = lay.meta_blocks, lay.xattr_blkaddr, lay.total_blocks
     any_chunked, devt_off = lay.any_chunked, lay.devt_off
@@ -140,14 +150,13 @@ def _write(
             sink.pwrite(_dir_bytes(p, 0, p.nblocks), p.blkaddr * BS)
         elif fmt == stat.S_IFLNK and p.nblocks:
             sink.pwrite(p.inode.symlink[: p.nblocks * BS], p.blkaddr * BS)
-        elif fmt == stat.S_IFREG and isinstance(p.inode.data, SpooledData) and p.size:
+        elif fmt == stat.S_IFREG and isinstance(p.data, SpooledData) and p.size:
             _emit_file(p, sink)
-        elif fmt == stat.S_IFREG and isinstance(p.inode.data, CompressedData):
-            d = p.inode.data
-            sink.copy(d.source, d.source_offset, p.blkaddr * BS, p.nblocks * BS)
-        elif fmt == stat.S_IFREG and isinstance(p.inode.data, TailedBlockMap) and p.inode.data.tail:
+        elif fmt == stat.S_IFREG and isinstance(p.data, CompressedData):
+            sink.copy(p.data.source, p.data.source_offset, p.blkaddr * BS, p.nblocks * BS)
+        elif fmt == stat.S_IFREG and isinstance(p.data, TailedBlockMap) and p.data.tail:
             assert p.chunks is not None and p.chunks[-1] is not None
-            sink.pwrite(p.inode.data.tail, p.chunks[-1] * BS)
+            sink.pwrite(p.data.tail, p.chunks[-1] * BS)
     end = total_blocks * BS
     if sink.fd is not None:
         os.ftruncate(sink.fd, sink.base + end)
@@ -239,7 +248,7 @@ def _emit_inode(p: Plan, meta: bytearray, shared_ids: dict[bytes, int]) -> None:
 
 def _emit_file(p: Plan, sink: Sink) -> None:
     """Copy a spooled file's segments to its blocks (FLAT_PLAIN run or present chunks)."""
-    d = p.inode.data
+    d = p.data
     assert isinstance(d, SpooledData)
     if p.layout == S.LAYOUT_FLAT_PLAIN:
         base = p.blkaddr * BS
