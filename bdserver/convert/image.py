@@ -158,6 +158,8 @@ def layer_images(src: ImageStore, m: Manifest, cfg: dict[str, Any], wd: Path, *,
     """Every layer of the image ``m`` (config ``cfg``) as an EROFS image file in ``wd``: tar layers
     converted (their diff_ids checked against the config; required with `require_diff_ids`),
     EROFS-native layers fetched whole and verified."""
+    if m.artifact_type == mt.LAZY_ARTIFACT_TYPE:
+        raise FormatError("the image is a bdserver lazy image already: it needs no conversion")
     native = native_layers(m, cfg)
     if native is not None:
         out = []
