@@ -59,8 +59,11 @@ class NativeLayer:
 
     @property
     def indexed(self) -> bool:
-        """A chunk index makes it readable at random, so lazily."""
-        return self.embedded_index or self.index is not None
+        """A chunk index the manifest pins (an embedded one by `org.erofs.chunk-index.digest`, a
+        standalone one by its descriptor) makes it readable at random, so lazily."""
+        if self.embedded_index:
+            return mt.ANN_CHUNK_INDEX_DIGEST in self.desc.annotations
+        return self.index is not None
 
     @property
     def digest(self) -> str:
