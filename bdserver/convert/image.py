@@ -37,6 +37,7 @@ from bdserver.oci.store import ImageStore
 
 ROLE_MERGED_META = "merged-meta"
 COMPRESSIONS = ("none", "lz4")  # how tar layers' file data is stored: plain (the blob is zstd), EROFS lz4
+DEFAULT_COMPRESSION = "none"  # chosen by measurement: docs/bench.md "lz4 inside EROFS vs zstd blobs"
 
 
 @dataclass

@@ -101,10 +101,17 @@ def open_native(services: NodeServices, image: NativeImage, store: Callable[[], 
     pins: list[Any] = []
     sources: list[LazyBlobSource] = []
     try:
+        # the metadata walk reads scattered blocks: no fetch-ahead (it would fetch most of a layer
+        # whose producer interleaves metadata with data, as mkfs.erofs 1.5 does); what it fetches
+        # lands in the node cache, where the device's own sources find it
         sources = layer_sources(plans, fetch_range, services.cache, pins, pools=services.pools,
-                                prefetch=services.prefetcher(), fetch_deadline=services.cfg.fetch_deadline_s)
+                                fetch_deadline=services.cfg.fetch_deadline_s)
         merge = [merge_layer(_reader(src), src.size, device_tag(nl.digest), name=f"layer {k} ({nl.digest})")
                  for k, (nl, src) in enumerate(zip(image.layers, sources))]
+        for src in sources:
+            src.close()
+        sources = layer_sources(plans, fetch_range, services.cache, pins, pools=services.pools,
+                                prefetch=services.prefetcher(), fetch_deadline=services.cfg.fetch_deadline_s)
         buf = io.BytesIO()
         meta = build_merged_meta(merge, buf)
         meta_bytes = buf.getvalue()
