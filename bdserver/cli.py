@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("source", metavar="SOURCE")
     sp.add_argument("dest", nargs="?", metavar="DEST")
     sp.add_argument("--compress", choices=["none", "lz4"], default=None,
-                    help="file data of tar layers: none (the blob is zstd) or lz4 by EROFS (the kernel decompresses; "
-                         "the node cache holds compressed bytes); default: none, see docs/bench.md")
+                    help="file data of tar layers in EROFS: none, or lz4 (the kernel decompresses; the node cache "
+                         "holds compressed bytes); default: none, see docs/bench.md")
     sp = add("attach", cmd_attach, "attach an image as a device; prints the device path and id")
     sp.add_argument("ref", metavar="REF")
     sp.add_argument("--backend", choices=BACKENDS, default="", help="default: the config's backend (auto)")

@@ -36,7 +36,7 @@ from bdserver.oci.nativeimage import native_layers
 from bdserver.oci.store import ImageStore
 
 ROLE_MERGED_META = "merged-meta"
-COMPRESSIONS = ("none", "lz4")  # how tar layers' file data is stored: plain (the blob is zstd), EROFS lz4
+COMPRESSIONS = ("none", "lz4")  # how tar layers' file data is stored in EROFS: plain, or lz4
 DEFAULT_COMPRESSION = "none"  # chosen by measurement: docs/bench.md "lz4 inside EROFS vs zstd blobs"
 
 
@@ -198,14 +198,12 @@ def merge_layers_of(images: Sequence[LayerImage], tags: Sequence[bytes], limits:
     return out
 
 
-def _wrap(image: LayerImage, out: Path, *, compress: str, chunk_size: int, level: int) -> chunked.ChunkedBlobInfo:
-    """The layer's blob: zstd frames with a chunk index, or (its file data already lz4 inside
-    EROFS) the raw image with the index appended: the node cache then holds compressed bytes."""
+def _wrap(image: LayerImage, out: Path, *, chunk_size: int, level: int) -> chunked.ChunkedBlobInfo:
+    """The layer's blob: zstd frames with a chunk index. With ``--compress lz4`` the frames hold
+    lz4-compressed EROFS: the blob stays about as small (zstd over lz4 output, measured in
+    docs/bench.md; raw blobs were 1.4-1.5x larger) and the node cache holds the lz4 bytes."""
     with open(image.path, "rb") as fi, open(out, "wb") as fo:
-        if compress == "lz4":
-            info = chunked.write_chunked_raw(fi, fo, chunk_size=chunk_size)
-        else:
-            info = chunked.write_chunked_zstd(fi, fo, chunk_size=chunk_size, level=level)
+        info = chunked.write_chunked_zstd(fi, fo, chunk_size=chunk_size, level=level)
     if info.uncompressed_size != image.size:
         raise AssertionError("chunked blob size does not match the EROFS image")
     return info
@@ -218,8 +216,8 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
     """Convert the image ``src_ref`` (tag or digest; an index picks this host's platform) of
     ``src`` into its lazy image and store blobs + manifest in ``dest`` (under ``dest_tag`` if
     given); nothing is stored in ``dest`` unless every layer converted. Tar layers become EROFS
-    layers (``compress="lz4"``: file data lz4-compressed by EROFS, raw blobs); EROFS-native layers
-    are used as they are. Publishing as a referrer (Referrers API / ``sha256-<hex>`` tag) is
+    layers (``compress="lz4"``: file data lz4-compressed by EROFS, which the kernel decompresses);
+    EROFS-native layers are used as they are. Publishing as a referrer (Referrers API / ``sha256-<hex>`` tag) is
     convert/publish.py's job: it takes ``result.descriptor`` and ``result.subject``."""
     if compress not in COMPRESSIONS:
         raise ValueError(f"compress must be one of {COMPRESSIONS}")
@@ -233,8 +231,7 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
         blobs: list[Path] = []  # stored in dest only once every layer converted
         for i, li in enumerate(images):
             blobs.append(wd / f"layer{i}.blob")
-            wrap = "lz4" if compress == "lz4" and not li.foreign else "none"
-            infos.append(_wrap(li, blobs[-1], compress=wrap, chunk_size=chunk_size, level=level))
+            infos.append(_wrap(li, blobs[-1], chunk_size=chunk_size, level=level))
 
         mlayers = merge_layers_of(images, [device_tag(info.digest) for info in infos], limits)
         meta_path = wd / "meta.erofs"
