@@ -37,6 +37,7 @@ _REFUSED_ADVISE = {
     S.Z_ADVISE_FRAGMENT_PCLUSTER: "fragments (data in the packed inode; build the layer without -Efragments)",
 }
 _U32 = struct.Struct("<I")
+_INDEX = S.LclusterIndex.STRUCT  # FULL indexes: read and written in bulk with the struct's table
 _VCNT = {4: 2, 2: 16}  # lclusters per pack of compact indexes with 4 and 2 bytes per lcluster
 
 
@@ -131,7 +132,7 @@ def read_extents(read: ReadAt, body_end: int, size: int, layout: int, *, what: s
 def _full(read: ReadAt, start: int, n: int, advise: int, what: str) -> list[_Lcluster]:
     big = advise & (S.Z_ADVISE_BIG_PCLUSTER_1 | S.Z_ADVISE_BIG_PCLUSTER_2)
     out = []
-    for lcn, (adv, ofs, u) in enumerate(struct.iter_unpack("<HHI", read(start, 8 * n))):
+    for lcn, (adv, ofs, u) in enumerate(_INDEX.iter_unpack(read(start, _INDEX.size * n))):
         t = adv & 3
         if t == S.LCLUSTER_NONHEAD:
             d0 = u & 0xFFFF
@@ -288,7 +289,7 @@ def encode_full(zm: ZMap, block_offset: int = 0, blkszbits: int = S.BLKSZBITS) -
             raise FormatError(f"extent at byte {start}: block address {addr} does not fit 32 bits")
         if e.head == S.LCLUSTER_PLAIN and (e.blocks != 1 or end - start > bs):
             raise FormatError(f"extent at byte {start}: a raw extent must be one block")
-        struct.pack_into("<HHI", out, 8 * j, e.head, start - (j << blkszbits), addr)
+        _INDEX.pack_into(out, 8 * j, e.head, start - (j << blkszbits), addr)
         nxt = heads[k + 1] if k + 1 < len(heads) else n
         if nxt - j - 1 > MAX_EXTENT_LCLUSTERS:
             raise FormatError(f"extent at byte {start}: more than {MAX_EXTENT_LCLUSTERS} lclusters long")
@@ -300,10 +301,10 @@ def encode_full(zm: ZMap, block_offset: int = 0, blkszbits: int = S.BLKSZBITS) -
                     and not (bigp and e.blocks > 1 and nxt - 1 == j + 1))
         for i in range(j + 1, nxt):
             if sentinel and i == n - 1:
-                struct.pack_into("<HHI", out, 8 * i, S.LCLUSTER_PLAIN, zm.size % bs, 0)
+                _INDEX.pack_into(out, 8 * i, S.LCLUSTER_PLAIN, zm.size % bs, 0)
                 break
             d0 = S.LI_D0_CBLKCNT | e.blocks if i == j + 1 and bigp else i - j
-            struct.pack_into("<HHHH", out, 8 * i, S.LCLUSTER_NONHEAD, 0, d0, nxt - i)
+            _INDEX.pack_into(out, 8 * i, S.LCLUSTER_NONHEAD, 0, d0 | (nxt - i) << 16)
     return bytes(out)
 
 
