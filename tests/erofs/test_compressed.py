@@ -158,3 +158,14 @@ def test_unsupported_compression_features_are_named(tmp_path: Path, opts: list[s
     subprocess.run(["mkfs.erofs", "--quiet", "-zlz4hc", *opts, str(img), str(view)], check=True)
     with ErofsImage.open(img) as e, pytest.raises(FormatError, match=feature):
         e.to_tree(inline_tails=True)
+
+
+def test_inspect_counts_and_verifies_compressed_files(native: dict) -> None:
+    from bdserver.erofs.inspect import summarize, verify
+
+    with ErofsImage.open(native["layers"][1]) as e:
+        s = summarize(e)
+        assert s["tree"]["layouts"].get("compressed_compact", 0) >= 2
+        assert "outside" not in s["tree"]["data_blocks_by_device"]
+        v = verify(e)
+        assert v["bytes_read"] == s["tree"]["regular_file_bytes"]
