@@ -16,7 +16,7 @@ from bdserver.errors import FormatError
 from bdserver.images.opener import open_image
 from bdserver.images.services import NodeServices
 from tests.convert.conftest import mounted
-from tests.fixtures.erofs_layers import FORMS, layer_views, mkfs_layer, native_oci_layout
+from tests.fixtures.erofs_layers import FORMS, layer_views, native_oci_layout
 from tests.fixtures.reftree import compare_trees
 from tests.native.conftest import NativeLayers
 
