@@ -272,11 +272,13 @@ def open_lazy_image(
     pins: list[Any] = []
     sources: list[LazyBlobSource] = []
     try:
-        meta_bytes = load_meta(meta, fetch_range, cache)
-        if cache is not None:
-            pins.append(cache.pin(meta.digest))
+        # the merged metadata and every chunk index at once: one round trip, not two
+        meta_fut = pools.demand.submit(load_meta, meta, fetch_range, cache)
         sources = layer_sources(plans, fetch_range, cache, pins, pools=pools, write_behind=write_behind,
                                 prefetch=prefetch, fetch_deadline=fetch_deadline)
+        meta_bytes = meta_fut.result()
+        if cache is not None:
+            pins.append(cache.pin(meta.digest))
         meta_blocks = _uint(meta.annotations, ANN_BD_BLOCKS, "merged metadata")
         if meta_blocks is None:
             meta_blocks = blocks_for(len(meta_bytes))
