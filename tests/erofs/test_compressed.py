@@ -169,3 +169,65 @@ def test_inspect_counts_and_verifies_compressed_files(native: dict) -> None:
         assert "outside" not in s["tree"]["data_blocks_by_device"]
         v = verify(e)
         assert v["bytes_read"] == s["tree"]["regular_file_bytes"]
+
+
+# -- the writer's own lz4 (convert --compress lz4) ---------------------------------------------------
+
+
+def _lz4_tree(tmp_path: Path):  # type: ignore[no-untyped-def]
+    import random
+
+    from bdserver.erofs.tree import Inode
+    from tests.erofs.helpers import Spool, reg
+    from tests.fixtures.erofs_layers import compressible
+
+    spool = Spool(tmp_path / "spool")
+    files = {
+        b"text": compressible(300_001, 1),  # several 64 KiB extents, a short last one
+        b"exact": compressible(128 << 10, 2),  # extents end on the file's end
+        b"random": random.Random(3).randbytes(70_000),  # nothing compresses: stays flat
+        b"mixed": compressible(65_536, 4) + random.Random(5).randbytes(65_536) + compressible(10_000, 6),
+        b"block": compressible(4096, 7),  # one block: never compressed
+        b"tail": compressible(4097, 8),  # a compressed extent, then a raw block of 1 byte
+    }
+    root = Inode.directory()
+    for name, data in files.items():
+        root.children[name] = reg(spool.dense(data))
+    root.children[b"hard"] = root.children[b"text"]  # a hardlink: compressed once
+    sparse = spool.sparse(1 << 20, [(0, compressible(8192, 9)), (900_000, b"end")])
+    root.children[b"sparse"] = reg(sparse)  # holes stay holes (chunk-based)
+    return root, files, spool
+
+
+def test_writer_lz4_is_deterministic_mountable_and_fsck_clean(tmp_path: Path) -> None:
+    from bdserver.erofs.writer import write_image
+
+    root, files, spool = _lz4_tree(tmp_path)
+    outs = []
+    for k in range(2):
+        p = tmp_path / f"img{k}"
+        with open(p, "wb") as f:
+            write_image(root, f, compress="lz4", tmpdir=str(tmp_path))
+        outs.append(p)
+    plain = tmp_path / "plain"
+    with open(plain, "wb") as f:
+        write_image(root, f)
+    spool.close()
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert outs[0].stat().st_size < plain.stat().st_size
+    r = fsck(outs[0])
+    assert r.returncode == 0, r.stderr
+    with ErofsImage.open(outs[0]) as e:
+        layouts = {p.decode().lstrip("/"): i.layout for p, i in e.walk() if i.is_reg}
+        assert e.zmap(e.lookup("text")).blocks < 300_001 // 4096
+        assert {x.head for x in e.zmap(e.lookup("mixed")).extents} == {S.LCLUSTER_PLAIN, S.LCLUSTER_HEAD1}
+    assert layouts["text"] == layouts["exact"] == layouts["mixed"] == layouts["tail"] == S.LAYOUT_COMPRESSED_FULL
+    assert layouts["random"] == S.LAYOUT_FLAT_PLAIN and layouts["block"] == S.LAYOUT_FLAT_PLAIN
+    assert layouts["sparse"] == S.LAYOUT_CHUNK_BASED
+    with mounted(outs[0]) as mnt:
+        for name, data in files.items():
+            assert (mnt / name.decode()).read_bytes() == data, name
+        assert os.stat(mnt / "hard").st_ino == os.stat(mnt / "text").st_ino
+        with open(mnt / "sparse", "rb") as f:
+            f.seek(900_000)
+            assert f.read(3) == b"end"
