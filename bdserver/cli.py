@@ -169,7 +169,7 @@ def _services(args: argparse.Namespace) -> "NodeServices":
 def cmd_convert(args: argparse.Namespace) -> int:
     from bdserver.images.commands import convert
 
-    r = convert(_services(args), args.source, args.dest)
+    r = convert(_services(args), args.source, args.dest, compress=args.compress)
     _emit(args, r, r.get("summary", ""))
     return 0
 
@@ -237,9 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=fn)
         return sp
 
-    sp = add("convert", cmd_convert, "convert a tar image to a lazy EROFS image (no DEST: push as referrer)")
+    sp = add("convert", cmd_convert, "convert an image to a lazy EROFS image (no DEST: push as referrer)")
     sp.add_argument("source", metavar="SOURCE")
     sp.add_argument("dest", nargs="?", metavar="DEST")
+    sp.add_argument("--compress", choices=["none", "lz4"], default=None,
+                    help="file data of tar layers in EROFS: none, or lz4 (the kernel decompresses; the node cache "
+                         "holds compressed bytes); default: none, see docs/bench.md")
     sp = add("attach", cmd_attach, "attach an image as a device; prints the device path and id")
     sp.add_argument("ref", metavar="REF")
     sp.add_argument("--backend", choices=BACKENDS, default="", help="default: the config's backend (auto)")

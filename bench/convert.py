@@ -5,8 +5,15 @@
    tar input, as a ratio (target >= 0.5x).
 2. A generated 2 GiB layer (large files of deterministic pseudo-random bytes): throughput and
    the peak RSS of the converting child process (`wait4` rusage), to show memory stays bounded.
+3. lz4 inside EROFS (`convert --compress lz4`: the kernel decompresses; blobs zstd-framed as
+   always) against today's uncompressed EROFS in zstd-framed blobs, on the read benchmark's images (bench/read.py: the
+   demo image, and the same with a data layer): conversion time (interleaved runs), blob bytes,
+   node cache bytes (what the chunk cache holds once the whole device was read, so how many
+   images a cache of `cache_max_bytes` holds), and reads of every file through the kernel from a
+   local copy of each device (page cache dropped; lz4 costs the kernel CPU, zstd was paid when the
+   chunk was fetched). Cold start over a WAN-like link: ``bench/read.py --compress lz4``.
 
-Run: ``.venv/bin/python bench/convert.py [--big-gib 2] [--runs 3]``.
+Run: ``.venv/bin/python bench/convert.py [--big-gib 2] [--runs 3] [--compression-only]``.
 """
 
 from __future__ import annotations
@@ -96,14 +103,115 @@ def mbps(n: int, s: float) -> float:
     return n / s / 1e6
 
 
+def _convert(layout: Path, out: Path, compress: str) -> tuple[float, "object"]:
+    from bdserver.convert.image import convert_image
+    from bdserver.oci.layout import OCILayout
+
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    res = convert_image(OCILayout(layout, create=False), "latest", OCILayout(out), "lazy", compress=compress,
+                        tmpdir=str(out.parent))
+    return time.perf_counter() - t, res
+
+
+def _device(out: Path, res: "object", flat: Path) -> tuple[int, int]:
+    """Assemble the device from the lazy image's blobs; (blob bytes, cache bytes = image data of
+    every blob, which the chunk cache holds once all was read)."""
+    import io
+
+    import zstandard
+
+    from bdserver.oci.layout import OCILayout
+
+    lay = OCILayout(out, create=False)
+    blob_bytes = cache_bytes = 0
+    with open(flat, "wb") as f:
+        for d in res.layers:  # type: ignore[attr-defined]
+            raw = lay.blob_path(d.digest).read_bytes()
+            blob_bytes += len(raw)
+            if d.media_type.endswith("+zstd"):
+                with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True) as r:
+                    data = r.read()
+            else:
+                rng = d.annotations.get("org.erofs.chunk-index.range")
+                data = raw[: int(rng.split(":")[0])] if rng else raw
+            cache_bytes += len(data)
+            start = int(d.annotations.get("org.bdserver.mapped-blkaddr", "0"))
+            f.seek(start * 4096)
+            f.write(data)
+    return blob_bytes, cache_bytes
+
+
+def _read_all(flat: Path, mnt: Path) -> tuple[float, int]:
+    """Mount (file-backed), drop the page cache, read every regular file: (seconds, bytes)."""
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "erofs", "-o", "ro", str(flat), str(mnt)], check=True)
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        n = 0
+        t = time.perf_counter()
+        for dirpath, _, files in os.walk(mnt):
+            for name in files:
+                p = os.path.join(dirpath, name)
+                if os.path.isfile(p) and not os.path.islink(p):
+                    with open(p, "rb") as fh:
+                        while b := fh.read(1 << 20):
+                            n += len(b)
+        return time.perf_counter() - t, n
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def compression_compare(work: Path, runs: int) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    from read import bench_image  # the read benchmark's images  # noqa: E402
+
+    cap = 20 << 30  # the default cache_max_bytes
+    print("\nlz4 inside EROFS (convert --compress lz4) vs uncompressed EROFS (today), both in zstd-framed blobs")
+    hdr = (f"{'image':8} {'variant':5} {'convert s':>9} {'blob MB':>8} {'cache MB':>8} {'images/20GiB':>12} "
+           f"{'read s':>7} {'read MB/s':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for kind in ("sample", "big"):
+        layout = bench_image(kind)
+        rows = {}
+        times: dict[str, list[float]] = {"none": [], "lz4": []}
+        reads: dict[str, list[float]] = {"none": [], "lz4": []}
+        for _ in range(runs):  # interleaved: both variants see the same background load
+            for comp in ("none", "lz4"):
+                sec, res = _convert(layout, work / f"conv-{comp}", comp)
+                times[comp].append(sec)
+                flat = work / f"flat-{comp}.img"
+                blob, cache = _device(work / f"conv-{comp}", res, flat)
+                rs, nbytes = _read_all(flat, work / "mnt")
+                reads[comp].append(rs)
+                rows[comp] = (blob, cache, nbytes)
+        for comp in ("none", "lz4"):
+            blob, cache, nbytes = rows[comp]
+            tmin, rmin = min(times[comp]), min(reads[comp])
+            print(f"{kind:8} {comp:5} {tmin:9.2f} {blob / 1e6:8.1f} {cache / 1e6:8.1f} "
+                  f"{cap // cache:12d} {rmin:7.2f} {nbytes / rmin / 1e6:9.1f}")
+        (zb, zc, _), (lb, lc, _) = rows["none"], rows["lz4"]
+        print(f"{kind:8} lz4/none: convert {min(times['lz4']) / min(times['none']):.2f}x, blob {lb / zb:.2f}x, "
+              f"cache {lc / zc:.2f}x ({zc / lc:.2f}x the images per cache), read all files "
+              f"{min(reads['lz4']) / min(reads['none']):.2f}x the time")
+    print(f"best of {runs} interleaved runs; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          "read = every file through the kernel from a local copy of the device, page cache dropped")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--big-gib", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", default=os.environ.get("TMPDIR", "/var/tmp"))
+    ap.add_argument("--compression-only", action="store_true", help="only section 3 (lz4 vs zstd)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bdserver-bench-convert-", dir=a.workdir))
     try:
+        if a.compression_only:
+            compression_compare(work, a.runs)
+            return
         root = debootstrap_rootfs()
         tar = work / "rootfs.tar"
         subprocess.run(["tar", "--format=posix", "--xattrs", "--numeric-owner", "--sort=name", "-cf", str(tar),
@@ -156,6 +264,7 @@ def main() -> None:
               f"place), {zrss / 1024:.1f} MiB as tar+zstd (spooled to a temp file); child process: min(wait4 ru_maxrss, VmHWM)")
         print("MB/s are of uncompressed tar input; bdserver also computes the diff_id (sha256), the C tools do not")
         print("target: ratio >= 0.50x; RSS independent of layer size")
+        compression_compare(work, a.runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -712,7 +712,8 @@ def report(res: dict[str, Any]) -> str:
     L.append(f"image {img['ref']} ({img['kind']}): {len(img['layers'])} layers, "
              f"{img['compressed_bytes'] / 1e6:.1f} MB compressed "
              f"({', '.join(f'{x / 1e6:.1f}' for x in img['layers'])} MB); lazy device "
-             f"{res.get('device_bytes', 0) / 1e6:.1f} MB; convert took {res['convert_s']:.1f} s")
+             f"{res.get('device_bytes', 0) / 1e6:.1f} MB; convert (--compress {res.get('compress', 'none')}) took "
+             f"{res['convert_s']:.1f} s")
     if "warm" in res:
         w = res["warm"]
         L.append("")
@@ -844,6 +845,8 @@ def main() -> int:
                     help="daemon config key (TOML value), e.g. fuse_read_ahead_kb=128")
     ap.add_argument("--backend", choices=sorted(ATTACHERS), default="fuse")
     ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--compress", choices=["none", "lz4"], default="none",
+                    help="convert --compress: file data lz4-compressed inside EROFS (bench/convert.py compares more)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/read.py needs root (mounts, loop devices, network namespaces)", file=sys.stderr)
@@ -858,7 +861,7 @@ def main() -> int:
     wan = WanLink(work / "wan")
     daemon: Daemon | None = None
     res: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count(), "runs": a.runs,
-                           "backend": a.backend, "code": code_version()}
+                           "backend": a.backend, "code": code_version(), "compress": a.compress}
     try:
         layout = bench_image(a.image)
         layers = image_layers(layout)
@@ -883,7 +886,7 @@ def main() -> int:
         (hosts / wan.host / "hosts.toml").write_text(f'server = "http://{wan.host}"\n')
         daemon = Daemon(work, run_dir, hosts)
         t0 = time.perf_counter()
-        conv = daemon.cli("convert", ref, timeout=1200)
+        conv = daemon.cli("convert", ref, "--compress", a.compress, timeout=1200)
         res["convert_s"] = time.perf_counter() - t0
         say(f"converted in {res['convert_s']:.1f} s: {conv.get('summary', conv)}")
         extra = "".join(f"{kv.split('=', 1)[0].strip()} = {kv.split('=', 1)[1].strip()}\n" for kv in a.extra)

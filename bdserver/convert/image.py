@@ -1,5 +1,10 @@
-"""A tar-based image -> its lazy EROFS image (docs/CONTRACTS.md "The lazy image"), and the
-node-side fallback that builds the same ONE device from whole layers on local disk.
+"""An image -> its lazy EROFS image (docs/CONTRACTS.md "The lazy image"), and the node-side
+fallback that builds the same ONE device from whole layers on local disk.
+
+Both start from one EROFS image per layer on local disk (`LayerImage`): a tar layer converted
+here, or an EROFS-native layer (oci/nativeimage.py) fetched whole and verified, then checked
+before its metadata is merged (convert/native.py). From there on the two kinds of source share
+everything: the merge, the chunked blobs, the manifest.
 
 Every step is deterministic (sorted trees, fixed times, UUIDs from digests, canonical JSON, no
 timestamps), so converting the same source twice gives the same manifest digest, and the same
@@ -9,6 +14,7 @@ source layer gives the same EROFS blob in every image that contains it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -18,16 +24,20 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
 from bdserver.blob import chunked
-from bdserver.convert.layer import LayerResult, convert_layer
+from bdserver.convert.layer import convert_layer
 from bdserver.convert.limits import DEFAULT_LIMITS, ConvertLimits
 from bdserver.convert.merge import MergedMeta, MergeLayer, build_merged_meta, device_tag
+from bdserver.convert.native import fetch_layer_image, file_reader, merge_layer
 from bdserver.erofs.reader import ErofsImage
 from bdserver.errors import FormatError, IntegrityError
 from bdserver.oci import mediatypes as mt
 from bdserver.oci.model import Descriptor, Index, Manifest, canonical_json, parse_manifest
+from bdserver.oci.nativeimage import native_layers
 from bdserver.oci.store import ImageStore
 
 ROLE_MERGED_META = "merged-meta"
+COMPRESSIONS = ("none", "lz4")  # how tar layers' file data is stored in EROFS: plain, or lz4
+DEFAULT_COMPRESSION = "none"  # chosen by measurement: docs/bench.md "lz4 inside EROFS vs zstd blobs"
 
 
 @dataclass
@@ -38,7 +48,7 @@ class ConvertResult:
     descriptor: Descriptor  # its descriptor (artifactType set: what a referrers index lists)
     subject: Descriptor  # the source manifest
     layers: list[Descriptor]  # device layers then the merged meta
-    source_diff_ids: list[str]
+    source_diff_ids: list[str]  # of the source's layers (tars or EROFS images)
     meta_blocks: int
     device_blocks: int  # size of the virtual device in 4 KiB blocks
     tag: str | None
@@ -55,7 +65,7 @@ class LocalDevice:
     meta_path: Path
     layer_paths: list[Path]
     meta: MergedMeta
-    diff_ids: list[str]  # of the source tars
+    diff_ids: list[str]  # of the source layers (tars or EROFS images)
     layer_digests: list[str] = field(default_factory=list)  # sha256 of each EROFS layer image
 
     @property
@@ -120,66 +130,110 @@ def _read_config(src: ImageStore, m: Manifest) -> dict[str, Any]:
 def _check_tar_layers(m: Manifest) -> None:
     for l in m.layers:
         if l.media_type not in mt.TAR_LAYER_TYPES:
-            raise FormatError(
-                f"layer {l.digest} has media type {l.media_type}; convert takes tar layers only "
-                "(an EROFS image needs no conversion)")
+            raise FormatError(f"layer {l.digest} has media type {l.media_type}; a tar or EROFS layer was expected")
+
+
+@dataclass
+class LayerImage:
+    """One layer as an EROFS image on local disk. `foreign`: it came from elsewhere (an EROFS-native
+    layer) and is checked before the merge; a tar layer converted here is not."""
+
+    path: Path
+    size: int
+    source_diff_id: str
+    implicit: frozenset[bytes] = frozenset()  # directories the tar never named
+    foreign: bool = False
 
 
 def _convert_one(open_layer: Callable[[], BinaryIO], image_path: Path, expected_diff_id: str | None,
-                 tmpdir: str, limits: ConvertLimits) -> LayerResult:
+                 tmpdir: str, limits: ConvertLimits, compress: str = "none") -> LayerImage:
     with open_layer() as stream, open(image_path, "wb") as out:
-        r = convert_layer(stream, out, tmpdir=tmpdir, limits=limits)
+        r = convert_layer(stream, out, tmpdir=tmpdir, limits=limits, compress=compress)
     if expected_diff_id is not None and r.diff_id != expected_diff_id:
         raise IntegrityError(f"layer diff_id is {r.diff_id}, the image config says {expected_diff_id}")
-    return r
+    return LayerImage(image_path, r.size, r.diff_id, r.implicit)
 
 
-def _merge_layers_from_images(paths: Sequence[Path], results: Sequence[LayerResult],
-                              tags: Sequence[bytes]) -> list[MergeLayer]:
+def layer_images(src: ImageStore, m: Manifest, cfg: dict[str, Any], wd: Path, *, limits: ConvertLimits,
+                 require_diff_ids: bool, compress: str = "none") -> list[LayerImage]:
+    """Every layer of the image ``m`` (config ``cfg``) as an EROFS image file in ``wd``: tar layers
+    converted (their diff_ids checked against the config; required with `require_diff_ids`),
+    EROFS-native layers fetched whole and verified."""
+    if m.artifact_type == mt.LAZY_ARTIFACT_TYPE:
+        raise FormatError("the image is a bdserver lazy image already: it needs no conversion")
+    native = native_layers(m, cfg)
+    if native is not None:
+        out = []
+        for i, nl in enumerate(native):
+            path = wd / f"layer{i}.erofs"
+            size = fetch_layer_image(lambda nl=nl: src.open_blob(nl.digest, nl.desc.size), nl, path,  # type: ignore[misc]
+                                     limits=limits)
+            out.append(LayerImage(path, size, nl.diff_id or nl.digest, foreign=True))
+        return out
+    _check_tar_layers(m)
+    rootfs = cfg.get("rootfs") or {}
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(m.layers):
+        if require_diff_ids:
+            raise FormatError(f"image config rootfs.diff_ids does not list the {len(m.layers)} layers")
+        diff_ids = [None] * len(m.layers)
+    return [_convert_one(lambda l=l: src.open_blob(l.digest, l.size), wd / f"layer{i}.erofs", diff_ids[i],  # type: ignore[misc]
+                         str(wd), limits, compress)
+            for i, l in enumerate(m.layers)]
+
+
+def merge_layers_of(images: Sequence[LayerImage], tags: Sequence[bytes], limits: ConvertLimits) -> list[MergeLayer]:
+    """The merge's view of each layer image: a foreign one checked first (convert/native.py)."""
     out = []
-    for p, r, tag in zip(paths, results, tags):
-        with ErofsImage.open(p) as img:
-            out.append(MergeLayer(root=img.to_tree(), blocks=r.blocks, tag=tag, implicit=r.implicit))
+    for k, (li, tag) in enumerate(zip(images, tags)):
+        if li.foreign:
+            read_at, close = file_reader(li.path)
+            try:
+                out.append(merge_layer(read_at, li.size, tag, name=f"layer {k} ({li.source_diff_id})", limits=limits))
+            finally:
+                close()
+        else:
+            with ErofsImage.open(li.path) as img:
+                out.append(MergeLayer(root=img.to_tree(), blocks=-(-li.size // 4096), tag=tag, implicit=li.implicit))
     return out
+
+
+def _wrap(image: LayerImage, out: Path, *, chunk_size: int, level: int) -> chunked.ChunkedBlobInfo:
+    """The layer's blob: zstd frames with a chunk index. With ``--compress lz4`` the frames hold
+    lz4-compressed EROFS: the blob stays about as small (zstd over lz4 output, measured in
+    docs/bench.md; raw blobs were 1.4-1.5x larger) and the node cache holds the lz4 bytes."""
+    with open(image.path, "rb") as fi, open(out, "wb") as fo:
+        info = chunked.write_chunked_zstd(fi, fo, chunk_size=chunk_size, level=level)
+    if info.uncompressed_size != image.size:
+        raise AssertionError("chunked blob size does not match the EROFS image")
+    return info
 
 
 def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str | None = None, *,
                   tmpdir: str | None = None, chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
-                  level: int = chunked.DEFAULT_LEVEL, limits: ConvertLimits = DEFAULT_LIMITS) -> ConvertResult:
+                  level: int = chunked.DEFAULT_LEVEL, limits: ConvertLimits = DEFAULT_LIMITS,
+                  compress: str = "none") -> ConvertResult:
     """Convert the image ``src_ref`` (tag or digest; an index picks this host's platform) of
     ``src`` into its lazy image and store blobs + manifest in ``dest`` (under ``dest_tag`` if
-    given); nothing is stored in ``dest`` unless every layer converted. Publishing as a referrer (Referrers API / ``sha256-<hex>`` tag) is convert/publish.py's
-    job: it takes ``result.descriptor`` and ``result.subject``."""
+    given); nothing is stored in ``dest`` unless every layer converted. Tar layers become EROFS
+    layers (``compress="lz4"``: file data lz4-compressed by EROFS, which the kernel decompresses);
+    EROFS-native layers are used as they are. Publishing as a referrer (Referrers API / ``sha256-<hex>`` tag) is
+    convert/publish.py's job: it takes ``result.descriptor`` and ``result.subject``."""
+    if compress not in COMPRESSIONS:
+        raise ValueError(f"compress must be one of {COMPRESSIONS}")
     m, subject = resolve_image_manifest(src, src_ref)
-    _check_tar_layers(m)
     cfg = _read_config(src, m)
-    rootfs = cfg.get("rootfs") or {}
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(m.layers):
-        raise FormatError(f"image config rootfs.diff_ids does not list the {len(m.layers)} layers")
-
     work = tempfile.mkdtemp(prefix="bdserver-convert-", dir=tmpdir)
     try:
         wd = Path(work)
-        results: list[LayerResult] = []
+        images = layer_images(src, m, cfg, wd, limits=limits, require_diff_ids=True, compress=compress)
         infos: list[chunked.ChunkedBlobInfo] = []
-        paths: list[Path] = []
         blobs: list[Path] = []  # stored in dest only once every layer converted
-        for i, l in enumerate(m.layers):
-            img = wd / f"layer{i}.erofs"
-            r = _convert_one(lambda l=l: src.open_blob(l.digest, l.size), img, diff_ids[i], work, limits)  # type: ignore[misc]
-            blob = wd / f"layer{i}.erofs.zst"
-            with open(img, "rb") as fi, open(blob, "wb") as fo:
-                info = chunked.write_chunked_zstd(fi, fo, chunk_size=chunk_size, level=level)
-            if info.uncompressed_size != r.size:
-                raise AssertionError("chunked blob size does not match the EROFS image")
-            blobs.append(blob)
-            results.append(r)
-            infos.append(info)
-            paths.append(img)
+        for i, li in enumerate(images):
+            blobs.append(wd / f"layer{i}.blob")
+            infos.append(_wrap(li, blobs[-1], chunk_size=chunk_size, level=level))
 
-        tags = [device_tag(info.digest) for info in infos]
-        mlayers = _merge_layers_from_images(paths, results, tags)
+        mlayers = merge_layers_of(images, [device_tag(info.digest) for info in infos], limits)
         meta_path = wd / "meta.erofs"
         with open(meta_path, "wb") as out:
             meta = build_merged_meta(mlayers, out)
@@ -200,7 +254,7 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
             ann[mt.ANN_UNCOMPRESSED_DIGEST] = info.uncompressed_digest
             ann[mt.ANN_BD_MAPPED_BLKADDR] = str(slot.mapped_blkaddr)
             ann[mt.ANN_BD_BLOCKS] = str(slot.blocks)
-            layers.append(Descriptor(media_type=mt.EROFS_LAYER_ZSTD, digest=info.digest, size=info.size,
+            layers.append(Descriptor(media_type=info.media_type, digest=info.digest, size=info.size,
                                      annotations=ann))
         layers.append(Descriptor(media_type=mt.EROFS_LAYER, digest=meta_digest, size=meta.size,
                                  annotations={mt.ANN_BD_ROLE: ROLE_MERGED_META,
@@ -209,8 +263,6 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
         cfg_bytes = lazy_config(cfg, [i.uncompressed_digest for i in infos] + [meta_digest])
         cfg_desc = Descriptor.for_bytes(cfg_bytes, mt.OCI_CONFIG)
         if not dest.has_blob(cfg_desc.digest):
-            import io
-
             dest.put_blob(io.BytesIO(cfg_bytes), cfg_desc.digest, cfg_desc.size)
 
         man = Manifest(config=cfg_desc, layers=layers, media_type=mt.OCI_MANIFEST, subject=subject,
@@ -218,7 +270,7 @@ def convert_image(src: ImageStore, src_ref: str, dest: ImageStore, dest_tag: str
         data = man.to_bytes()
         dest.put_manifest(data, mt.OCI_MANIFEST, tag=dest_tag)
         return ConvertResult(manifest=data, descriptor=man.descriptor(), subject=subject, layers=layers,
-                             source_diff_ids=[r.diff_id for r in results], meta_blocks=meta.blocks,
+                             source_diff_ids=[li.source_diff_id for li in images], meta_blocks=meta.blocks,
                              device_blocks=meta.device_blocks, tag=dest_tag)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -240,40 +292,38 @@ def lazy_config(cfg: dict[str, Any], diff_ids: list[str]) -> bytes:
     return canonical_json(out)
 
 
-def convert_tar_layers(openers: Sequence[Callable[[], BinaryIO]], workdir: str | os.PathLike[str], *,
-                       expected_diff_ids: Sequence[str] | None = None,
-                       limits: ConvertLimits = DEFAULT_LIMITS) -> LocalDevice:
-    """Convert tar layers (each opener returns a fresh stream) into EROFS layer images and the
-    merged metadata in ``workdir``: ``layer<i>.erofs`` and ``meta.erofs``. Tags are the hex of
-    each EROFS image's sha256 (there is no registry blob to name)."""
-    wd = Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    results: list[LayerResult] = []
-    paths: list[Path] = []
-    for i, op in enumerate(openers):
-        p = wd / f"layer{i}.erofs"
-        exp = expected_diff_ids[i] if expected_diff_ids is not None else None
-        results.append(_convert_one(op, p, exp, str(wd), limits))
-        paths.append(p)
-    digests = [_sha256_file(p) for p in paths]
-    mlayers = _merge_layers_from_images(paths, results, [device_tag(d) for d in digests])
-    meta_path = wd / "meta.erofs"
+def local_device(images: Sequence[LayerImage], workdir: Path, limits: ConvertLimits = DEFAULT_LIMITS) -> LocalDevice:
+    """The merged metadata of layer images in ``workdir`` (``meta.erofs``), as ONE local device.
+    Tags are the hex of each EROFS image's sha256 (there is no registry blob to name)."""
+    digests = [_sha256_file(li.path) for li in images]
+    mlayers = merge_layers_of(images, [device_tag(d) for d in digests], limits)
+    meta_path = workdir / "meta.erofs"
     with open(meta_path, "wb") as out:
         meta = build_merged_meta(mlayers, out)
-    return LocalDevice(meta_path=meta_path, layer_paths=paths, meta=meta,
-                       diff_ids=[r.diff_id for r in results], layer_digests=digests)
+    return LocalDevice(meta_path=meta_path, layer_paths=[li.path for li in images], meta=meta,
+                       diff_ids=[li.source_diff_id for li in images], layer_digests=digests)
+
+
+def convert_tar_layers(openers: Sequence[Callable[[], BinaryIO]], workdir: str | os.PathLike[str], *,
+                       expected_diff_ids: Sequence[str] | None = None, limits: ConvertLimits = DEFAULT_LIMITS,
+                       compress: str = "none") -> LocalDevice:
+    """Convert tar layers (each opener returns a fresh stream) into EROFS layer images and the
+    merged metadata in ``workdir``: ``layer<i>.erofs`` and ``meta.erofs``."""
+    wd = Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    images = [_convert_one(op, wd / f"layer{i}.erofs", expected_diff_ids[i] if expected_diff_ids else None,
+                           str(wd), limits, compress)
+              for i, op in enumerate(openers)]
+    return local_device(images, wd, limits)
 
 
 def convert_layers_to_device(src: ImageStore, ref: str, workdir: str | os.PathLike[str], *,
                              limits: ConvertLimits = DEFAULT_LIMITS) -> LocalDevice:
-    """Node fallback when an image has no lazy image: download its tar layers whole, convert
-    them, and build the same ONE device (as local files) that a lazy image would give."""
+    """Node fallback when an image has no lazy image: download its layers whole (tar layers
+    converted, EROFS-native ones verified and checked) and build the same ONE device (as local
+    files) that a lazy image would give."""
     m, _ = resolve_image_manifest(src, ref)
-    _check_tar_layers(m)
     cfg = _read_config(src, m)
-    rootfs = cfg.get("rootfs") or {}
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(m.layers):
-        diff_ids = None
-    openers = [lambda l=l: src.open_blob(l.digest, l.size) for l in m.layers]
-    return convert_tar_layers(openers, workdir, expected_diff_ids=diff_ids, limits=limits)
+    wd = Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    return local_device(layer_images(src, m, cfg, wd, limits=limits, require_diff_ids=False), wd, limits)

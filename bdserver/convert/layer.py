@@ -50,15 +50,18 @@ def implicit_paths(lt: LayerTree) -> frozenset[bytes]:
 
 
 def convert_layer(stream: BinaryIO, out_image: BinaryIO, *, build_time: int = 0,
-                  tmpdir: str | None = None, limits: ConvertLimits = DEFAULT_LIMITS) -> LayerResult:
+                  tmpdir: str | None = None, limits: ConvertLimits = DEFAULT_LIMITS,
+                  compress: str = "none") -> LayerResult:
     """Read a tar / tar+gzip / tar+zstd layer from ``stream`` and write its EROFS image to
     the seekable ``out_image`` (at its current position). FormatError on a bad layer; in that
     case ``out_image`` may hold partial bytes and should be discarded by the caller. `limits`
-    bound what the layer may make the converter hold or write."""
+    bound what the layer may make the converter hold or write; ``compress="lz4"`` stores file data
+    lz4-compressed by EROFS."""
     lt = read_layer(stream, tmpdir=tmpdir, limits=limits)
     try:
         uuid = layer_uuid(lt.diff_id)
-        info = write_image(lt.root, out_image, build_time=build_time, uuid=uuid, limits=limits.layout)
+        info = write_image(lt.root, out_image, build_time=build_time, uuid=uuid, limits=limits.layout,
+                           compress=compress, tmpdir=tmpdir)
         out_image.flush()
         return LayerResult(diff_id=lt.diff_id, tar_size=lt.tar_size, compression=lt.compression,
                            blocks=info.blocks, size=info.size, inodes=info.inodes, uuid=uuid,

@@ -1,7 +1,7 @@
 """Merge layer trees (overlay/OCI semantics) into the flattened metadata tree and write it.
 
-Input layers are trees whose regular files are `BlockMap`s at *layer-local* block addresses
-(`ErofsImage.to_tree()` of each layer image), so the same code serves tar conversions and
+Input layers are trees whose regular files are `BlockMap`s (or, for files EROFS compressed,
+`CompressedMap`s) at *layer-local* block addresses (`ErofsImage.to_tree()` of each layer image), so the same code serves tar conversions and
 EROFS-native images whose merged metadata is built on the node.
 
 Semantics, applied bottom to top: a whiteout (char 0:0) deletes the lower entry; an opaque
@@ -19,13 +19,14 @@ is written (two passes, deterministic).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import stat
 from dataclasses import dataclass
 from typing import BinaryIO, Sequence
 
 from bdserver.erofs.structs import DeviceSlot
-from bdserver.erofs.tree import OVERLAY_OPAQUE, BlockMap, Inode, is_whiteout
+from bdserver.erofs.tree import OVERLAY_OPAQUE, BlockMap, CompressedMap, Inode, TailedBlockMap, is_whiteout
 from bdserver.erofs.writer import plan_image, write_image
 
 
@@ -76,6 +77,11 @@ class _Merger:
         if isinstance(data, BlockMap) and self.offset:
             data = BlockMap(size=data.size, chunk_bits=data.chunk_bits,
                             blocks=[None if b is None else b + self.offset for b in data.blocks])
+        elif isinstance(data, TailedBlockMap) and self.offset:
+            data = TailedBlockMap(size=data.size, tail=data.tail,
+                                  blocks=[None if b is None else b + self.offset for b in data.blocks])
+        elif isinstance(data, CompressedMap) and self.offset:
+            data = dataclasses.replace(data, block_offset=data.block_offset + self.offset)
         node = Inode(mode=src.mode, uid=src.uid, gid=src.gid, mtime=src.mtime, mtime_nsec=src.mtime_nsec,
                      xattrs=_clean_xattrs(src.xattrs), rdev=src.rdev, symlink=src.symlink, data=data)
         self.links[id(src)] = node

@@ -13,7 +13,10 @@ a FormatError naming the inode and the field:
   shared xattrs they name, and the data layout: flat plain and flat inline blocks, chunk-based
   block maps and chunk indexes with their device ids. Every data extent lies inside the device,
   inside ONE region (this image or one layer's slot) and, for an inode's data outside this image,
-  inside the one layer it claims. Compressed layouts are refused for now;
+  inside the one layer it claims. Compressed regular files (lz4, compact or full lcluster
+  indexes) are decoded with the kernel's rules (erofs/zmap.py): every extent's pcluster, no
+  larger than the superblock allows, lies inside one region like any other data extent; what the
+  kernel would read differently (or features such as ztailpacking and fragments) is refused;
 * directories and symlinks wholly inside this image; every directory block's dirents (first
   nameoff, strictly increasing names of 1..255 bytes without '/' or NUL, in bounds, file types
   matching their inodes, valid nids, "." = itself and ".." = its parent).
@@ -29,7 +32,8 @@ from dataclasses import dataclass
 from typing import Callable, NoReturn
 
 from bdserver.erofs import structs as S
-from bdserver.erofs.reader import KNOWN_INCOMPAT  # compressed inodes are refused one by one
+from bdserver.erofs.reader import COMPRESSED_LAYOUTS, KNOWN_INCOMPAT
+from bdserver.erofs.zmap import read_extents
 from bdserver.errors import FormatError
 
 BS = S.BLOCK_SIZE
@@ -72,6 +76,7 @@ class CheckReport:
     directories: int
     entries: int
     chunk_indexes: int
+    compressed_extents: int = 0
 
 
 class _Region:
@@ -162,6 +167,7 @@ class _Checker:
         self.dirs: dict[int, tuple[int, bytes]] = {}  # dir nid -> (parent nid, name): paths for messages
         self.entries = 0
         self.chunk_indexes = 0
+        self.extents = 0
 
     def fail(self, msg: str) -> NoReturn:
         raise FormatError(f"{self.name}: {msg}")
@@ -189,10 +195,33 @@ class _Checker:
                 self.fail(f"superblock {field} is {value}; it must be 0")
         if sb.blocks > self.geo.meta_blocks:
             self.fail(f"superblock blocks {sb.blocks} exceeds the image's {self.geo.meta_blocks} blocks")
+        self.compression()
         self.meta_base = sb.meta_blkaddr * BS
         self.xattr_base = sb.xattr_blkaddr * BS
         if self.meta_base >= self.img.size or self.xattr_base > self.img.size:
             self.fail("superblock meta_blkaddr or xattr_blkaddr lies outside the image")
+
+    def compression(self) -> None:
+        """The lz4 settings: with COMPR_CFGS an lz4 record (and no other algorithm) right after the
+        superblock, before the device table; without it the superblock's lz4 window."""
+        sb = self.sb
+        self.zero_padding = bool(sb.feature_incompat & S.INCOMPAT_ZERO_PADDING)
+        self.max_pclusterblks = 1
+        self.cfg_end = S.SB_OFFSET + S.Superblock.SIZE
+        if not sb.feature_incompat & S.INCOMPAT_COMPR_CFGS:
+            return
+        if sb.u1 & ~(1 << S.COMPR_LZ4):
+            self.fail(f"superblock available_compr_algs {sb.u1:#x}: only lz4 is supported")
+        if sb.u1:
+            raw = self.img.get(self.cfg_end, S.Lz4Config.SIZE, "lz4 compression config")
+            length = _U16.unpack_from(raw)[0]
+            if length != S.Lz4Config.SIZE - 2:
+                self.fail(f"lz4 compression config of {length} bytes (14 expected)")
+            cfg = S.Lz4Config.unpack(raw)
+            if not 1 <= cfg.max_pclusterblks <= S.PCLUSTER_MAX_SIZE // BS:
+                self.fail(f"lz4 max_pclusterblks {cfg.max_pclusterblks} is out of range")
+            self.max_pclusterblks = cfg.max_pclusterblks
+            self.cfg_end += S.Lz4Config.SIZE
 
     def device_table(self) -> None:
         sb = self.sb
@@ -204,8 +233,8 @@ class _Checker:
         if not n:
             return
         start = sb.devt_slotoff * S.DeviceSlot.SIZE
-        if start < S.SB_OFFSET + S.Superblock.SIZE:
-            self.fail(f"device table at byte {start} overlaps the superblock")
+        if start < self.cfg_end:
+            self.fail(f"device table at byte {start} overlaps the superblock or its compression config")
         raw = self.img.get(start, n * S.DeviceSlot.SIZE, "device table")
         for k, w in enumerate(want):
             slot = S.DeviceSlot.unpack(raw, k * S.DeviceSlot.SIZE)
@@ -234,15 +263,13 @@ class _Checker:
         if nid > self.img.size >> S.ISLOT_BITS:
             self.fail(f"{label}: nid {nid} lies outside the image")
         pos = self.meta_base + (nid << S.ISLOT_BITS)
-        if pos < S.SB_OFFSET + S.Superblock.SIZE:
+        if pos < self.cfg_end:
             self.fail(f"{label}: nid {nid} overlaps the superblock")
         head = self.img.get(pos, 32, label)
         fmt = _U16.unpack_from(head)[0]
         if fmt & ~0xF:
             self.fail(f"{label}: i_format {fmt:#x} has unknown bits")
         layout = (fmt >> 1) & 7
-        if layout in (S.LAYOUT_COMPRESSED_FULL, S.LAYOUT_COMPRESSED_COMPACT):
-            self.fail(f"{label}: data layout {S.LAYOUT_NAMES[layout]} (compressed) is not supported")
         if layout > S.LAYOUT_CHUNK_BASED:
             self.fail(f"{label}: i_format data layout {layout} is invalid")
         if fmt & 1:
@@ -265,6 +292,8 @@ class _Checker:
             self.xattrs(label, pos + isize, xisize)
         ino = _Inode(nid, label, ftype, r.size, layout, r.u, pos + isize + xisize)
         self.types[nid] = ftype
+        if layout in COMPRESSED_LAYOUTS and ftype != stat.S_IFREG:
+            self.fail(f"{label}: a compressed directory, symlink or special file is not supported")
         if ftype == stat.S_IFREG:
             self.data(ino, in_image=False)
         elif ftype == stat.S_IFLNK:
@@ -306,6 +335,9 @@ class _Checker:
         """Check where the inode's bytes are. `in_image`: they must all be in this image
         (directories and symlinks: they are read while the image is checked or mounted)."""
         size, layout = ino.size, ino.layout
+        if layout in COMPRESSED_LAYOUTS:
+            self.compressed(ino)
+            return
         if layout == S.LAYOUT_CHUNK_BASED:
             if in_image:
                 self.fail(f"{ino.label}: a directory or symlink cannot be chunk-based here")
@@ -335,6 +367,24 @@ class _Checker:
             self.fail(f"{ino.label}: {field}: blocks [{unified}, {unified + nblocks}) lie in layer {k}, the inode's "
                       f"other data in layer {claim}")
         return k
+
+    def compressed(self, ino: _Inode) -> None:
+        if (ino.size >> S.BLKSZBITS) * 2 > self.img.size:  # compact indexes take 2 bytes an lcluster at least
+            self.fail(f"{ino.label}: i_size {ino.size} needs more lcluster indexes than the image holds")
+        try:
+            zm = read_extents(lambda off, n: bytes(self.img.get(off, n, f"{ino.label}: compression map")),
+                              ino.body_end, ino.size, ino.layout, what=str(ino.label))
+        except FormatError as e:
+            self.fail(str(e))
+        claim = 0
+        for e in zm.extents:
+            if e.head != S.LCLUSTER_PLAIN and not self.zero_padding:
+                self.fail(f"{ino.label}: lz4 data without the zero_padding feature is not supported")
+            if e.blocks > self.max_pclusterblks:
+                self.fail(f"{ino.label}: a pcluster of {e.blocks} blocks, the superblock allows {self.max_pclusterblks}")
+            k = self.extent(ino, f"pcluster of the extent at byte {e.lstart}", e.blkaddr, e.blocks, claim, False)
+            claim = claim or k
+        self.extents += len(zm.extents)
 
     def chunks(self, ino: _Inode) -> None:
         cfmt = ino.u & 0xFFFF
@@ -462,7 +512,7 @@ class _Checker:
                 self.dirs[sub.nid] = (d.nid, name)
                 todo.append((sub, d.nid))
         return CheckReport(inodes=len(self.types), directories=ndirs, entries=self.entries,
-                           chunk_indexes=self.chunk_indexes)
+                           chunk_indexes=self.chunk_indexes, compressed_extents=self.extents)
 
 
 def check_image(image: bytes | bytearray | memoryview | ReadAt, geometry: DeviceGeometry | None = None, *,

@@ -6,7 +6,7 @@ import stat
 from typing import Any
 
 from bdserver.erofs import structs as S
-from bdserver.erofs.reader import ErofsImage
+from bdserver.erofs.reader import COMPRESSED_LAYOUTS, ErofsImage
 
 _KINDS = {
     stat.S_IFREG: "regular",
@@ -89,11 +89,14 @@ def summarize(img: ErofsImage, *, walk: bool = True) -> dict[str, Any]:
                 file_bytes += info.size
                 if info.layout == S.LAYOUT_FLAT_INLINE:
                     inline_files += 1
-                if info.layout not in (S.LAYOUT_COMPRESSED_FULL, S.LAYOUT_COMPRESSED_COMPACT):
-                    for _, ln, addr in img.layout_map(info)[0]:
-                        if addr is not None:
-                            where = _window(windows, addr, (ln + img.block_size - 1) // img.block_size)
-                            refs[where] = refs.get(where, 0) + (ln + img.block_size - 1) // img.block_size
+                if info.layout in COMPRESSED_LAYOUTS:
+                    runs = [(e.blkaddr, e.blocks) for e in img.zmap(info).extents]
+                else:
+                    bs = img.block_size
+                    runs = [(addr, (ln + bs - 1) // bs) for _, ln, addr in img.layout_map(info)[0] if addr is not None]
+                for addr, nblocks in runs:
+                    where = _window(windows, addr, nblocks)
+                    refs[where] = refs.get(where, 0) + nblocks
         out["tree"] = {
             "entries": entries,
             "inodes": len(seen),
@@ -149,7 +152,10 @@ def verify(img: ErofsImage, *, read_data: bool = True, chunk: int = 1 << 20) -> 
             continue
         seen.add(info.nid)
         counts["inodes"] += 1
-        if info.is_reg and read_data:
+        if info.is_reg and read_data and info.layout in COMPRESSED_LAYOUTS:
+            for off in range(0, info.size, chunk):  # decoded extent by extent
+                counts["bytes_read"] += len(info.read(off, min(chunk, info.size - off)))
+        elif info.is_reg and read_data:
             ext, tail = img.layout_map(info)
             for fo, ln, addr in ext:
                 if addr is None:

@@ -3,8 +3,8 @@ blocks its data take. Pure computation on the tree; `writer` turns the result in
 
 Order: the root first (its NID must fit the superblock's 16 bits), then breadth-first in
 sorted-name order, so a directory's children sit together and NIDs are stable. Placement:
-inodes (with inline xattrs, chunk indexes and inline dir/symlink tails) from byte 1152 (after
-the superblock and the device table), a tail never crossing a block; then the shared xattr
+inodes (with inline xattrs, chunk or lcluster indexes and inline dir/symlink tails) from byte
+1152 (after the superblock, the lz4 config when big pclusters are used, and the device table), a tail never crossing a block; then the shared xattr
 blocks; then data blocks in inode order.
 """
 
@@ -13,13 +13,16 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
 from bdserver.erofs.structs import DeviceSlot
-from bdserver.erofs.tree import BlockMap, Inode, Segment, SpooledData, TailedBlockMap
+from bdserver.erofs.tree import (
+    BlockMap, CompressedData, CompressedMap, FileData, Inode, Segment, SpooledData, TailedBlockMap,
+)
 from bdserver.erofs.util import gc_paused
+from bdserver.erofs.zmap import ZMap
 
 BS = S.BLOCK_SIZE
 BITS = S.BLKSZBITS
@@ -70,11 +73,12 @@ class Plan:
     __slots__ = (
         "inode", "nid", "pos", "ino", "nlink", "parent", "extended", "layout", "isize",
         "xattr_items", "xattr_shared", "xattr_isize", "size", "dir_blocks", "tail_len",
-        "nblocks", "blkaddr", "chunk_bits", "chunks", "meta_len", "entries",
+        "nblocks", "blkaddr", "chunk_bits", "chunks", "meta_len", "entries", "zmap", "zoffset", "data",
     )  # fmt: skip
 
     def __init__(self, inode: Inode, ino: int) -> None:
         self.inode = inode
+        self.data = inode.data  # what the writer stores: the tree's data, or it compressed
         self.ino = ino
         self.nid = 0
         self.pos = 0
@@ -93,6 +97,8 @@ class Plan:
         self.blkaddr = 0
         self.chunk_bits = 0
         self.chunks: list[int | None] | None = None  # CHUNK_BASED: block per chunk
+        self.zmap: ZMap | None = None  # COMPRESSED_FULL: the extents
+        self.zoffset = 0  # added to the extents' block addresses (the pclusters' place)
         self.meta_len = 0
         self.entries: list[tuple[bytes, "Plan"]] | None = None
 
@@ -250,6 +256,30 @@ def check_segments(d: SpooledData) -> list[Segment]:
     return segs
 
 
+@dataclass(frozen=True)
+class Compression:
+    """What the superblock must say for the image's compressed inodes: lz4 with zero padding;
+    big pclusters need the COMPR_CFGS area (an lz4 record) before the device table."""
+
+    big_pcluster: bool
+    max_distance: int
+    max_pclusterblks: int
+
+    @property
+    def config_bytes(self) -> int:
+        return S.Lz4Config.SIZE if self.big_pcluster else 0
+
+
+def _compression(order: list[Plan]) -> Compression | None:
+    zplans = [p for p in order if p.zmap is not None]
+    if not zplans:
+        return None
+    big = any(p.zmap.advise & (S.Z_ADVISE_BIG_PCLUSTER_1 | S.Z_ADVISE_BIG_PCLUSTER_2) for p in zplans)  # type: ignore[union-attr]
+    dist = max(getattr(p.data, "max_distance", S.LZ4_MAX_DISTANCE) for p in zplans)
+    blocks = max((e.blocks for p in zplans for e in p.zmap.extents), default=1)  # type: ignore[union-attr]
+    return Compression(big, dist, blocks)
+
+
 @dataclass
 class Layout:
     """Everything `writer` needs: plans in NID order and where the areas start."""
@@ -262,6 +292,7 @@ class Layout:
     total_blocks: int
     any_chunked: bool
     devt_off: int
+    compression: Compression | None = None
 
 
 def plan_image(
@@ -283,19 +314,25 @@ def plan_image(
 
 def compute_layout(
     root: Inode, build_time: int, build_time_nsec: int, devices: Sequence[DeviceSlot], meta_only: bool,
-    limits: LayoutLimits = LayoutLimits(),
+    limits: LayoutLimits = LayoutLimits(), stored: Mapping[int, FileData] | None = None,
 ) -> Layout:
     """The passes, in order: collect inodes, share xattrs, shape inodes, place them, allocate
-    data blocks. Pure computation."""
+    data blocks. Pure computation. `stored` (id of an inode -> data) replaces what the tree
+    says a file holds with what the writer stores for it (its compressed form)."""
     order = _collect(root)
+    if stored:
+        for p in order:
+            p.data = stored.get(id(p.inode), p.data)
     shared = _share_xattrs(order)
     any_chunked = _shape_inodes(order, shared, build_time, build_time_nsec, meta_only, limits)
-    devt_off = S.SB_OFFSET + 128
+    comp = _compression(order)
+    devt_off = S.SB_OFFSET + 128 + (-(-comp.config_bytes // 128) * 128 if comp else 0)
     meta_end = _place_inodes(order, devt_off + 128 * len(devices))
     meta_blocks = (meta_end + BS - 1) >> BITS
     xattr_blkaddr = meta_blocks if shared.size else 0
     total_blocks = _allocate_blocks(order, meta_blocks + ((shared.size + BS - 1) >> BITS))
-    return Layout(order, shared.keys, shared.ids, meta_blocks, xattr_blkaddr, total_blocks, any_chunked, devt_off)
+    return Layout(order, shared.keys, shared.ids, meta_blocks, xattr_blkaddr, total_blocks, any_chunked, devt_off,
+                  comp)
 
 
 @dataclass
@@ -373,7 +410,7 @@ def _shape_symlink(p: Plan) -> None:
 def _shape_regular(p: Plan, meta_only: bool, budget: _Budget) -> None:
     """Size and layout of a regular file from its data: chunk-based for data already on the
     device (block maps) and for sparse spooled data, flat otherwise."""
-    d = p.inode.data
+    d = p.data
     if d is not None and not 0 <= d.size < 1 << 63:  # the kernel's i_size is a signed loff_t
         raise FormatError(f"file size {d.size} does not fit EROFS (must be below 2**63)")
     if d is None or d.size == 0:
@@ -400,6 +437,16 @@ def _shape_regular(p: Plan, meta_only: bool, budget: _Budget) -> None:
         p.layout = S.LAYOUT_CHUNK_BASED
         p.chunk_bits = BITS
         p.chunks = list(d.blocks) + ([0] if d.tail else [])  # tail block: allocated with the data
+    elif isinstance(d, CompressedMap):
+        p.size = d.size
+        _shape_compressed(p, d.zmap, budget)
+        p.zoffset = d.block_offset
+    elif isinstance(d, CompressedData):
+        if meta_only:
+            raise ValueError("meta_only image got a regular file with compressed data")
+        p.size = d.size
+        _shape_compressed(p, d.zmap, budget)
+        p.nblocks = d.zmap.blocks  # its pclusters, placed with the flat data; zoffset = blkaddr
     elif isinstance(d, SpooledData):
         if meta_only:
             raise ValueError("meta_only image got a regular file with spooled data")
@@ -407,6 +454,20 @@ def _shape_regular(p: Plan, meta_only: bool, budget: _Budget) -> None:
         _shape_spooled(p, d, budget)
     else:
         raise FormatError(f"unsupported file data type {type(d).__name__}")
+
+
+def _shape_compressed(p: Plan, zm: ZMap, budget: _Budget) -> None:
+    if zm.size != p.size or not 0 < zm.size:
+        raise FormatError(f"compressed map of {zm.size} bytes for a file of {p.size}")
+    budget.indexes(((zm.size + BS - 1) >> BITS) + 1)
+    p.layout = S.LAYOUT_COMPRESSED_FULL
+    p.zmap = zm
+
+
+def zindex_bytes(size: int) -> int:
+    """Bytes of a COMPRESSED_FULL inode's map after its inline xattrs (from an 8-aligned start):
+    the map header, 8 reserved bytes, an index per lcluster and one zero index after them."""
+    return S.ZMapHeader.SIZE + 8 + 8 * (((size + BS - 1) >> BITS) + 1)
 
 
 def _shape_spooled(p: Plan, d: SpooledData, budget: _Budget) -> None:
@@ -479,6 +540,8 @@ def _place_inodes(order: list[Plan], start: int) -> int:
         elif p.layout == S.LAYOUT_CHUNK_BASED:
             assert p.chunks is not None
             meta = ((base + 7) & ~7) + 8 * len(p.chunks)
+        elif p.layout == S.LAYOUT_COMPRESSED_FULL:
+            meta = ((base + 7) & ~7) + zindex_bytes(p.size)
         else:
             if fmt in (stat.S_IFDIR, stat.S_IFLNK):
                 p.nblocks = (p.size + BS - 1) >> BITS
@@ -500,8 +563,10 @@ def _allocate_blocks(order: list[Plan], next_blk: int) -> int:
         if p.nblocks:
             p.blkaddr = next_blk
             next_blk += p.nblocks
+            if isinstance(p.data, CompressedData):
+                p.zoffset = p.blkaddr
     for p in order:
-        d = p.inode.data
+        d = p.data
         if isinstance(d, TailedBlockMap) and d.tail:
             assert p.chunks is not None
             p.chunks[-1] = next_blk  # the copied tail lives in this image

@@ -1,4 +1,4 @@
-"""Read uncompressed EROFS images (ours and other producers', e.g. mkfs.erofs).
+"""Read EROFS images (ours and other producers', e.g. mkfs.erofs), lz4-compressed files included.
 
 `ErofsImage(read_at)` needs only a "read N bytes at offset" callable, so it works on a file, a
 block device, or the virtual device while it is being served. Every structure read from the
@@ -18,15 +18,17 @@ from typing import Callable, Iterator
 
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
-from bdserver.erofs.tree import BlockMap, Inode, TailedBlockMap
+from bdserver.erofs.tree import BlockMap, CompressedMap, Inode, TailedBlockMap
 from bdserver.erofs.util import gc_paused
+from bdserver.erofs.zdata import decode_lz4, decode_plain
+from bdserver.erofs.zmap import ZMap, read_extents
 
-__all__ = ["ErofsImage", "EntryInfo", "KNOWN_INCOMPAT"]
+__all__ = ["CompressionInfo", "ErofsImage", "EntryInfo", "KNOWN_INCOMPAT", "COMPRESSED_LAYOUTS"]
 
 ReadAt = Callable[[int, int], bytes]
 
-# Incompat bits we can read. Compression-only bits are accepted (the image may still hold
-# plain files); a compressed inode then raises when its data is read.
+# Incompat bits we can read. ztailpacking is accepted (the image may hold no such inode); an
+# inode that uses it is refused when its data is mapped.
 KNOWN_INCOMPAT = (
     S.INCOMPAT_ZERO_PADDING
     | S.INCOMPAT_COMPR_CFGS
@@ -39,6 +41,18 @@ _MAX_DEPTH = 4096
 _MAX_DIR_BYTES = 256 << 20  # ~10 million entries; bounds memory on hostile sizes
 _MAX_CHUNKS = 1 << 25  # 256 MiB of chunk indexes
 _MAX_OFFSET = 1 << 56  # no device is this large; bigger offsets come from corrupt fields
+COMPRESSED_LAYOUTS = (S.LAYOUT_COMPRESSED_FULL, S.LAYOUT_COMPRESSED_COMPACT)
+
+
+@dataclass(frozen=True)
+class CompressionInfo:
+    """What the superblock says about compressed files: the lz4 zero padding, the lz4 window,
+    the largest pcluster (blocks) and the algorithms (bit per COMPR_*) the image may use."""
+
+    zero_padding: bool
+    max_distance: int
+    max_pclusterblks: int
+    algorithms: int
 
 
 @dataclass
@@ -112,6 +126,7 @@ class ErofsImage:
         if sb.feature_incompat & S.INCOMPAT_DEVICE_TABLE and sb.extra_devices:
             raw = self._read(sb.devt_slotoff * 128, 128 * sb.extra_devices)
             self.devices = [S.DeviceSlot.unpack(raw, 128 * i) for i in range(sb.extra_devices)]
+        self.compression = self._compression_info(sb)
         n = len(self.devices)
         self._devmask = (1 << n.bit_length()) - 1 if n else 0  # roundup_pow2(n+1) - 1
         self._meta_base = sb.meta_blkaddr << sb.blkszbits
@@ -121,6 +136,30 @@ class ErofsImage:
         root = self.inode(self.root_nid)
         if not root.is_dir:
             raise FormatError("EROFS root inode is not a directory")
+
+    def _compression_info(self, sb: S.Superblock) -> CompressionInfo:
+        """The lz4 settings: the record of the COMPR_CFGS area (one per algorithm the image may use,
+        each a 16-bit length and its bytes, 4-byte aligned, from the end of the superblock), or the
+        superblock's lz4 window without that feature."""
+        zero = bool(sb.feature_incompat & S.INCOMPAT_ZERO_PADDING)
+        if not sb.feature_incompat & S.INCOMPAT_COMPR_CFGS:
+            return CompressionInfo(zero, sb.u1, 1, 1 << S.COMPR_LZ4)
+        algs = sb.u1
+        if algs >> 4:
+            raise FormatError(f"EROFS superblock names unknown compression algorithms {algs:#x}")
+        pos = S.SB_OFFSET + 128
+        lz4 = S.Lz4Config(max_distance=0, max_pclusterblks=1)
+        for alg in range(4):
+            if not algs >> alg & 1:
+                continue
+            pos = (pos + 3) & ~3
+            length = struct.unpack("<H", self._read(pos, 2))[0]
+            if not length or pos + 2 + length > self.block_size:
+                raise FormatError(f"EROFS compression config {alg} of {length} bytes is out of range")
+            if alg == S.COMPR_LZ4:
+                lz4 = S.Lz4Config.unpack(self._read(pos, 2 + length).ljust(S.Lz4Config.SIZE, b"\0"))
+            pos += 2 + length
+        return CompressionInfo(zero, lz4.max_distance, max(1, lz4.max_pclusterblks), algs)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, verify_checksum: bool = True) -> "ErofsImage":
@@ -287,8 +326,8 @@ class ErofsImage:
         before the inline tail, and how many bytes at the end of the file are inline."""
         bs = self.block_size
         size = info.size
-        if info.layout in (S.LAYOUT_COMPRESSED_FULL, S.LAYOUT_COMPRESSED_COMPACT):
-            raise FormatError(f"inode {info.nid}: compressed data is not supported")
+        if info.layout in COMPRESSED_LAYOUTS:
+            raise FormatError(f"inode {info.nid}: the data is compressed: it has extents, not a block map")
         if size == 0:
             return [], 0
         if info.layout == S.LAYOUT_FLAT_PLAIN:
@@ -337,6 +376,8 @@ class ErofsImage:
         end = min(size, offset + max(0, length))
         if end <= offset:
             return b""
+        if info.layout in COMPRESSED_LAYOUTS:
+            return self._read_compressed(info, offset, end)
         ext, tail = self.layout_map(info)
         parts: list[bytes] = []
         bs = self.block_size
@@ -357,6 +398,42 @@ class ErofsImage:
         if len(data) != end - offset:
             raise FormatError(f"inode {info.nid}: data map does not cover the file")
         return data
+
+    def zmap(self, info: EntryInfo) -> ZMap:
+        """The extents of a compressed regular file (FormatError for anything this reader cannot
+        decode the way the kernel does)."""
+        if info.layout not in COMPRESSED_LAYOUTS or not info.is_reg:
+            raise FormatError(f"inode {info.nid} is not a compressed regular file")
+        zm = read_extents(self._read, info.data_off, info.size,
+                          info.layout, what=f"inode {info.nid}", blkszbits=self.blkszbits)
+        comp = self.compression
+        for e in zm.extents:
+            if e.head != S.LCLUSTER_PLAIN and not comp.zero_padding:
+                raise FormatError(f"inode {info.nid}: lz4 without the zero_padding feature (erofs-utils before 1.0) "
+                                  "is not supported")
+            if e.blocks > comp.max_pclusterblks:
+                raise FormatError(f"inode {info.nid}: a pcluster of {e.blocks} blocks, the superblock allows "
+                                  f"{comp.max_pclusterblks}")
+        return zm
+
+    def _read_compressed(self, info: EntryInfo, offset: int, end: int) -> bytes:
+        zm = self.zmap(info)
+        bs = self.block_size
+        interlaced = bool(zm.advise & S.Z_ADVISE_INTERLACED_PCLUSTER)
+        parts = []
+        for start, stop, e in zm.spans():
+            if stop <= offset or start >= end:
+                continue
+            pcluster = self._read(e.blkaddr * bs, e.blocks * bs)
+            if e.head == S.LCLUSTER_PLAIN:
+                data = decode_plain(pcluster, start, stop - start, bs, interlaced=interlaced)
+            else:
+                data = decode_lz4(pcluster, stop - start, bs, what=f"inode {info.nid} extent at {start}")
+            parts.append(data[max(0, offset - start) : min(stop, end) - start])
+        out = b"".join(parts)
+        if len(out) != end - offset:
+            raise FormatError(f"inode {info.nid}: the extents do not cover the file")
+        return out
 
     def read(self, path: bytes | str, offset: int = 0, length: int | None = None) -> bytes:
         return self.read_inode(self.lookup(path), offset, length)
@@ -455,17 +532,18 @@ class ErofsImage:
 
     # -- tree -----------------------------------------------------------------------------
 
-    def to_tree(self, block_offset: int = 0, *, inline_tails: bool = False) -> Inode:
+    def to_tree(self, block_offset: int = 0, *, inline_tails: bool = False, max_entries: int = 50_000_000) -> Inode:
         """The image as a `tree.Inode` tree; regular files become `BlockMap`s at this image's
         unified block addresses + `block_offset` (data are not read). A file whose tail is
         inline (mkfs.erofs without -Enoinline_data) is a FormatError, or with `inline_tails` a
-        `TailedBlockMap` carrying the tail bytes. FormatError too if blocks are not 4 KiB."""
+        `TailedBlockMap` carrying the tail bytes. Compressed files become `CompressedMap`s (their
+        extents, no data read). FormatError too if blocks are not 4 KiB, or beyond `max_entries`."""
         if self.block_size != S.BLOCK_SIZE:
             raise FormatError("only 4 KiB-block images can be turned into block maps")
         with gc_paused():
-            return self._to_tree(block_offset, inline_tails)
+            return self._to_tree(block_offset, inline_tails, max_entries)
 
-    def _to_tree(self, block_offset: int, inline_tails: bool) -> Inode:
+    def _to_tree(self, block_offset: int, inline_tails: bool, max_entries: int) -> Inode:
         by_nid: dict[int, Inode] = {}
 
         def make(info: EntryInfo) -> Inode:
@@ -484,7 +562,7 @@ class ErofsImage:
         root = make(self.root)
         by_nid[self.root_nid] = root
         nodes: dict[bytes, Inode] = {b"/": root}
-        for path, info in self.walk():
+        for path, info in self.walk(max_entries=max_entries):
             if path == b"/":
                 continue
             parent_path, _, name = path.rpartition(b"/")
@@ -499,7 +577,10 @@ class ErofsImage:
                 nodes[path] = node
         return root
 
-    def _blockmap(self, info: EntryInfo, block_offset: int, inline_tails: bool) -> BlockMap | TailedBlockMap:
+    def _blockmap(self, info: EntryInfo, block_offset: int,
+                  inline_tails: bool) -> BlockMap | TailedBlockMap | CompressedMap:
+        if info.layout in COMPRESSED_LAYOUTS:
+            return CompressedMap(self.zmap(info), block_offset, self.compression.max_distance or S.LZ4_MAX_DISTANCE)
         ext, tail = self.layout_map(info)
         if tail:
             if not inline_tails:

@@ -1,4 +1,4 @@
-"""EROFS on-disk structures (uncompressed subset), one dataclass per struct.
+"""EROFS on-disk structures, one dataclass per struct (compression: the lz4 subset).
 
 Each struct has a module-level `struct.Struct`, `pack()` and `unpack()`. Field names follow the
 kernel's `erofs_fs.h` (without the type prefixes) so that dumps can be compared with the C
@@ -66,6 +66,25 @@ LAYOUT_NAMES = {0: "flat_plain", 1: "compressed_full", 2: "flat_inline", 3: "com
 CHUNK_FORMAT_BLKBITS_MASK = 0x1F
 CHUNK_FORMAT_INDEXES = 0x20
 CHUNK_FORMAT_48BIT = 0x40
+
+# compressed inodes (z_erofs_*): map header advise bits, lcluster types, algorithms
+Z_ADVISE_COMPACTED_2B = 0x1  # compact indexes: 4B + 2B + 4B packs (for FULL indexes: encoded extents, 6.15+)
+Z_ADVISE_BIG_PCLUSTER_1 = 0x2
+Z_ADVISE_BIG_PCLUSTER_2 = 0x4
+Z_ADVISE_INLINE_PCLUSTER = 0x8  # ztailpacking
+Z_ADVISE_INTERLACED_PCLUSTER = 0x10
+Z_ADVISE_FRAGMENT_PCLUSTER = 0x20
+Z_ADVISE_NAMES = {Z_ADVISE_COMPACTED_2B: "compacted_2b/extents", Z_ADVISE_BIG_PCLUSTER_1: "big_pcluster_1",
+                  Z_ADVISE_BIG_PCLUSTER_2: "big_pcluster_2", Z_ADVISE_INLINE_PCLUSTER: "ztailpacking",
+                  Z_ADVISE_INTERLACED_PCLUSTER: "interlaced", Z_ADVISE_FRAGMENT_PCLUSTER: "fragments"}
+Z_FRAGMENT_INODE_BIT = 0x80  # h_clusterbits bit 7: the whole file lives in the packed inode
+LCLUSTER_PLAIN, LCLUSTER_HEAD1, LCLUSTER_NONHEAD, LCLUSTER_HEAD2 = range(4)
+LI_PARTIAL_REF = 1 << 15  # di_advise of a head: the extent uses part of its pcluster (dedupe)
+LI_D0_CBLKCNT = 1 << 11  # delta[0] of the first NONHEAD: it holds the pcluster's block count
+COMPR_LZ4, COMPR_LZMA, COMPR_DEFLATE, COMPR_ZSTD = range(4)
+COMPR_NAMES = {COMPR_LZ4: "lz4", COMPR_LZMA: "lzma", COMPR_DEFLATE: "deflate", COMPR_ZSTD: "zstd"}
+LZ4_MAX_DISTANCE = 0xFFFF  # the lz4 window; what mkfs.erofs declares
+PCLUSTER_MAX_SIZE = 1 << 20  # the kernel's Z_EROFS_PCLUSTER_MAX_SIZE
 
 # dirent file types
 FT_UNKNOWN, FT_REG, FT_DIR, FT_CHRDEV, FT_BLKDEV, FT_FIFO, FT_SOCK, FT_SYMLINK = range(8)
@@ -397,6 +416,96 @@ class ChunkIndex:
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> "ChunkIndex":
         return cls(*_CHUNK_INDEX.unpack_from(buf, offset))
+
+
+# --- compressed inodes --------------------------------------------------------------------
+
+_ZMAP_HEADER = struct.Struct("<IHBB")
+assert _ZMAP_HEADER.size == 8
+
+
+@dataclass
+class ZMapHeader:
+    """`z_erofs_map_header`, at ALIGN(inode + xattrs, 8) of a compressed inode. `fragmentoff` is
+    also {reserved1, idata_size} (ztailpacking): idata_size is its high 16 bits."""
+
+    fragmentoff: int = 0
+    advise: int = 0
+    algorithmtype: int = 0  # bits 0-3: HEAD1's algorithm, 4-7: HEAD2's
+    clusterbits: int = 0  # bits 0-3: lcluster bits - blkszbits; bit 7: whole file in the packed inode
+
+    SIZE = 8
+    STRUCT = _ZMAP_HEADER
+
+    def pack(self) -> bytes:
+        return _ZMAP_HEADER.pack(self.fragmentoff, self.advise, self.algorithmtype, self.clusterbits)
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> "ZMapHeader":
+        return cls(*_ZMAP_HEADER.unpack_from(buf, offset))
+
+
+def zmap_header_pos(body_end: int) -> int:
+    """Where the map header of an inode whose inode + inline xattrs end at `body_end` sits."""
+    return (body_end + 7) & ~7
+
+
+def full_index_pos(body_end: int) -> int:
+    """Start of the 8-byte lcluster indexes of a COMPRESSED_FULL inode: after the map header and
+    8 reserved bytes (the legacy layout)."""
+    return zmap_header_pos(body_end) + ZMapHeader.SIZE + 8
+
+
+_LCLUSTER_INDEX = struct.Struct("<HHI")
+assert _LCLUSTER_INDEX.size == 8
+
+
+@dataclass
+class LclusterIndex:
+    """`z_erofs_lcluster_index` (COMPRESSED_FULL): a head's `blkaddr`, or a NONHEAD's
+    delta[0] (distance back to its head; LI_D0_CBLKCNT | blocks in the first one of a big pcluster)
+    and delta[1] (distance to the next head) packed as `delta0 | delta1 << 16` in `u`."""
+
+    advise: int = 0  # bits 0-1: lcluster type; LI_PARTIAL_REF
+    clusterofs: int = 0  # where the head's extent starts inside the lcluster
+    u: int = 0
+
+    SIZE = 8
+    STRUCT = _LCLUSTER_INDEX
+
+    def pack(self) -> bytes:
+        return _LCLUSTER_INDEX.pack(self.advise, self.clusterofs, self.u)
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> "LclusterIndex":
+        return cls(*_LCLUSTER_INDEX.unpack_from(buf, offset))
+
+
+_LZ4_CFG = struct.Struct("<HHH10s")
+assert _LZ4_CFG.size == 16
+
+
+@dataclass
+class Lz4Config:
+    """The lz4 record of the COMPR_CFGS area (right after the superblock, 4-byte aligned): a
+    16-bit length (14) then `z_erofs_lz4_cfgs`."""
+
+    max_distance: int = LZ4_MAX_DISTANCE
+    max_pclusterblks: int = 1
+    reserved: bytes = b"\0" * 10
+
+    SIZE = 16  # with the length field
+    STRUCT = _LZ4_CFG
+
+    def pack(self) -> bytes:
+        return _LZ4_CFG.pack(14, self.max_distance, self.max_pclusterblks, self.reserved)
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> "Lz4Config":
+        length, dist, blks, res = _LZ4_CFG.unpack_from(buf, offset)
+        if length < 14:
+            raise FormatError(f"lz4 compression config of {length} bytes (needs 14)")
+        return cls(dist, blks, res)
 
 
 # --- device table ------------------------------------------------------------------------

@@ -16,6 +16,9 @@ import stat
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Protocol, Sequence
 
+from bdserver.erofs.structs import LZ4_MAX_DISTANCE
+from bdserver.erofs.zmap import ZMap
+
 
 class FileData(Protocol):
     """Contents of a regular file, however they are stored."""
@@ -77,6 +80,37 @@ class TailedBlockMap:
     size: int
     blocks: Sequence[int | None]
     tail: bytes
+
+
+@dataclass
+class CompressedMap:
+    """File bytes that EROFS compressed and that already live on the (virtual) device: the
+    extents of `zmap` with their pcluster block addresses moved by `block_offset` (a layer's
+    place on the device). The writer emits a COMPRESSED_FULL inode and copies no data; the
+    kernel decompresses. `max_distance` is the lz4 window the source image declared."""
+
+    zmap: ZMap
+    block_offset: int = 0
+    max_distance: int = LZ4_MAX_DISTANCE
+
+    @property
+    def size(self) -> int:
+        return self.zmap.size
+
+
+@dataclass
+class CompressedData:
+    """File bytes the writer compressed itself: the pclusters of `zmap`, `zmap.blocks` blocks in
+    extent order from `source_offset` in `source`, block addresses counted from 0 (the writer
+    places them)."""
+
+    source: BinaryIO
+    source_offset: int
+    zmap: ZMap
+
+    @property
+    def size(self) -> int:
+        return self.zmap.size
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""Write a `tree.Inode` tree as an uncompressed EROFS image (4 KiB blocks).
+"""Write a `tree.Inode` tree as an EROFS image (4 KiB blocks).
 
 Layout (meta_blkaddr = 0, so NIDs count 32-byte slots from byte 0):
 
-    block 0: [1 KiB zero][superblock][device table][root inode, other inodes ...]
-    ...      inodes with inline xattrs, chunk indexes, inline dir/symlink tails
+    block 0: [1 KiB zero][superblock][lz4 config][device table][root inode, other inodes ...]
+    ...      inodes with inline xattrs, chunk or lcluster indexes, inline dir/symlink tails
     shared xattr blocks (xattr_blkaddr)
     data blocks: directory blocks, symlink blocks, regular file data
 
@@ -12,6 +12,8 @@ file data is never tail-inlined so that every byte of a layer is block-addressab
 metadata image can point at it; everything is laid out in one deterministic pass (inodes in
 breadth-first sorted-name order) so the same tree always yields the same bytes. Only metadata
 is held in memory; file bytes are streamed (copy_file_range when both sides are real files).
+Compressed files (`CompressedMap`: a layer's lz4 extents the merged metadata points at;
+`CompressedData`: pclusters compressed by `erofs.compress`) get COMPRESSED_FULL inodes.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import io
 import os
 import stat
 import struct
+import tempfile
 from typing import BinaryIO, Sequence
 
 from bdserver.errors import FormatError
 from bdserver.erofs import structs as S
+from bdserver.erofs.compress import compress_tree
 from bdserver.erofs.layout import (
     BITS, BS, U32, ImageInfo, LayoutLimits, Plan, compute_layout, file_type, plan_image,
 )
 from bdserver.erofs.sink import Sink
 from bdserver.erofs.structs import DeviceSlot
-from bdserver.erofs.tree import Inode, SpooledData, TailedBlockMap
+from bdserver.erofs.tree import CompressedData, Inode, SpooledData, TailedBlockMap
 from bdserver.erofs.util import gc_paused
+from bdserver.erofs.zmap import CARRIED_ADVISE, encode_full
 
 __all__ = ["ImageInfo", "DeviceSlot", "LayoutLimits", "plan_image", "write_image"]
 
@@ -51,6 +56,8 @@ def write_image(
     devices: Sequence[DeviceSlot] = (),
     meta_only: bool = False,
     limits: LayoutLimits = LayoutLimits(),
+    compress: str = "none",
+    tmpdir: str | None = None,
 ) -> ImageInfo:
     """Write `root` as an EROFS image at the current position of the seekable `out`.
 
@@ -58,7 +65,8 @@ def write_image(
     flatdev works on 6.4-6.6 kernels). With `meta_only`, a regular file whose bytes would have to
     be copied (`SpooledData` with data) is an error: merged metadata must only point at layers.
     The output is truncated at the image's end; bytes not written read as zeros. `limits` caps
-    what sparse files may make the image allocate (FormatError beyond).
+    what sparse files may make the image allocate (FormatError beyond). ``compress="lz4"``:
+    files worth it are stored lz4-compressed (erofs/compress.py; pclusters spooled in `tmpdir`).
     """
     if len(uuid) != 16:
         raise ValueError("uuid must be 16 bytes")
@@ -67,9 +75,13 @@ def write_image(
     for d in devices:
         if not d.tag or len(d.tag) > 64:
             raise ValueError("device tags must be 1..64 bytes")
+    if compress not in ("none", "lz4"):
+        raise ValueError(f"unknown compression {compress!r}")
 
-    with gc_paused():
-        return _write(root, out, build_time, build_time_nsec, uuid, volume_name, devices, meta_only, limits)
+    with gc_paused(), tempfile.TemporaryFile(dir=tmpdir, prefix="bdserver-pclusters-") as spool:
+        stored = compress_tree(root, spool) if compress == "lz4" else None
+        return _write(root, out, build_time, build_time_nsec, uuid, volume_name, devices, meta_only, limits,
+                      stored)
 
 
 def _write(
@@ -82,8 +94,9 @@ def _write(
     devices: Sequence[DeviceSlot],
     meta_only: bool,
     limits: LayoutLimits,
+    stored: dict[int, CompressedData] | None,
 ) -> ImageInfo:
-    lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only, limits)
+    lay = compute_layout(root, build_time, build_time_nsec, devices, meta_only, limits, stored)
     order, shared_keys, shared_ids = lay.order, lay.shared_keys, lay.shared_ids
     meta_blocks, xattr_blkaddr, total_blocks = lay.meta_blocks, lay.xattr_blkaddr, lay.total_blocks
     any_chunked, devt_off = lay.any_chunked, lay.devt_off
@@ -95,6 +108,10 @@ def _write(
         out.truncate(sink.base)
     except (OSError, io.UnsupportedOperation):
         pass
+    comp = lay.compression
+    if comp is not None and comp.big_pcluster:
+        cfg = S.Lz4Config(max_distance=comp.max_distance, max_pclusterblks=comp.max_pclusterblks).pack()
+        meta[S.SB_OFFSET + 128 : S.SB_OFFSET + 128 + len(cfg)] = cfg
     for i, d in enumerate(devices):
         meta[devt_off + 128 * i : devt_off + 128 * (i + 1)] = d.pack()
     for p in order:
@@ -111,7 +128,10 @@ def _write(
         uuid=uuid,
         volume_name=volume_name,
         feature_incompat=(S.INCOMPAT_CHUNKED_FILE if any_chunked else 0)
-        | (S.INCOMPAT_DEVICE_TABLE if devices else 0),
+        | (S.INCOMPAT_DEVICE_TABLE if devices else 0)
+        | (S.INCOMPAT_ZERO_PADDING if comp else 0)
+        | (S.INCOMPAT_COMPR_CFGS if comp and comp.big_pcluster else 0),
+        u1=0 if comp is None else (1 << S.COMPR_LZ4) if comp.big_pcluster else comp.max_distance,
         extra_devices=len(devices),
         devt_slotoff=(devt_off // 128) if devices else 0,
     )
@@ -130,11 +150,13 @@ def _write(
             sink.pwrite(_dir_bytes(p, 0, p.nblocks), p.blkaddr * BS)
         elif fmt == stat.S_IFLNK and p.nblocks:
             sink.pwrite(p.inode.symlink[: p.nblocks * BS], p.blkaddr * BS)
-        elif fmt == stat.S_IFREG and isinstance(p.inode.data, SpooledData) and p.size:
+        elif fmt == stat.S_IFREG and isinstance(p.data, SpooledData) and p.size:
             _emit_file(p, sink)
-        elif fmt == stat.S_IFREG and isinstance(p.inode.data, TailedBlockMap) and p.inode.data.tail:
+        elif fmt == stat.S_IFREG and isinstance(p.data, CompressedData):
+            sink.copy(p.data.source, p.data.source_offset, p.blkaddr * BS, p.nblocks * BS)
+        elif fmt == stat.S_IFREG and isinstance(p.data, TailedBlockMap) and p.data.tail:
             assert p.chunks is not None and p.chunks[-1] is not None
-            sink.pwrite(p.inode.data.tail, p.chunks[-1] * BS)
+            sink.pwrite(p.data.tail, p.chunks[-1] * BS)
     end = total_blocks * BS
     if sink.fd is not None:
         os.ftruncate(sink.fd, sink.base + end)
@@ -172,6 +194,9 @@ def _emit_inode(p: Plan, meta: bytearray, shared_ids: dict[bytes, int]) -> None:
         u = S.encode_rdev(ino.rdev)
     elif p.layout == S.LAYOUT_CHUNK_BASED:
         u = (p.chunk_bits - BITS) | S.CHUNK_FORMAT_INDEXES
+    elif p.layout == S.LAYOUT_COMPRESSED_FULL:
+        assert p.zmap is not None
+        u = p.zmap.blocks
     elif p.layout == S.LAYOUT_FLAT_INLINE and p.nblocks == 0:
         u = U32
     elif p.nblocks:
@@ -203,6 +228,14 @@ def _emit_inode(p: Plan, meta: bytearray, shared_ids: dict[bytes, int]) -> None:
             tail = ino.symlink[p.nblocks * BS :]
         assert len(tail) == p.tail_len
         meta[o : o + p.tail_len] = tail
+    elif p.layout == S.LAYOUT_COMPRESSED_FULL:
+        assert p.zmap is not None
+        o = (o + 7) & ~7
+        hdr = S.ZMapHeader(advise=p.zmap.advise & CARRIED_ADVISE, algorithmtype=p.zmap.algorithmtype)
+        meta[o : o + S.ZMapHeader.SIZE] = hdr.pack()
+        index = encode_full(p.zmap, p.zoffset)
+        o += S.ZMapHeader.SIZE + 8
+        meta[o : o + len(index)] = index
     elif p.layout == S.LAYOUT_CHUNK_BASED:
         assert p.chunks is not None
         o = (o + 7) & ~7
@@ -215,7 +248,7 @@ def _emit_inode(p: Plan, meta: bytearray, shared_ids: dict[bytes, int]) -> None:
 
 def _emit_file(p: Plan, sink: Sink) -> None:
     """Copy a spooled file's segments to its blocks (FLAT_PLAIN run or present chunks)."""
-    d = p.inode.data
+    d = p.data
     assert isinstance(d, SpooledData)
     if p.layout == S.LAYOUT_FLAT_PLAIN:
         base = p.blkaddr * BS

@@ -10,7 +10,7 @@ import os
 import tempfile
 from typing import Any
 
-from bdserver.convert.image import convert_image
+from bdserver.convert.image import DEFAULT_COMPRESSION, convert_image
 from bdserver.convert.publish import publish
 from bdserver.errors import NoLazyImageError
 from bdserver.images.services import NodeServices
@@ -20,15 +20,16 @@ from bdserver.oci.reference import parse_reference
 from bdserver.oci.trust import discover_lazy_image
 
 
-def convert(services: NodeServices, source: str, dest: str | None) -> dict[str, Any]:
-    """Convert SOURCE to its lazy image; push it as a referrer of SOURCE (or to DEST)."""
+def convert(services: NodeServices, source: str, dest: str | None, *, compress: str | None = None) -> dict[str, Any]:
+    """Convert SOURCE to its lazy image; push it as a referrer of SOURCE (or to DEST). `compress`:
+    how tar layers store file data (convert.image.COMPRESSIONS; None: the default)."""
     r = parse_reference(source)
     src = services.source_store(r)
     state_dir = services.cfg.state_dir
     os.makedirs(state_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="convert-", dir=state_dir) as td:
         lay = OCILayout(os.path.join(td, "layout"))
-        res = convert_image(src, r.target or "latest", lay, None, tmpdir=td)
+        res = convert_image(src, r.target or "latest", lay, None, tmpdir=td, compress=compress or DEFAULT_COMPRESSION)
         pub = publish(lay, res.digest, source=r, dest=dest, progress=False, registry_kw=services.registry)
     services.trust.record_converted(res.digest, res.subject.digest, source)
     return {

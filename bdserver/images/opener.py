@@ -1,11 +1,14 @@
 """`open_image`: one reference -> one opened device, under the node's policy.
 
-Three kinds, decided here and nowhere else:
+Four kinds, decided here and nowhere else:
 
 * ``file:PATH`` (node admin only): a local EROFS image; refused unless it starts with an EROFS
   superblock, so `bdserver mount file:/etc/passwd` fails before anything is attached.
 * a registry or ``oci:`` reference with a trusted lazy image: served lazily (lazy.py).
-* no trusted lazy image: converted on the node (onnode.py), still ONE device.
+* an EROFS-native image (no lazy image needed) whose layers have chunk indexes: served lazily,
+  its merged metadata built here (native.py).
+* otherwise converted on the node (onnode.py; EROFS-native layers are fetched whole, tar layers
+  converted), still ONE device.
 
 `Origin.POD` marks references a pod author chose (a runtime annotation, a snapshotter label):
 those may only name a registry image, and pinning a digest does not make a lazy image trusted.
@@ -25,6 +28,7 @@ from bdserver.convert.isolated import convert_isolated
 from bdserver.erofs.reader import ErofsImage
 from bdserver.errors import FormatError, NoLazyImageError, NotFoundError
 from bdserver.images.lazy import ManifestMemo, open_lazy
+from bdserver.images.native import load_native, open_native
 from bdserver.images.refs import Origin, check_reference
 from bdserver.images.saved import read_small_blob, run_config
 from bdserver.images.services import NodeServices
@@ -38,7 +42,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class OpenedImage:
     device: VirtualDevice
-    kind: str  # "file" | "lazy" | "converted-on-node"
+    kind: str  # "file" | "lazy" | "native" | "converted-on-node"
     pin: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     image_config: dict[str, Any] = field(default_factory=dict)  # OCI config "config" (Env, Cmd, ...)
@@ -65,6 +69,11 @@ def open_image(ref: str, services: NodeServices, pin: dict[str, Any] | None = No
         return _open_converted(r, services, pin["source"], lambda: services.source_store(r))
     if pin and pin.get("kind") == "lazy":
         return _finish_lazy(r, services, None, pin["lazy"], pin.get("source", ""), cold=cold)
+    if pin and pin.get("kind") == "native":
+        image = load_native(services, pin["source"], lambda: services.source_store(r))
+        if image is None:
+            raise FormatError(f"{r}: {pin['source']} is not an EROFS-native image")
+        return _open_native(r, services, image, lambda: services.source_store(r))
     store = ManifestMemo(services.source_store(r))
     policy = services.trust
     if origin is Origin.POD:  # a pod author pinning a digest proves nothing about its origin
@@ -72,10 +81,23 @@ def open_image(ref: str, services: NodeServices, pin: dict[str, Any] | None = No
     try:
         source, lazy = discover_lazy_image(store, r, policy)
     except NoLazyImageError as exc:
-        log.info("%s: no trusted lazy image (%s); converting on the node", ref, exc)
         _, src_desc = resolve_image_manifest(store, r.target or "latest")
-        return _open_converted(r, services, src_desc.digest, lambda: store, why=str(exc))
+        image = load_native(services, src_desc.digest, lambda: store)
+        if image is not None and image.lazy:
+            return _open_native(r, services, image, lambda: store)
+        why = str(exc) if image is None else f"EROFS-native image {src_desc.digest} without chunk indexes"
+        log.info("%s: %s; converting on the node", ref, why)
+        return _open_converted(r, services, src_desc.digest, lambda: store, why=why)
     return _finish_lazy(r, services, store, lazy.digest, source.digest, cold=cold, replay=replay)
+
+
+def _open_native(r: Reference, services: NodeServices, image: Any, store: Callable[[], Any]) -> OpenedImage:
+    """The lazy device of an EROFS-native image whose layers have chunk indexes."""
+    dev = open_native(services, image, store)
+    digest = image.digest
+    return OpenedImage(dev, "native", {"kind": "native", "source": digest},
+                       f"EROFS-native image {digest} of {r}: merged metadata built on the node, layers read lazily",
+                       image.image_config)
 
 
 def _open_file(path: str) -> OpenedImage:
@@ -121,7 +143,9 @@ def _open_converted(r: Reference, services: NodeServices, source_digest: str,
     data = services.saved.load(conv.config_digest)
     image_config = run_config(data, conv.config_digest) if data is not None else {}
     dev = conv.open_device()
-    if converted:
+    if converted and why.startswith("EROFS-native"):
+        msg = f"{why}: layers were downloaded whole, merged metadata built on the node"
+    elif converted:
         msg = f"converted on the node: no trusted lazy image for {r} ({why}); layers were downloaded whole"
     else:
         msg = f"using the on-node conversion of {r} ({source_digest})"

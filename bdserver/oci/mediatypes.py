@@ -31,6 +31,9 @@ DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyj
 EROFS_LAYER = "application/vnd.erofs"
 EROFS_LAYER_ZSTD = "application/vnd.erofs+zstd"
 EROFS_CHUNK_INDEX = "application/vnd.erofs.chunk-index.v1"
+# containerd's native EROFS layers (containerd 2.x: the EROFS differ and snapshotter)
+CONTAINERD_EROFS_LAYER = "application/vnd.erofs.layer.v1"
+CONTAINERD_EROFS_LAYER_ZSTD = "application/vnd.erofs.layer.v1+zstd"
 
 # bdserver's lazy image
 LAZY_ARTIFACT_TYPE = "application/vnd.bdserver.lazy.v1"
@@ -68,6 +71,7 @@ ANN_EROFS_ROLE = "org.erofs.role"
 ANN_CHUNK_INDEX_RANGE = "org.erofs.chunk-index.range"
 ANN_CHUNK_INDEX_DIGEST = "org.erofs.chunk-index.digest"
 ANN_UNCOMPRESSED_DIGEST = "org.erofs.uncompressed-digest"
+ANN_CHUNK_INDEX_TARGET = "org.erofs.chunk-index.target"
 ANN_BD_SOURCE = "org.bdserver.source"
 ANN_BD_ROLE = "org.bdserver.role"
 ANN_BD_MAPPED_BLKADDR = "org.bdserver.mapped-blkaddr"

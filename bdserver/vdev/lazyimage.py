@@ -204,6 +204,50 @@ def _cache_whole(cache: ChunkCache | None, digest: str, data: bytes) -> None:
         log.warning("could not cache %s: %s", digest, e)
 
 
+def layer_sources(
+    plans: Sequence[LayerPlan],
+    fetch_range: FetchBlobRange,
+    cache: ChunkCache | None,
+    pins: list[Any],
+    *,
+    pools: FetchPools,
+    write_behind: bool = False,
+    prefetch: Prefetcher | None = None,
+    fetch_deadline: float = DEFAULT_FETCH_DEADLINE,
+) -> list[LazyBlobSource]:
+    """A lazy source per layer (its chunk index fetched and verified first, all layers at once);
+    the pins of the cached index payloads are appended to `pins` (released by the caller)."""
+    indexes = list(pools.demand.map(lambda p: load_layer_index(p, fetch_range, cache), plans))
+    out: list[LazyBlobSource] = []
+    try:
+        for p, (index, idigest) in zip(plans, indexes):
+            if cache is not None:
+                pins.append(cache.pin(idigest))
+            d = p.desc
+            blob = ChunkedBlob(index, lambda off, n, dg=d.digest: fetch_range(dg, off, n), name=f"layer {d.digest}")
+            out.append(LazyBlobSource(blob, CacheKey(d.digest, idigest), cache, pools, name=d.digest,
+                                      write_behind=write_behind, prefetcher=prefetch, fetch_deadline=fetch_deadline))
+    except BaseException:
+        for src in out:
+            src.close()
+        raise
+    return out
+
+
+def device_of(meta_bytes: bytes, meta_blocks: int, layers: Sequence[tuple[int, int, LazyBlobSource]], *,
+              meta_name: str, pins: Sequence[Any] = (), cache: ChunkCache | None = None) -> VirtualDevice:
+    """The device ``[merged meta | layer at (start block, blocks) ...]``, once the merged metadata is
+    checked against that very layout (erofs/check.py): what the kernel mounts is what was checked."""
+    segs = [Segment(0, meta_blocks, BytesSource(meta_bytes, "merged-meta"), "merged-meta")]
+    segs += [Segment(start, blocks, src, src.digest) for start, blocks, src in layers]
+    geometry = DeviceGeometry(meta_blocks, tuple(ExpectedSlot(start, blocks) for start, blocks, _ in layers))
+    check_image(meta_bytes, geometry, name=f"merged metadata {meta_name}")
+    info = {"merged_meta": meta_name, "meta_blocks": meta_blocks, "layers": [
+        {"digest": src.digest, "mapped_blkaddr": start, "blocks": blocks, "chunks": len(src.blob.index)}
+        for start, blocks, src in layers]}
+    return VirtualDevice(segs, on_close=[pin.release for pin in pins], info=info, cache=cache)
+
+
 def open_lazy_image(
     manifest: Any,
     fetch_range: FetchBlobRange,
@@ -225,38 +269,23 @@ def open_lazy_image(
     """
     layers = manifest["layers"] if isinstance(manifest, Mapping) else manifest.layers
     meta, plans = plan(layers)
-    pins = []
+    pins: list[Any] = []
     sources: list[LazyBlobSource] = []
     try:
         # the merged metadata and every chunk index at once: one round trip, not two
         meta_fut = pools.demand.submit(load_meta, meta, fetch_range, cache)
-        indexes = list(pools.demand.map(lambda p: load_layer_index(p, fetch_range, cache), plans))
+        sources = layer_sources(plans, fetch_range, cache, pins, pools=pools, write_behind=write_behind,
+                                prefetch=prefetch, fetch_deadline=fetch_deadline)
         meta_bytes = meta_fut.result()
         if cache is not None:
             pins.append(cache.pin(meta.digest))
         meta_blocks = _uint(meta.annotations, ANN_BD_BLOCKS, "merged metadata")
         if meta_blocks is None:
             meta_blocks = blocks_for(len(meta_bytes))
-        segs = [Segment(0, meta_blocks, BytesSource(meta_bytes, "merged-meta"), "merged-meta")]
-        info_layers = []
-        for p, (index, idigest) in zip(plans, indexes):
-            if cache is not None:
-                pins.append(cache.pin(idigest))
-            blocks = p.blocks if p.blocks is not None else blocks_for(index.uncompressed_size)
-            d = p.desc
-            blob = ChunkedBlob(index, lambda off, n, dg=d.digest: fetch_range(dg, off, n), name=f"layer {d.digest}")
-            src = LazyBlobSource(blob, CacheKey(d.digest, idigest), cache, pools, name=d.digest,
-                                 write_behind=write_behind, prefetcher=prefetch, fetch_deadline=fetch_deadline)
-            sources.append(src)
-            segs.append(Segment(p.start_block, blocks, src, d.digest))
-            info_layers.append(
-                {"digest": d.digest, "mapped_blkaddr": p.start_block, "blocks": blocks, "chunks": len(index)}
-            )
+        placed = [(p.start_block, p.blocks if p.blocks is not None else blocks_for(src.size), src)
+                  for p, src in zip(plans, sources)]
         # merged metadata from elsewhere reaches the kernel only checked (issue 8.4)
-        geometry = DeviceGeometry(segs[0].blocks, tuple(ExpectedSlot(s.start_block, s.blocks) for s in segs[1:]))
-        check_image(meta_bytes, geometry, name=f"merged metadata {meta.digest}")
-        info = {"merged_meta": meta.digest, "meta_blocks": segs[0].blocks, "layers": info_layers}
-        return VirtualDevice(segs, on_close=[pin.release for pin in pins], info=info, cache=cache)
+        return device_of(meta_bytes, meta_blocks, placed, meta_name=meta.digest, pins=pins, cache=cache)
     except BaseException:
         for src in sources:
             src.close()
@@ -286,4 +315,5 @@ def layout_fetcher(blobs_root: str) -> FetchBlobRange:
     return fetch
 
 
-__all__ = ["FetchBlobRange", "LayerPlan", "layout_fetcher", "load_meta", "open_lazy_image", "plan", "BLOCK_SIZE"]
+__all__ = ["FetchBlobRange", "LayerDesc", "LayerPlan", "device_of", "layer_sources", "layout_fetcher", "load_meta",
+           "open_lazy_image", "plan", "BLOCK_SIZE"]

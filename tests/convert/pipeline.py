@@ -18,6 +18,12 @@ class Converted:
     views: list[Path]  # per layer: GNU tar extraction with overlay whiteouts
 
 
+def convert_again(tars: list[Path], work: Path, like: Converted, *, compress: str) -> Converted:
+    """The same layers converted with other options, against the same reference and views."""
+    dev = convert_tar_layers([lambda t=t: open(t, "rb") for t in tars], work / "out", compress=compress)
+    return Converted(dev=dev, flat=dev.assemble(work / "device.img"), reference=like.reference, views=like.views)
+
+
 def convert_and_reference(tars: list[Path], work: Path, *, keep_views: bool = True) -> Converted:
     dev = convert_tar_layers([lambda t=t: open(t, "rb") for t in tars], work / "out")
     flat = dev.assemble(work / "device.img")

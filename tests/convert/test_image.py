@@ -164,9 +164,9 @@ def test_diff_id_mismatch_is_refused(tmp_path: Path) -> None:
     assert dst.list_tags() == []
 
 
-def test_erofs_source_is_refused(converted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_lazy_image_source_is_refused(converted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, dest, res = converted
-    with pytest.raises(FormatError, match="tar layers only"):
+    with pytest.raises(FormatError, match="lazy image already: it needs no conversion"):
         convert_image(dest, res.digest, OCILayout(tmp_path / "x"), None)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from bdserver.erofs.reader import ErofsImage
 from tests.convert.conftest import fsck, mounted
-from tests.convert.pipeline import Converted, convert_and_reference
+from tests.convert.pipeline import Converted, convert_again, convert_and_reference
 from tests.fixtures.layers import BIG_SPARSE, SIZES, debian_layers, edge_layers
 from tests.fixtures.reftree import compare_trees
 
@@ -32,6 +32,25 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Converted:
 @pytest.fixture(scope="module")
 def debian(tmp_path_factory: pytest.TempPathFactory) -> Converted:
     return convert_and_reference(debian_layers(), tmp_path_factory.mktemp("debian"))
+
+
+@pytest.fixture(scope="module")
+def edge_lz4(edge: Converted, tmp_path_factory: pytest.TempPathFactory) -> Converted:
+    """`bdserver convert --compress lz4` of the edge set (file data lz4-compressed by EROFS)."""
+    return convert_again(edge_layers(), tmp_path_factory.mktemp("edge-lz4"), edge, compress="lz4")
+
+
+@pytest.fixture(scope="module")
+def debian_lz4(debian: Converted, tmp_path_factory: pytest.TempPathFactory) -> Converted:
+    return convert_again(debian_layers(), tmp_path_factory.mktemp("debian-lz4"), debian, compress="lz4")
+
+
+def _compressed_files(c: Converted) -> int:
+    n = 0
+    for p in c.dev.layer_paths:
+        with ErofsImage.open(p) as img:
+            n += sum(1 for _, i in img.walk() if i.layout == 1)  # COMPRESSED_FULL
+    return n
 
 
 def _check_layers(c: Converted) -> None:
@@ -57,6 +76,15 @@ def test_edge_layers_each_equal_their_tar(edge: Converted) -> None:
 
 def test_edge_merged_device_equals_reference(edge: Converted) -> None:
     _check_merged(edge)
+
+
+def test_edge_lz4_layers_each_equal_their_tar(edge_lz4: Converted) -> None:
+    """The edge set's data is random (nothing compresses): its formats round-trip all the same."""
+    _check_layers(edge_lz4)
+
+
+def test_edge_lz4_merged_device_equals_reference(edge_lz4: Converted) -> None:
+    _check_merged(edge_lz4)
 
 
 def test_edge_merged_specifics(edge: Converted) -> None:
@@ -135,6 +163,20 @@ def test_debian_merged_device_equals_reference(debian: Converted) -> None:
 
 
 @pytest.mark.slow
+def test_debian_lz4_layers_each_equal_their_tar(debian_lz4: Converted) -> None:
+    assert _compressed_files(debian_lz4) > 1000
+    _check_layers(debian_lz4)
+
+
+@pytest.mark.slow
+def test_debian_lz4_merged_device_equals_reference(debian_lz4: Converted, debian: Converted) -> None:
+    _check_merged(debian_lz4, full_limit=1 << 62)
+    saved = sum(p.stat().st_size for p in debian.dev.layer_paths) - sum(p.stat().st_size
+                                                                          for p in debian_lz4.dev.layer_paths)
+    assert saved > 0.3 * sum(p.stat().st_size for p in debian.dev.layer_paths)
+
+
+@pytest.mark.slow
 def test_debian_merged_extracted_by_erofs_utils(debian: Converted, tmp_path: Path) -> None:
     """A second, independent reader: fsck.erofs 1.5 extracts the flat device (unified addresses
     read from the primary file) and the result equals the reference (content, modes, links)."""
@@ -154,11 +196,13 @@ def test_debian_merged_extracted_by_erofs_utils(debian: Converted, tmp_path: Pat
     assert diffs == [], "\n".join(diffs[:40])
 
 
-def test_edge_convert_twice_is_identical(edge: Converted, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compress", ["none", "lz4"])
+def test_edge_convert_twice_is_identical(edge: Converted, edge_lz4: Converted, tmp_path: Path, compress: str) -> None:
     from bdserver.convert.image import convert_tar_layers
 
-    again = convert_tar_layers([lambda t=t: open(t, "rb") for t in edge_layers()], tmp_path)
-    for a, b in zip(edge.dev.paths, again.paths):
+    first = edge if compress == "none" else edge_lz4
+    again = convert_tar_layers([lambda t=t: open(t, "rb") for t in edge_layers()], tmp_path, compress=compress)
+    for a, b in zip(first.dev.paths, again.paths):
         assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest(), a.name
 
 
